@@ -1,0 +1,3 @@
+from ckptctl.cli import main
+
+main()

@@ -1,0 +1,188 @@
+"""The `ckptctl` command line. Commands only parse, call, and render; errors map to exit codes here.
+
+Exit codes (as cmp): 0 success, 1 verify found differences, 2 bad usage or input, 3 worker/internal failure.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+
+from ckptctl import output
+from ckptctl.errors import BadInput, CkptctlError
+from ckptctl.layout import Layout, parse_layout
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Reshard Megatron checkpoints between parallel layouts, bitwise, and prove it.")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+NprocOpt = Annotated[Optional[int], typer.Option("--nproc", help="torchrun workers (0 = run in this process).")]
+VocabOpt = Annotated[Optional[int], typer.Option("--true-vocab-size", help="True vocabulary size when args lack it.")]
+
+
+def _layout(text: Optional[str], tp=None, pp=None, vpp=None, ep=None, etp=None, dp=None) -> Optional[Layout]:
+    if text is None and all(v is None for v in (tp, pp, vpp, ep, etp, dp)):
+        return None
+    return parse_layout(text or "", tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, dp=dp)
+
+
+@app.command(epilog="Examples:\n\n  ckptctl example gpt --layout tp2pp2 --out src\n\n"
+                    "  ckptctl example gpt --layout tp1pp4vpp2 --swiglu --groups 2 --out src")
+def example(
+    family: Annotated[str, typer.Argument(help="Model family: gpt (and others as supported).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to create.")],
+    layout: Annotated[str, typer.Option("--layout", help="Layout, e.g. tp2pp2, tp1pp4vpp2, tp2pp1ep2.")] = "tp1pp1",
+    layers: Optional[int] = typer.Option(None, help="Number of layers (default 8)."),
+    hidden: Optional[int] = typer.Option(None, help="Hidden size (default 64)."),
+    heads: Optional[int] = typer.Option(None, help="Attention heads (default 8)."),
+    groups: Optional[int] = typer.Option(None, help="Query groups for GQA (default = heads)."),
+    ffn: Optional[int] = typer.Option(None, help="FFN hidden size (default 128)."),
+    vocab: Optional[int] = typer.Option(None, help="True vocabulary size (default 128)."),
+    swiglu: bool = typer.Option(False, "--swiglu", help="Gated MLP (GLU fc1)."),
+    tied: bool = typer.Option(False, "--tied", help="Tie embedding and output weights."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    experts: Optional[int] = typer.Option(None, help="Number of experts (MoE)."),
+    seed: int = typer.Option(1234, help="Random seed of the values."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing folder."),
+    json_out: JsonOpt = False,
+):
+    """Write a small random checkpoint in Megatron's legacy format."""
+    from ckptctl.example import example as make
+
+    res = make(family, parse_layout(layout), out,
+               {"layers": layers, "hidden": hidden, "heads": heads, "groups": groups, "ffn": ffn, "vocab": vocab,
+                "swiglu": swiglu, "tied": tied, "dtype": dtype, "experts": experts}, seed=seed, overwrite=overwrite)
+    if json_out:
+        output.emit_json(res)
+    else:
+        output.out.print(f"wrote {res['family']} example, layout {res['layout']}: {res['files']} rank files, "
+                         f"{output.human_bytes(res['bytes'])} -> {res['out']}")
+
+
+@app.command(epilog="Examples:\n\n  ckptctl convert src dst --to tp4pp1\n\n"
+                    "  ckptctl convert src store.zarr            (source phase only)\n\n"
+                    "  ckptctl convert store.zarr dst --to tp1pp2 (target phase only)")
+def convert(
+    src: Annotated[Path, typer.Argument(help="Source checkpoint (legacy folder or a ckptctl .zarr store).")],
+    dst: Annotated[Path, typer.Argument(help="Destination folder (or STORE.zarr).")],
+    to: Annotated[Optional[str], typer.Option("--to", help="Target layout, e.g. tp4pp2.")] = None,
+    tp: Optional[int] = typer.Option(None, "--tp"), pp: Optional[int] = typer.Option(None, "--pp"),
+    vpp: Optional[int] = typer.Option(None, "--vpp"), ep: Optional[int] = typer.Option(None, "--ep"),
+    etp: Optional[int] = typer.Option(None, "--etp"), dp: Optional[int] = typer.Option(None, "--dp"),
+    nproc: NprocOpt = None,
+    store: Optional[Path] = typer.Option(None, "--store", help="Where to put the Zarr pivot (kept)."),
+    keep_store: bool = typer.Option(False, "--keep-store", help="Keep the store as DST.zarr."),
+    true_vocab: VocabOpt = None,
+    rng: str = typer.Option("auto", "--rng", help="RNG state: auto, carry, replicate or drop."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing destination."),
+    json_out: JsonOpt = False,
+):
+    """Convert a checkpoint to another parallel layout (through torchrun workers and a Zarr store)."""
+    from ckptctl.convert import convert as run
+
+    target = _layout(to, tp, pp, vpp, ep, etp, dp)
+    with output.progress(not json_out) as prog:
+        rep = run(src, dst, target, store=store, keep_store=keep_store, nproc=nproc, true_vocab=true_vocab,
+                  rng=rng, overwrite=overwrite, progress=prog)
+    if json_out:
+        output.emit_json(rep.to_json())
+        return
+    gbps = rep.bytes / rep.seconds / 1e9 if rep.seconds else 0
+    output.out.print(f"converted {rep.family} {rep.source_layout} -> {rep.target_layout or 'store'}: "
+                     f"{rep.files_in} -> {rep.files_out} rank files, {output.human_bytes(rep.bytes)} in "
+                     f"{rep.seconds:.2f} s ({gbps:.3f} GB/s, {rep.workers} workers) -> {rep.dst}")
+    for k, v in rep.policies.items():
+        output.out.print(f"  {k}: {v}", highlight=False)
+
+
+@app.command(epilog="Examples:\n\n  ckptctl verify src dst\n\n  ckptctl verify src dst --json")
+def verify(
+    a: Annotated[Path, typer.Argument(help="First checkpoint.")],
+    b: Annotated[Path, typer.Argument(help="Second checkpoint (any layout).")],
+    strict: bool = typer.Option(False, "--strict", help="Fail on allowed differences too (vocab padding ...)."),
+    true_vocab: VocabOpt = None,
+    all_rows: bool = typer.Option(False, "--all", help="List every tensor, not only the differing ones."),
+    json_out: JsonOpt = False,
+):
+    """Compare two checkpoints, in any layouts, byte for byte. Exit 0 equal, 1 different."""
+    from ckptctl.verify import verify as run
+
+    rep = run(a, b, true_vocab)
+    failed = bool(rep.differences) or (strict and bool(rep.allowed and any(x["key"] != "rng_state" and x["key"] != "_extra_state" for x in rep.allowed)))
+    if json_out:
+        output.emit_json(rep.to_json())
+    else:
+        rows = [[r["key"], r["dtype"], "x".join(map(str, r["shape"])), r["status"]] for r in rep.table
+                if all_rows or r["status"] != "equal"]
+        if rows:
+            output.table(f"verify {rep.layout_a} vs {rep.layout_b}", ["tensor", "dtype", "shape", "status"], rows)
+        for d in rep.differences:
+            where = f" at {d.first_nd_index} (a={d.a_hex}, b={d.b_hex})" if d.first_nd_index is not None else ""
+            output.out.print(f"[red]DIFF[/] {d.key}: {d.reason}" + (f", {d.count} elements" if d.count else "")
+                             + where + (f" [{d.where}]" if d.where else ""), highlight=False)
+        for x in rep.allowed:
+            output.out.print(f"[yellow]note[/] {x['key']}: {x['reason']}", highlight=False)
+        verdict = "[red]DIFFERENT[/]" if failed else "[green]EQUAL[/]"
+        output.out.print(f"{verdict}: {rep.equal}/{rep.tensors} tensors byte-identical, "
+                         f"{output.human_bytes(rep.bytes_compared)} compared in {rep.seconds:.2f} s", highlight=False)
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command(epilog="Examples:\n\n  ckptctl matrix --model gpt\n\n  ckptctl matrix --model all --json\n\n"
+                    "  ckptctl matrix --pairs tp2pp4:tp4pp2,tp1pp1:tp2pp2")
+def matrix(
+    model: str = typer.Option("gpt", "--model", help="Family, or 'all'."),
+    pairs: Optional[str] = typer.Option(None, "--pairs", help="Comma-separated SRC:DST layouts (default: Megatron's test pairs)."),
+    nproc: NprocOpt = None,
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Where to keep the checkpoints (default: temporary)."),
+    json_out: JsonOpt = False,
+):
+    """Sweep layout pairs: make a source, convert, verify; print a table. Exit 1 if any pair fails."""
+    from ckptctl.matrix import run_matrix
+
+    with output.progress(not json_out) as prog:
+        rows = run_matrix(model, pairs, nproc, workdir, prog)
+    if json_out:
+        output.emit_json({"pairs": rows, "ok": all(r["result"] == "pass" for r in rows)})
+    else:
+        output.table(f"ckptctl matrix --model {model}", ["family", "pair", "result", "seconds", "bytes", "GB/s", "detail"],
+                     [[r["family"], r["pair"], ("[green]pass[/]" if r["result"] == "pass" else "[red]FAIL[/]"),
+                       f"{r['seconds']:.2f}", output.human_bytes(r["bytes"]), f"{r['gbps']:.3f}", r.get("detail", "")]
+                      for r in rows])
+    if not all(r["result"] == "pass" for r in rows):
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv or os.environ.get("CKPTCTL_DEBUG")
+    if "--debug" in sys.argv:
+        sys.argv.remove("--debug")
+    try:
+        app(standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except (click.exceptions.UsageError, click.exceptions.BadParameter) as e:
+        output.error(e.format_message())
+        sys.exit(2)
+    except click.exceptions.Abort:
+        output.error("aborted")
+        sys.exit(3)
+    except CkptctlError as e:
+        output.error(str(e), None if debug else "set CKPTCTL_DEBUG=1 or pass --debug for a traceback")
+        if debug:
+            traceback.print_exc()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        output.error("interrupted")
+        sys.exit(3)
+    except Exception as e:  # noqa: BLE001 - an internal error is exit 3 with one line
+        output.error(f"internal error: {type(e).__name__}: {e}", "set CKPTCTL_DEBUG=1 for a traceback")
+        if debug:
+            traceback.print_exc()
+        sys.exit(3)
+    sys.exit(0)

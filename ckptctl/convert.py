@@ -1,0 +1,203 @@
+"""`convert`: inspect and plan (no writes), run the workers, commit by rename."""
+from __future__ import annotations
+
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ckptctl.errors import BadInput
+from ckptctl.formats import legacy
+from ckptctl.layout import Layout
+from ckptctl.models import detect_family, get_family
+from ckptctl.models.config import ModelConfig, config_from_args
+from ckptctl.reshard import launch
+from ckptctl.reshard.plan import Inventory, SourcePlan, plan_source, plan_target
+from ckptctl.reshard.run import Job
+from ckptctl.store import Store
+
+
+@dataclass
+class Source:
+    """A legacy checkpoint, inspected: its files, config, family and source plan."""
+
+    ckpt: legacy.LegacyCheckpoint
+    family: str
+    cfg: ModelConfig
+    inventories: list[dict]
+    plan: SourcePlan
+    policies: dict[str, str]
+
+    @property
+    def layout(self) -> Layout:
+        return self.ckpt.layout
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.plan.owned_bytes(i) for i in range(len(self.plan.files)))
+
+
+def inspect(src: Path, true_vocab: int | None = None, family: str | None = None) -> Source:
+    """Read every rank file's key list (tensors stay on disk, memory-mapped) and plan the source side."""
+    ck = legacy.open_legacy(Path(src))
+    invs, policies, keys = [], {}, []
+    for fc, path in ck.file_list:
+        sd = legacy.load_pt(path)
+        chunks = legacy.inventory(sd, path)
+        expected = ck.layout.vpp
+        if len(chunks) != expected:
+            raise BadInput(f"{path}: has {len(chunks)} model chunks, layout {ck.layout} expects {expected}")
+        policies.update(legacy.top_level_keys(sd, path))
+        invs.append({"coord": fc.to_json(), "dirname": path.parent.name, "path": str(path), "chunks": chunks})
+        keys += [k for c in chunks.values() for k, _, _ in c]
+        del sd
+    fam_name = family or detect_family(keys, ck.args)
+    fam = get_family(fam_name)
+    cfg = config_from_args(ck.args, fam_name, true_vocab)
+    fam.validate(cfg, ck.layout)
+    plan = plan_source(fam, cfg, ck.layout, [
+        Inventory(legacy.FileCoord(**i["coord"]), i["dirname"],
+                  {c: [(k, tuple(s) if s is not None else None, d) for k, s, d in e] for c, e in i["chunks"].items()})
+        for i in invs])
+    if cfg.padded_vocab is None:
+        emb = plan.arrays.get("model/embedding.word_embeddings.weight")
+        if emb:
+            cfg = ModelConfig(**{**cfg.__dict__, "padded_vocab": emb["shape"][0]})
+    return Source(ck, fam_name, cfg, invs, plan, policies)
+
+
+@dataclass
+class ConvertReport:
+    src: str
+    dst: str
+    family: str
+    source_layout: str
+    target_layout: str | None
+    files_in: int
+    files_out: int
+    bytes: int
+    seconds: float
+    workers: int
+    store: str | None
+    policies: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _check_dst(dst: Path, overwrite: bool) -> None:
+    if dst.exists() and any(dst.iterdir()) if dst.is_dir() else dst.exists():
+        if not overwrite:
+            raise BadInput(f"destination {dst} exists and is not empty (use --overwrite)")
+
+
+def _commit(tmp: Path, dst: Path) -> None:
+    """Rename into place: the destination appears only when complete."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
+        dst.rename(old)
+        tmp.rename(dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(dst)
+
+
+def policy_report(src: Source, dst_layout: Layout | None, rng: str) -> dict:
+    out = {}
+    for k, p in sorted(src.policies.items()):
+        if p == "copy":
+            out[k] = "copied from source rank 0"
+        elif p == "rewrite":
+            out[k] = "copied; parallel sizes, world size and padded_vocab_size rewritten for the target"
+        elif p == "rng":
+            same = dst_layout is not None and dst_layout.tp == src.layout.tp and dst_layout.pp == src.layout.pp
+            out[k] = ("dropped (--rng drop)" if rng == "drop" else
+                      "carried per rank (TP and PP unchanged)" if same and rng in ("auto", "carry") else
+                      "replicated from source mp_rank 0 (TP or PP changed; RNG streams cannot be resharded)")
+        elif p == "optimizer":
+            out[k] = "DROPPED: optimizer state is not converted by this version"
+    out["_extra_state"] = "carried when the module's shard is unchanged, else reset to the empty encoding"
+    return out
+
+
+def convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = None, keep_store: bool = False,
+            nproc: int | None = None, true_vocab: int | None = None, rng: str = "auto",
+            overwrite: bool = False, progress=None) -> ConvertReport:
+    src, dst = Path(src), Path(dst)
+    t0 = time.monotonic()
+    if nproc is None:
+        nproc = launch.default_nproc()
+    if src.resolve() == dst.resolve():
+        raise BadInput("source and destination are the same path; ckptctl never modifies a source")
+    _check_dst(dst, overwrite)
+    if rng not in ("auto", "carry", "replicate", "drop"):
+        raise BadInput(f"--rng: expected auto, carry, replicate or drop, got {rng!r}")
+    from_store = (src / "zarr.json").is_file()
+    to_store = dst.suffix == ".zarr" and to is None
+    if from_store:
+        return _store_to_legacy(src, dst, to, nproc, rng, progress, t0)
+    source = inspect(src, true_vocab)
+    if to is None and not to_store:
+        raise BadInput("give a target layout with --to (or a destination ending in .zarr to write only the store)")
+    if to is not None:
+        if to.world < 1:
+            raise BadInput("bad target layout")
+        # Validate the whole target plan before any byte is written.
+        plan_target(get_family(source.family), source.cfg, to, source.plan.manifest, source.plan.arrays,
+                    set(source.plan.slots))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    work = dst.parent / f".{dst.name}.ckptctl-{uuid.uuid4().hex[:8]}"
+    work.mkdir()
+    try:
+        store_path = Path(store) if store else work / "store.zarr"
+        if to_store:
+            store_path = work / "store.zarr"
+        job = Job(workdir=str(work), store=str(store_path), family=source.family, cfg=source.cfg.to_json(),
+                  src=str(src), src_layout=source.layout.to_json(), inventories=source.inventories,
+                  out=str(work / "out"), dst_layout=to.to_json() if to else None, rng=rng,
+                  iteration=source.ckpt.iteration,
+                  phases=("source",) if to_store else ("source", "target"))
+        nbytes = source.nbytes
+        n = min(nproc, max(len(source.plan.files), len(to.model_files) if to else 1)) if nproc > 0 else 0
+        launch.run(job, n, nbytes * (1 if to_store else 2), progress,
+                   label=f"{source.layout} -> {to or 'store'}")
+        if to_store:
+            _commit(store_path, dst)
+        else:
+            _commit(work / "out", dst)
+            if keep_store and not store:
+                _commit(store_path, dst.with_name(dst.name + ".zarr"))
+        files_out = 0 if to_store else len(to.model_files)
+        return ConvertReport(str(src), str(dst), source.family, str(source.layout), str(to) if to else None,
+                             len(source.plan.files), files_out, nbytes, round(time.monotonic() - t0, 3), n,
+                             str(dst if to_store else (store or (dst.with_name(dst.name + ".zarr") if keep_store else None))),
+                             policy_report(source, to, rng))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _store_to_legacy(src: Path, dst: Path, to: Layout | None, nproc: int, rng: str, progress, t0) -> ConvertReport:
+    st = Store.open(src)
+    attrs = st.attrs
+    if not attrs.get("complete"):
+        raise BadInput(f"{src}: the store is incomplete")
+    cfg = ModelConfig.from_json(attrs["config"])
+    src_layout = Layout.from_json(attrs["source_layout"])
+    to = to or src_layout
+    files = plan_target(get_family(attrs["family"]), cfg, to, attrs["manifest"], attrs["arrays"], set(attrs["objects"]))
+    nbytes = sum(f.nbytes() for f in files)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    work = dst.parent / f".{dst.name}.ckptctl-{uuid.uuid4().hex[:8]}"
+    work.mkdir()
+    try:
+        job = Job(workdir=str(work), store=str(src), out=str(work / "out"), dst_layout=to.to_json(), rng=rng,
+                  phases=("target",))
+        n = min(nproc, len(files)) if nproc > 0 else 0
+        launch.run(job, n, nbytes, progress, label=f"store -> {to}")
+        _commit(work / "out", dst)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return ConvertReport(str(src), str(dst), attrs["family"], str(src_layout), str(to), 0, len(files), nbytes,
+                         round(time.monotonic() - t0, 3), n, str(src), {})

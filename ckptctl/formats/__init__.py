@@ -1,0 +1,1 @@
+"""Checkpoint formats: readers and writers around the planner."""

@@ -1,0 +1,93 @@
+"""What every model family provides to the planner, and the key grammar they share.
+
+A key is `<stack>.layers.<i>.<rest>` (a layer tensor; `i` local in a rank file, global in the store) or a
+top-level key placed on the first ("pre") or last ("post") pipeline chunk. Expert tensors carry an
+expert index inside `rest`; the store stacks experts on a leading axis.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ckptctl.errors import UnknownKey
+from ckptctl.layout import Layout
+from ckptctl.models.config import ModelConfig
+from ckptctl.models.rules import Rule
+
+_LAYER = re.compile(r"^(?P<stack>[a-z_]+)\.layers\.(?P<idx>\d+)\.(?P<rest>.+)$")
+EXTRA_STATE = "_extra_state"
+
+
+@dataclass(frozen=True)
+class KeyLoc:
+    section: str          # "pre" | "layer" | "post"
+    stack: str = ""       # "decoder", "encoder" for layer keys
+    layer: int = -1
+    rest: str = ""        # the key below the layer prefix (or the whole key when not a layer key)
+
+    def key(self, layer: int | None = None) -> str:
+        if self.section != "layer":
+            return self.rest
+        return f"{self.stack}.layers.{self.layer if layer is None else layer}.{self.rest}"
+
+
+def parse_key(key: str, post_prefixes: tuple[str, ...]) -> KeyLoc:
+    m = _LAYER.match(key)
+    if m:
+        return KeyLoc("layer", m["stack"], int(m["idx"]), m["rest"])
+    if key.startswith(post_prefixes):
+        return KeyLoc("post", rest=key)
+    return KeyLoc("pre", rest=key)
+
+
+def match_rule(table, rest: str, cfg: ModelConfig, key: str) -> Rule:
+    """First matching (regex, rule-or-callable) of a family table; unknown names are errors, never dropped."""
+    for pattern, rule in table:
+        if pattern.fullmatch(rest):
+            return rule(cfg) if callable(rule) else rule
+    raise UnknownKey(key)
+
+
+class Family:
+    """Base of every family. Subclasses set tables and override what differs."""
+
+    name = "base"
+    post_prefixes: tuple[str, ...] = ()
+    stacks: tuple[str, ...] = ("decoder",)
+
+    def locate(self, key: str) -> KeyLoc:
+        return parse_key(key, self.post_prefixes)
+
+    def rule(self, loc: KeyLoc, cfg: ModelConfig) -> Rule:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def expert_of(self, rest: str) -> tuple[str, int] | None:
+        """(rest with the expert index replaced by `{e}`, local expert index) or None."""
+        return None
+
+    def expert_array(self, pattern: str) -> str:
+        """The store array's `rest` for an expert key pattern (experts stacked on axis 0)."""
+        raise NotImplementedError
+
+    def stack_layers(self, cfg: ModelConfig) -> dict[str, int]:
+        return {"decoder": cfg.num_layers}
+
+    def tied_copies(self, cfg: ModelConfig) -> dict[str, str]:
+        """Keys that are byte copies of another key (tied output layer on the last stage)."""
+        return {}
+
+    def emits_copy(self, key: str, cfg: ModelConfig, layout: Layout) -> bool:
+        """Whether a tied copy is present in a checkpoint of this layout."""
+        return False
+
+    def validate(self, cfg: ModelConfig, layout: Layout) -> None:
+        pass
+
+    def global_keys(self, cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:  # pragma: no cover
+        """Every global tensor key of a freshly built model, in state-dict order, with global shapes."""
+        raise NotImplementedError
+
+    def layer_ranges(self, cfg: ModelConfig, layout: Layout) -> dict[str, list[list[range]]]:
+        from ckptctl.layout import stage_layers
+        return {s: stage_layers(n, layout, cfg.first_stage_layers, cfg.last_stage_layers)
+                for s, n in self.stack_layers(cfg).items()}

@@ -1,0 +1,98 @@
+"""The model configuration, read from a checkpoint's Megatron `args` (argparse.Namespace)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ckptctl.errors import BadInput
+
+
+def padded_vocab(true_vocab: int, divisor: int, tp: int) -> int:
+    """Megatron's padding: the vocab rounds up to a multiple of divisor*TP (DESIGN §4.1)."""
+    m = divisor * tp
+    return int(math.ceil(true_vocab / m) * m)
+
+
+def jsonable(v):
+    """A JSON-able stand-in for an args value (dtypes and enums become strings)."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    return str(v)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: str
+    num_layers: int
+    hidden: int
+    heads: int
+    groups: int
+    kv_channels: int
+    ffn: int
+    glu: bool
+    tied: bool
+    padded_vocab: int | None
+    true_vocab: int | None
+    vocab_divisor: int
+    num_experts: int = 0
+    moe_ffn: int | None = None
+    first_stage_layers: int | None = None
+    last_stage_layers: int | None = None
+    extra: dict = field(default_factory=dict, compare=False)  # family-specific (mamba sizes, pattern ...)
+
+    def to_json(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "extra"}
+        d["extra"] = jsonable(self.extra)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ModelConfig":
+        return cls(**d)
+
+    def vocab_for_tp(self, tp: int) -> int:
+        """Padded vocab at a given TP, from the true vocab; without it, only the source's is known."""
+        if self.true_vocab is None:
+            raise BadInput("the true vocabulary size is unknown (not in args): pass --true-vocab-size N")
+        return padded_vocab(self.true_vocab, self.vocab_divisor, tp)
+
+
+def config_from_args(args: dict, family: str, true_vocab: int | None = None) -> ModelConfig:
+    """Build the config from args (a dict of the Namespace's fields). Missing essentials are errors."""
+
+    def need(name):
+        v = args.get(name)
+        if v is None:
+            raise BadInput(f"checkpoint args lack {name!r}: cannot size the model")
+        return v
+
+    hidden = int(need("hidden_size"))
+    heads = int(need("num_attention_heads"))
+    groups = args.get("num_query_groups") if args.get("group_query_attention") else None
+    groups = int(groups or heads)
+    kv = int(args.get("kv_channels") or hidden // heads)
+    ffn = int(args.get("ffn_hidden_size") or 4 * hidden)
+    tv = true_vocab if true_vocab is not None else args.get("vocab_size")
+    glu = bool(args.get("swiglu") or args.get("gated_linear_unit"))
+    extra = {k: args[k] for k in (
+        "hybrid_override_pattern", "mamba_num_heads", "mamba_head_dim", "mamba_state_dim",
+        "mamba_num_groups", "num_tokentypes", "bert_binary_head", "encoder_num_layers",
+        "decoder_num_layers", "moe_grouped_gemm", "moe_shared_expert_intermediate_size",
+        "moe_layer_freq", "add_bias_linear", "position_embedding_type", "max_position_embeddings") if args.get(k) is not None}
+    return ModelConfig(
+        family=family,
+        num_layers=int(need("num_layers")),
+        hidden=hidden, heads=heads, groups=groups, kv_channels=kv, ffn=ffn, glu=glu,
+        tied=not bool(args.get("untie_embeddings_and_output_weights", False)),
+        padded_vocab=args.get("padded_vocab_size"),
+        true_vocab=int(tv) if tv is not None else None,
+        vocab_divisor=int(args.get("make_vocab_size_divisible_by") or 128),
+        num_experts=int(args.get("num_experts") or 0),
+        moe_ffn=args.get("moe_ffn_hidden_size"),
+        first_stage_layers=args.get("decoder_first_pipeline_num_layers") or args.get("num_layers_in_first_pipeline_stage"),
+        last_stage_layers=args.get("decoder_last_pipeline_num_layers") or args.get("num_layers_in_last_pipeline_stage"),
+        extra=extra,
+    )

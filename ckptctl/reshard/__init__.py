@@ -1,0 +1,1 @@
+"""Resharding: the pure planner (`plan`), the worker (`run`), and the torchrun launcher (`launch`)."""

@@ -1,0 +1,47 @@
+"""All communication between workers, in one place. A single process runs with no process group."""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch.distributed as dist
+
+
+class Comm:
+    def __init__(self, timeout_s: float = 600.0):
+        self.distributed = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if self.distributed and not dist.is_initialized():
+            # gloo on CPU; the timeout turns a dead peer into an error instead of a hang.
+            dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def all_gather_object(self, obj) -> list:
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def all_reduce_sum(self, t) -> None:
+        if self.distributed:
+            dist.all_reduce(t)
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def assign(sizes: list[int], world: int) -> list[list[int]]:
+    """Deterministic greedy balance of items (by size, largest first) over workers."""
+    loads = [0] * world
+    out: list[list[int]] = [[] for _ in range(world)]
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        w = min(range(world), key=lambda w: (loads[w], w))
+        out[w].append(i)
+        loads[w] += sizes[i]
+    return [sorted(x) for x in out]

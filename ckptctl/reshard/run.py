@@ -1,0 +1,265 @@
+"""The worker: executes the plan. Source phase (rank files -> store), target phase (store -> rank files).
+
+Every worker computes the same plan from the job (the planner is pure and deterministic), takes its
+share of the files, and touches only the store regions the plan gives it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ckptctl.errors import BadInput
+from ckptctl.formats import legacy
+from ckptctl.layout import FileCoord, Layout
+from ckptctl.models import get_family
+from ckptctl.models.config import ModelConfig
+from ckptctl.reshard.comm import Comm, assign
+from ckptctl.reshard.plan import OBJECTS, FilePlan, Inventory, ObjectItem, TensorItem, plan_source, plan_target
+from ckptctl.store import FORMAT, FORMAT_VERSION, Store, configure, torch_dtype
+
+COMMON = "common"
+
+
+@dataclass
+class Job:
+    """Everything a worker needs; written by the CLI as JSON, read by every worker."""
+
+    workdir: str
+    store: str
+    family: str = "gpt"
+    cfg: dict | None = None
+    src: str | None = None                     # legacy checkpoint root (source phase)
+    src_layout: dict | None = None
+    inventories: list = field(default_factory=list)   # [{"coord", "dirname", "path", "chunks"}]
+    out: str | None = None                     # output root (target phase)
+    dst_layout: dict | None = None
+    rng: str = "auto"
+    iteration: int | str = "release"
+    phases: tuple = ("source", "target")
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.__dict__))
+
+    @classmethod
+    def load(cls, path: Path) -> "Job":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+class Progress:
+    """Bytes done by this worker, in a file the launcher sums (cheap, no communication)."""
+
+    def __init__(self, workdir: str | None, rank: int):
+        self.path = Path(workdir) / "progress" / f"rank{rank}" if workdir else None
+        self.done, self._last = 0, 0.0
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def add(self, n: int, force: bool = False) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.path and (force or now - self._last > 0.2):
+            self._last = now
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(str(self.done))
+            os.replace(tmp, self.path)
+
+
+def inventories_of(job: Job) -> list[Inventory]:
+    return [Inventory(FileCoord(**i["coord"]), i["dirname"],
+                      {c: [(k, tuple(s) if s is not None else None, d) for k, s, d in e] for c, e in i["chunks"].items()})
+            for i in job.inventories]
+
+
+# --- objects in the store (extra state, args, RNG): torch.save bytes as 1-D uint8 arrays -----------
+
+def _object_name(slot: str) -> str:
+    return OBJECTS + slot.replace("|", "@").replace("/", "_")
+
+
+def put_object(store: Store, slot: str, value) -> str:
+    if value is None:
+        return "none"
+    data = np.frombuffer(legacy.dumps_bytes(value), dtype=np.uint8)
+    store.group.create_array(_object_name(slot), shape=data.shape, dtype="uint8", chunks=data.shape or (1,),
+                             compressors=None, filters=None, fill_value=0, overwrite=True)[...] = data
+    return "bytes"
+
+
+def get_object(store: Store, slot: str, enc: str):
+    if enc == "none":
+        return None
+    return legacy.loads_bytes(store.group[_object_name(slot)][...].tobytes(), slot)
+
+
+def empty_like_encoding(value):
+    """The empty value of an _extra_state's encoding: written when a module's shard changed."""
+    if value is None:
+        return None
+    if torch.is_tensor(value):
+        return torch.empty(0, dtype=value.dtype)
+    import io
+    return io.BytesIO()
+
+
+# --- source phase --------------------------------------------------------------------------------
+
+def source_phase(job: Job, comm: Comm, progress: Progress) -> dict:
+    family = get_family(job.family)
+    cfg = ModelConfig.from_json(job.cfg)
+    layout = Layout.from_json(job.src_layout)
+    invs = inventories_of(job)
+    plan = plan_source(family, cfg, layout, invs)
+    paths = {i["dirname"]: Path(i["path"]) for i in job.inventories}
+    if comm.rank == 0:
+        Store.create(Path(job.store), plan.arrays, {"format": FORMAT, "complete": False})
+    comm.barrier()
+    store = Store.open(Path(job.store), mode="r+")
+    mine = assign([plan.owned_bytes(i) + 1 for i in range(len(plan.files))], comm.world)[comm.rank]
+    encodings: dict[str, str] = {}
+    for i in mine:
+        fp = plan.files[i]
+        path = paths[fp.dirname]
+        sd = legacy.load_pt(path)
+        for t in fp.tensors:
+            if not any(t.owned):
+                continue
+            tensor = sd[t.chunk][t.key]
+            if tuple(tensor.shape) != t.shape or str(tensor.dtype).removeprefix("torch.") != t.dtype:
+                raise BadInput(f"{path}: tensor {t.key!r} changed since inspection")
+            for p, owned in zip(t.pieces, t.owned):
+                if owned:
+                    part = tensor[p.local.slices]
+                    store.write(p.array, p.gbox, part)
+                    progress.add(part.numel() * part.element_size())
+        for o in fp.objects:
+            if plan.slots[o.slot] == i:
+                encodings[o.slot] = put_object(store, o.slot, sd[o.chunk][o.key])
+        encodings["rng@" + fp.dirname] = put_object(store, "rng@" + fp.dirname, sd.get("rng_state"))
+        if i == 0:
+            common = {k: v for k, v in sd.items() if legacy.TOP_LEVEL_POLICY.get(k) in ("copy", "rewrite")}
+            encodings[COMMON] = put_object(store, COMMON, common)
+            encodings["__dropped__"] = ",".join(sorted(k for k in sd if legacy.TOP_LEVEL_POLICY.get(k) == "optimizer"))
+        del sd
+    progress.add(0, force=True)
+    gathered = comm.all_gather_object(encodings)
+    if comm.rank == 0:
+        encs = {}
+        for g in gathered:
+            encs.update(g)
+        dropped = encs.pop("__dropped__", "")
+        store.set_attrs({
+            "format": FORMAT, "format_version": FORMAT_VERSION, "complete": True,
+            "family": job.family, "config": job.cfg, "source_layout": job.src_layout,
+            "manifest": plan.manifest, "arrays": {a: {k: s[k] for k in ("shape", "dtype", "vocab")} for a, s in plan.arrays.items()},
+            "objects": encs, "source_files": [fp.dirname for fp in plan.files],
+            "vocab": {"true": cfg.true_vocab, "padded": cfg.padded_vocab, "divisor": cfg.vocab_divisor},
+            "tied": cfg.tied, "iteration": job.iteration, "dropped": [d for d in dropped.split(",") if d],
+        })
+    comm.barrier()
+    return {"arrays": len(plan.arrays), "bytes": sum(plan.owned_bytes(i) for i in range(len(plan.files)))}
+
+
+# --- target phase --------------------------------------------------------------------------------
+
+def rng_for(policy: str, src_layout: Layout, dst_layout: Layout, fp: FilePlan, encs: dict) -> str | None:
+    """Which stored RNG state a target file gets (DESIGN §3): carry when TP and PP are unchanged."""
+    if policy == "drop":
+        return None
+    same = src_layout.tp == dst_layout.tp and src_layout.pp == dst_layout.pp
+    if policy in ("auto", "carry") and same:
+        slot = "rng@" + fp.dirname
+        if slot in encs:
+            return slot
+        if policy == "carry":
+            raise BadInput(f"--rng carry: no source RNG state for {fp.dirname}")
+    elif policy == "carry":
+        raise BadInput("--rng carry needs the same TP and PP on both sides; use replicate or drop")
+    first = sorted(k for k in encs if k.startswith("rng@"))
+    return first[0] if first else None
+
+
+def build_file(store: Store, fp: FilePlan, common: dict, encs: dict, progress: Progress) -> dict:
+    sd = dict(common)
+    for chunk in fp.chunks:
+        sd[chunk] = {}
+    for item in fp.items:
+        if isinstance(item, ObjectItem):
+            enc = encs.get(item.slot)
+            if enc is not None:
+                sd[item.chunk][item.key] = get_object(store, item.slot, enc)
+            else:  # the module's shard changed: its FP8 scaling state cannot follow
+                sample = next((s for s in encs if s.startswith(item.gkey + "|")), None)
+                sd[item.chunk][item.key] = empty_like_encoding(get_object(store, sample, encs[sample]) if sample else None)
+            continue
+        dtype = torch_dtype(item.dtype)
+        vol = int(np.prod(item.shape)) if item.shape else 1
+        t = (torch.empty if item.covered == vol else torch.zeros)(item.shape, dtype=dtype)
+        for p in item.pieces:
+            t[p.local.slices] = store.read(p.array, p.gbox).reshape(p.local.sizes)
+            progress.add(p.local.volume * t.element_size())
+        sd[item.chunk][item.key] = t
+    return sd
+
+
+def target_phase(job: Job, comm: Comm, progress: Progress) -> dict:
+    store = Store.open(Path(job.store))
+    attrs = store.attrs
+    if not attrs.get("complete"):
+        raise BadInput(f"{job.store}: the store is incomplete (its source phase did not finish)")
+    family = get_family(attrs["family"])
+    cfg = ModelConfig.from_json(attrs["config"])
+    src_layout = Layout.from_json(attrs["source_layout"])
+    dst = Layout.from_json(job.dst_layout)
+    encs = attrs["objects"]
+    files = plan_target(family, cfg, dst, attrs["manifest"], attrs["arrays"], set(encs))
+    common = get_object(store, COMMON, encs.get(COMMON, "none")) or {}
+    iteration = attrs.get("iteration", "release")
+    padded = cfg.vocab_for_tp(dst.tp) if cfg.true_vocab is not None else cfg.padded_vocab
+    if "args" in common:
+        common["args"] = _namespace(legacy.rewrite_args(legacy.args_dict(common["args"]), dst, padded, cfg.num_layers))
+    out = Path(job.out)
+    it_dir = out / legacy.iter_dirname(iteration)
+    mine = assign([f.nbytes() + 1 for f in files], comm.world)[comm.rank]
+    for i in mine:
+        fp = files[i]
+        sd = build_file(store, fp, common, encs, progress)
+        slot = rng_for(job.rng, src_layout, dst, fp, encs)
+        if slot is not None:
+            sd["rng_state"] = get_object(store, slot, encs[slot])
+        d = it_dir / fp.dirname
+        d.mkdir(parents=True, exist_ok=True)
+        legacy.save_pt(sd, d / legacy.MODEL_FILE)
+        del sd
+    progress.add(0, force=True)
+    comm.barrier()
+    if comm.rank == 0:
+        legacy.write_tracker(out, iteration)
+    comm.barrier()
+    return {"files": len(files), "bytes": sum(f.nbytes() for f in files)}
+
+
+def _namespace(d: dict):
+    import argparse
+    return argparse.Namespace(**d)
+
+
+def run_job(job: Job) -> dict:
+    """Run the job's phases in this process (one of the torchrun workers, or alone)."""
+    configure()
+    comm = Comm()
+    progress = Progress(job.workdir, comm.rank)
+    result = {}
+    try:
+        if "source" in job.phases:
+            result["source"] = source_phase(job, comm, progress)
+        if "target" in job.phases:
+            result["target"] = target_phase(job, comm, progress)
+    finally:
+        comm.close()
+    return result
