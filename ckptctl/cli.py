@@ -163,7 +163,8 @@ def main() -> None:
     if "--debug" in sys.argv:
         sys.argv.remove("--debug")
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # click returns Exit codes instead of raising in this mode
+        sys.exit(rc if isinstance(rc, int) else 0)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except (click.exceptions.UsageError, click.exceptions.BadParameter) as e:
@@ -185,4 +186,3 @@ def main() -> None:
         if debug:
             traceback.print_exc()
         sys.exit(3)
-    sys.exit(0)
