@@ -23,7 +23,7 @@ class Layout:
     vpp: int = 1
     ep: int = 1
     etp: int | None = None
-    dp: int = 1
+    dp: int | None = None      # None: the smallest DP the expert grid allows (1 for dense models)
     cp: int = 1
 
     def __post_init__(self):
@@ -31,10 +31,19 @@ class Layout:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise LayoutError(f"Expected {name} to be a positive integer, got {v!r}")
+        if self.dp is None:
+            object.__setattr__(self, "dp", self.min_dp)
         if self.world % (self.expert_tp * self.ep * self.pp):
             raise LayoutError(
                 f"layout {self}: world size {self.world} is not divisible by ETP*EP*PP = "
                 f"{self.expert_tp * self.ep * self.pp}")
+
+    @property
+    def min_dp(self) -> int:
+        """Megatron needs the world divisible by TP*CP*PP and by ETP*EP*PP: the least DP that allows both."""
+        from math import lcm
+        dense = self.tp * self.cp * self.pp
+        return lcm(dense, self.expert_tp * self.ep * self.pp) // dense
 
     @property
     def expert_tp(self) -> int:
@@ -56,7 +65,7 @@ class Layout:
             s += f"ep{self.ep}"
         if self.etp is not None:
             s += f"etp{self.etp}"
-        if self.dp > 1:
+        if self.dp != self.min_dp:
             s += f"dp{self.dp}"
         if self.cp > 1:
             s += f"cp{self.cp}"
@@ -70,7 +79,7 @@ class Layout:
 
     @classmethod
     def from_json(cls, d: dict) -> "Layout":
-        return cls(**{k: d.get(k, None if k == "etp" else 1) for k in _ORDER})
+        return cls(**{k: d.get(k, None if k in ("etp", "dp") else 1) for k in _ORDER})
 
     # --- rank grids (DESIGN §2: order tp-cp-ep-dp-pp, fastest first) ---
 
