@@ -19,6 +19,8 @@ def main(argv: list[str]) -> int:
     job = Job.load(Path(argv[1]))
     rank = int(os.environ.get("RANK", "0"))
     try:
+        if os.environ.get("CKPTCTL_TEST_FAIL_RANK") == str(rank):   # fault injection for the tests
+            raise RuntimeError(f"injected failure on rank {rank}")
         result = run_job(job)
     except BaseException as e:  # noqa: BLE001 - every failure must reach the launcher
         err = Path(job.workdir) / "errors"
