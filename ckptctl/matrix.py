@@ -53,10 +53,18 @@ def run_pair(family: str, src: str, dst: str, opts: dict, root: Path, nproc: int
         row["bytes"] = rep.bytes
         row["gbps"] = rep.bytes / row["seconds"] / 1e9 if row["seconds"] else 0.0
         v = verify(d / "src", d / "dst")
-        row["result"] = "pass" if v.ok else "FAIL"
         row["tensors"] = v.tensors
-        if not v.ok:
-            row["detail"] = "; ".join(f"{x.key}: {x.reason}" for x in v.differences[:3])
+        # A -> B -> A must give back every byte, vocab padding rows included (DESIGN §10).
+        convert(d / "dst", d / "back", parse_layout(src), nproc=0)
+        back = verify(d / "src", d / "back")
+        padding = [x for x in back.allowed if "vocab padding" in x["reason"]]
+        row["round_trip"] = "pass" if back.ok and not padding else "FAIL"
+        row["result"] = "pass" if v.ok and row["round_trip"] == "pass" else "FAIL"
+        bad = v.differences + back.differences
+        if bad:
+            row["detail"] = "; ".join(f"{x.key}: {x.reason}" for x in bad[:3])
+        elif padding:
+            row["detail"] = "round trip changed vocab padding rows"
     except CkptctlError as e:
         row["detail"] = str(e)[:200]
     finally:
