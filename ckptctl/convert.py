@@ -88,9 +88,9 @@ class ConvertReport:
 
 
 def _check_dst(dst: Path, overwrite: bool) -> None:
-    if dst.exists() and any(dst.iterdir()) if dst.is_dir() else dst.exists():
-        if not overwrite:
-            raise BadInput(f"destination {dst} exists and is not empty (use --overwrite)")
+    occupied = any(dst.iterdir()) if dst.is_dir() else dst.exists()
+    if occupied and not overwrite:
+        raise BadInput(f"destination {dst} exists and is not empty (use --overwrite)")
 
 
 def _commit(tmp: Path, dst: Path) -> None:
