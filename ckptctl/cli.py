@@ -10,7 +10,6 @@ import traceback
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 
 from ckptctl import output
@@ -165,12 +164,9 @@ def main() -> None:
     try:
         rc = app(standalone_mode=False)  # click returns Exit codes instead of raising in this mode
         sys.exit(rc if isinstance(rc, int) else 0)
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         sys.exit(e.exit_code)
-    except (click.exceptions.UsageError, click.exceptions.BadParameter) as e:
-        output.error(e.format_message())
-        sys.exit(2)
-    except click.exceptions.Abort:
+    except typer.Abort:
         output.error("aborted")
         sys.exit(3)
     except CkptctlError as e:
@@ -182,6 +178,9 @@ def main() -> None:
         output.error("interrupted")
         sys.exit(3)
     except Exception as e:  # noqa: BLE001 - an internal error is exit 3 with one line
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):   # typer's (vendored click) usage errors
+            output.error(e.format_message())
+            sys.exit(2)
         output.error(f"internal error: {type(e).__name__}: {e}", "set CKPTCTL_DEBUG=1 for a traceback")
         if debug:
             traceback.print_exc()

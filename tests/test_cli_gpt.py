@@ -197,3 +197,9 @@ def test_worker_failure_is_one_message_and_exit_3(src, tmp_path, cli, monkeypatc
     r = cli("convert", src, tmp_path / "o", "--to", "tp1pp1", "--nproc", "2")
     assert r.code == 3 and "injected failure on rank 1" in r.err
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.ckptctl-*"))
+
+
+def test_usage_errors_exit_2(cli):
+    r = cli("convert", "a", "b", "--bogus")
+    assert r.code == 2 and "--bogus" in r.err
+    assert cli("verify").code == 2
