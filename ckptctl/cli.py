@@ -45,7 +45,11 @@ def example(
     swiglu: bool = typer.Option(False, "--swiglu", help="Gated MLP (GLU fc1)."),
     tied: bool = typer.Option(False, "--tied", help="Tie embedding and output weights."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
-    experts: Optional[int] = typer.Option(None, help="Number of experts (MoE)."),
+    experts: Optional[int] = typer.Option(None, help="Number of experts (MoE; default 8)."),
+    moe_ffn: Optional[int] = typer.Option(None, "--moe-ffn", help="Expert FFN hidden size (MoE; default 64)."),
+    grouped: bool = typer.Option(False, "--grouped", help="TEGroupedMLP expert keys (MoE; default SequentialMLP)."),
+    shared_ffn: Optional[int] = typer.Option(None, "--shared-ffn", help="Shared expert FFN hidden size (MoE)."),
+    bias: Optional[bool] = typer.Option(None, "--bias/--no-bias", help="Linear biases (default: on; off for MoE)."),
     seed: int = typer.Option(1234, help="Random seed of the values."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing folder."),
     json_out: JsonOpt = False,
@@ -55,7 +59,8 @@ def example(
 
     res = make(family, parse_layout(layout), out,
                {"layers": layers, "hidden": hidden, "heads": heads, "groups": groups, "ffn": ffn, "vocab": vocab,
-                "swiglu": swiglu, "tied": tied, "dtype": dtype, "experts": experts}, seed=seed, overwrite=overwrite)
+                "swiglu": swiglu, "tied": tied, "dtype": dtype, "experts": experts,
+                "moe_ffn": moe_ffn, "grouped": grouped or None, "shared_ffn": shared_ffn, "bias": bias}, seed=seed, overwrite=overwrite)
     if json_out:
         output.emit_json(res)
     else:

@@ -60,10 +60,12 @@ def make_args(cfg: ModelConfig, layout: Layout, dtype: str, seq: int, bias: bool
 
 
 def make_config(family: str, opts: dict) -> ModelConfig:
-    o = {**DEFAULTS, **{k: v for k, v in opts.items() if v is not None}}
+    fam = get_family(family)
+    o = {**DEFAULTS, **fam.example_defaults, **{k: v for k, v in opts.items() if v is not None}}
     heads = o["heads"]
     extra = {"add_bias_linear": o["bias"], "max_position_embeddings": o["seq"],
              "position_embedding_type": "learned_absolute"}
+    extra.update(fam.example_extra(o))
     extra.update(o.get("extra") or {})
     return ModelConfig(
         family=family, num_layers=o["layers"], hidden=o["hidden"], heads=heads, groups=o["groups"] or heads,

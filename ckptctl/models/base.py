@@ -83,6 +83,17 @@ class Family:
     def validate(self, cfg: ModelConfig, layout: Layout) -> None:
         pass
 
+    def object_shard(self, loc: KeyLoc, layout: Layout, fc) -> str | None:
+        """Which shard an `_extra_state` belongs to, as text (None: its module's TP or ETP rank)."""
+        return None
+
+    # `ckptctl example`: family defaults over example.DEFAULTS, and args extras from the options.
+    example_defaults: dict = {}
+
+    def example_extra(self, opts: dict) -> dict:
+        """Family-specific `args` fields (ModelConfig.extra) of an example built with `opts`."""
+        return {}
+
     def global_keys(self, cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:  # pragma: no cover
         """Every global tensor key of a freshly built model, in state-dict order, with global shapes."""
         raise NotImplementedError

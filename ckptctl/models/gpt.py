@@ -79,6 +79,9 @@ class GPT(Family):
 
     def validate(self, cfg: ModelConfig, layout: Layout) -> None:
         tp = layout.tp
+        if not cfg.num_experts and (layout.ep > 1 or layout.expert_tp != tp):
+            raise LayoutError(f"layout {layout} sets EP/ETP but the model has no experts: dense -> MoE conversion "
+                              "is not supported")
         check_divisible("attention heads", cfg.heads, tp, "TP")
         if cfg.groups % tp and tp % cfg.groups:
             raise LayoutError(f"query groups = {cfg.groups} and TP = {tp}: neither divides the other")

@@ -153,6 +153,9 @@ class Namer:
 
     def object_slot(self, gkey: str, loc: KeyLoc, fc: FileCoord) -> str:
         # An _extra_state belongs to its module's shard: carry it only to the same (n, r) shard.
+        custom = self.family.object_shard(loc, self.layout, fc)
+        if custom is not None:
+            return f"{gkey}|{custom}"
         group_etp = ".experts." in gkey
         n = self.layout.expert_tp if group_etp else self.layout.tp
         r = fc.etp if group_etp else fc.tp
