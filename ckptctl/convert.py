@@ -28,10 +28,23 @@ class Source:
     inventories: list[dict]
     plan: SourcePlan
     policies: dict[str, str]
+    fmt: str = "legacy"                 # ckptctl.formats: legacy | torch_dist
+    dist: dict | None = None            # torch_dist: {"iter_dir", "spec", "index"}
 
     @property
     def layout(self) -> Layout:
         return self.ckpt.layout
+
+    def opener(self):
+        """FilePlan -> opened unit (rank file or DCP chunk), for the gather and the source phase."""
+        from ckptctl import formats
+        return formats.unit_opener(self.fmt, self.layout, self.inventories, self.dist)
+
+    def common_state(self) -> dict:
+        """The non-model state of the checkpoint (iteration, checkpoint_version, args ...)."""
+        if self.fmt == "torch_dist":
+            return self.ckpt.common
+        return legacy.load_pt(self.ckpt.file_list[0][1])
 
     @property
     def nbytes(self) -> int:
@@ -40,6 +53,9 @@ class Source:
 
 def inspect(src: Path, true_vocab: int | None = None, family: str | None = None) -> Source:
     """Read every rank file's key list (tensors stay on disk, memory-mapped) and plan the source side."""
+    from ckptctl.formats import torch_dist
+    if torch_dist.is_torch_dist(Path(src)):
+        return torch_dist.inspect(Path(src), true_vocab, family)
     ck = legacy.open_legacy(Path(src))
     invs, policies, keys = [], {}, []
     for fc, path in ck.file_list:
@@ -157,7 +173,7 @@ def convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = Non
         job = Job(workdir=str(work), store=str(store_path), family=source.family, cfg=source.cfg.to_json(),
                   src=str(src), src_layout=source.layout.to_json(), inventories=source.inventories,
                   out=str(work / "out"), dst_layout=to.to_json() if to else None, rng=rng,
-                  iteration=source.ckpt.iteration,
+                  iteration=source.ckpt.iteration, src_format=source.fmt, dist=source.dist,
                   phases=("source",) if to_store else ("source", "target"))
         nbytes = source.nbytes
         n = min(nproc, max(len(source.plan.files), len(to.model_files) if to else 1)) if nproc > 0 else 0

@@ -59,18 +59,20 @@ class Gatherer:
 
     def __init__(self, src: Source):
         self.src = src
-        self.paths = {i["dirname"]: Path(i["path"]) for i in src.inventories}
-        self._sds: dict[str, dict] = {}
+        self.open = src.opener()
+        self._units: dict[str, object] = {}
+        self._files = {fp.dirname: fp for fp in src.plan.files}
         self.by_array: dict[str, list] = {}
         for fp in src.plan.files:
             for t in fp.tensors:
                 for p, owned in zip(t.pieces, t.owned):
                     self.by_array.setdefault(p.array, []).append((fp.dirname, t, p, owned))
 
-    def sd(self, dirname: str) -> dict:
-        if dirname not in self._sds:
-            self._sds[dirname] = legacy.load_pt(self.paths[dirname])
-        return self._sds[dirname]
+    def unit(self, dirname: str):
+        """The opened rank file (legacy) or chunk reader (torch_dist), opened once."""
+        if dirname not in self._units:
+            self._units[dirname] = self.open(self._files[dirname])
+        return self._units[dirname]
 
     def gather(self, array: str) -> tuple[torch.Tensor, list[Difference]]:
         spec = self.src.plan.arrays[array]
@@ -78,7 +80,7 @@ class Gatherer:
         problems = []
         entries = self.by_array[array]
         for dirname, t, p, owned in sorted(entries, key=lambda e: not e[3]):   # owners first
-            local = self.sd(dirname)[t.chunk][t.key][p.local.slices].reshape(p.gbox.sizes)
+            local = self.unit(dirname).tensor(t)[p.local.slices].reshape(p.gbox.sizes)
             if owned:
                 out[p.gbox.slices] = local
                 continue
@@ -174,6 +176,8 @@ def verify(a: Path, b: Path, true_vocab: int | None = None) -> VerifyReport:
             rep.differences.append(p)
         compare_arrays(name, ta, tb, sa.plan.arrays[name].get("vocab", False), rep)
         del ta, tb
+    from ckptctl import optim
+    optim.verify_optimizer(sa, sb, rep)
     _compare_state(sa, sb, rep)
     rep.seconds = round(time.monotonic() - t0, 3)
     return rep
@@ -185,8 +189,8 @@ def _ordered(src: Source, names: set[str]) -> list[str]:
 
 def _compare_state(sa: Source, sb: Source, rep: VerifyReport) -> None:
     """Non-tensor state: iteration and version must match; rewritten args and RNG are reported."""
-    first_a = legacy.load_pt(sa.ckpt.file_list[0][1])
-    first_b = legacy.load_pt(sb.ckpt.file_list[0][1])
+    first_a = sa.common_state()
+    first_b = sb.common_state()
     for k in ("iteration", "checkpoint_version"):
         if first_a.get(k) != first_b.get(k):
             rep.differences.append(Difference(k, f"differs: {first_a.get(k)!r} vs {first_b.get(k)!r}"))

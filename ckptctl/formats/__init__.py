@@ -1,1 +1,36 @@
-"""Checkpoint formats: readers and writers around the planner."""
+"""Checkpoint formats: readers and writers around the planner.
+
+A source format gives the planner's `SourcePlan` and opens its units (rank files for legacy, DCP chunks
+for torch_dist). A unit answers `tensor(item)`, `object(item)`, `rng()` (store slot -> RNG state),
+`common()` (the non-model state the store keeps) and `dropped()` (state not converted).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+LEGACY = "legacy"
+TORCH_DIST = "torch_dist"
+FORMATS = (LEGACY, TORCH_DIST)
+
+
+def source_plan(fmt: str, family, cfg, layout, inventories: list, dist: dict | None):
+    """The pure source plan of a checkpoint from its inspected key lists (no I/O)."""
+    if fmt == TORCH_DIST:
+        from ckptctl.formats import torch_dist
+        return torch_dist.plan_source(family, cfg, layout, dist["index"], dist["spec"])
+    from ckptctl.layout import FileCoord
+    from ckptctl.reshard.plan import Inventory, plan_source
+    return plan_source(family, cfg, layout, [
+        Inventory(FileCoord(**i["coord"]), i["dirname"],
+                  {c: [(k, tuple(s) if s is not None else None, d) for k, s, d in e] for c, e in i["chunks"].items()})
+        for i in inventories])
+
+
+def unit_opener(fmt: str, layout, inventories: list, dist: dict | None):
+    """A function FilePlan -> opened unit."""
+    if fmt == TORCH_DIST:
+        from ckptctl.formats import torch_dist
+        return lambda fp: torch_dist.DistUnit(Path(dist["iter_dir"]), dist["index"], layout, fp)
+    from ckptctl.formats import legacy
+    paths = {i["dirname"]: Path(i["path"]) for i in inventories}
+    return lambda fp: legacy.LegacyUnit(legacy.load_pt(paths[fp.dirname]), fp.dirname)

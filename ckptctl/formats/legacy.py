@@ -342,3 +342,25 @@ def dumps_bytes(obj) -> bytes:
     buf = io.BytesIO()
     save_pt(obj, buf)
     return buf.getvalue()
+
+
+class LegacyUnit:
+    """One rank file opened for the source phase and verify's gather (the reader interface of a format)."""
+
+    def __init__(self, sd: dict, dirname: str):
+        self.sd, self.dirname = sd, dirname
+
+    def tensor(self, t):
+        return self.sd[t.chunk][t.key]
+
+    def object(self, o):
+        return self.sd[o.chunk][o.key]
+
+    def rng(self) -> dict:
+        return {"rng@" + self.dirname: self.sd.get("rng_state")}
+
+    def common(self) -> dict:
+        return {k: v for k, v in self.sd.items() if TOP_LEVEL_POLICY.get(k) in ("copy", "rewrite")}
+
+    def dropped(self) -> list[str]:
+        return sorted(k for k in self.sd if TOP_LEVEL_POLICY.get(k) == "optimizer")

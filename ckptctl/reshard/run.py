@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ckptctl.errors import BadInput
+from ckptctl import formats
 from ckptctl.formats import legacy
 from ckptctl.layout import FileCoord, Layout
 from ckptctl.models import get_family
@@ -42,6 +43,9 @@ class Job:
     rng: str = "auto"
     iteration: int | str = "release"
     phases: tuple = ("source", "target")
+    src_format: str = "legacy"                 # ckptctl.formats: "legacy" | "torch_dist"
+    dist: dict | None = None                   # torch_dist source: {"iter_dir", "spec", "index"}
+    dst_format: str = "legacy"
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.__dict__))
@@ -113,9 +117,8 @@ def source_phase(job: Job, comm: Comm, progress: Progress) -> dict:
     family = get_family(job.family)
     cfg = ModelConfig.from_json(job.cfg)
     layout = Layout.from_json(job.src_layout)
-    invs = inventories_of(job)
-    plan = plan_source(family, cfg, layout, invs)
-    paths = {i["dirname"]: Path(i["path"]) for i in job.inventories}
+    plan = formats.source_plan(job.src_format, family, cfg, layout, job.inventories, job.dist)
+    open_unit = formats.unit_opener(job.src_format, layout, job.inventories, job.dist)
     if comm.rank == 0:
         Store.create(Path(job.store), plan.arrays, {"format": FORMAT, "complete": False})
     comm.barrier()
@@ -124,14 +127,13 @@ def source_phase(job: Job, comm: Comm, progress: Progress) -> dict:
     encodings: dict[str, str] = {}
     for i in mine:
         fp = plan.files[i]
-        path = paths[fp.dirname]
-        sd = legacy.load_pt(path)
+        sd = open_unit(fp)
         for t in fp.tensors:
             if not any(t.owned):
                 continue
-            tensor = sd[t.chunk][t.key]
+            tensor = sd.tensor(t)
             if tuple(tensor.shape) != t.shape or str(tensor.dtype).removeprefix("torch.") != t.dtype:
-                raise BadInput(f"{path}: tensor {t.key!r} changed since inspection")
+                raise BadInput(f"{fp.dirname}: tensor {t.key!r} changed since inspection")
             for p, owned in zip(t.pieces, t.owned):
                 if owned:
                     part = tensor[p.local.slices]
@@ -139,12 +141,12 @@ def source_phase(job: Job, comm: Comm, progress: Progress) -> dict:
                     progress.add(part.numel() * part.element_size())
         for o in fp.objects:
             if plan.slots[o.slot] == i:
-                encodings[o.slot] = put_object(store, o.slot, sd[o.chunk][o.key])
-        encodings["rng@" + fp.dirname] = put_object(store, "rng@" + fp.dirname, sd.get("rng_state"))
+                encodings[o.slot] = put_object(store, o.slot, sd.object(o))
+        for slot, value in sd.rng().items():
+            encodings[slot] = put_object(store, slot, value)
         if i == 0:
-            common = {k: v for k, v in sd.items() if legacy.TOP_LEVEL_POLICY.get(k) in ("copy", "rewrite")}
-            encodings[COMMON] = put_object(store, COMMON, common)
-            encodings["__dropped__"] = ",".join(sorted(k for k in sd if legacy.TOP_LEVEL_POLICY.get(k) == "optimizer"))
+            encodings[COMMON] = put_object(store, COMMON, sd.common())
+            encodings["__dropped__"] = ",".join(sd.dropped())
         del sd
     progress.add(0, force=True)
     gathered = comm.all_gather_object(encodings)
@@ -155,7 +157,7 @@ def source_phase(job: Job, comm: Comm, progress: Progress) -> dict:
         dropped = encs.pop("__dropped__", "")
         store.set_attrs({
             "format": FORMAT, "format_version": FORMAT_VERSION, "complete": True,
-            "family": job.family, "config": job.cfg, "source_layout": job.src_layout,
+            "family": job.family, "config": job.cfg, "source_layout": job.src_layout, "source_format": job.src_format,
             "manifest": plan.manifest, "arrays": {a: {k: s[k] for k in ("shape", "dtype", "vocab")} for a, s in plan.arrays.items()},
             "objects": encs, "source_files": [fp.dirname for fp in plan.files],
             "vocab": {"true": cfg.true_vocab, "padded": cfg.padded_vocab, "divisor": cfg.vocab_divisor},

@@ -1,0 +1,510 @@
+"""Megatron-core's `torch_dist` format (PyTorch DCP underneath), as a source and as a target (DESIGN §7).
+
+    <root>/latest_checkpointed_iteration.txt
+    <root>/iter_0000010/.metadata            pickled DCP Metadata: per key global size, dtype, chunks;
+                                              per chunk the file, byte offset and length of its blob
+    <root>/iter_0000010/__<w>_<n>.distcp     blobs: each tensor chunk is a `torch.save` of the chunk,
+                                              each object the `torch.save` of a one-element list
+    <root>/iter_0000010/metadata.json        {"sharded_backend": "torch_dist", ...}: marks a dist checkpoint
+
+Common state (args, iteration, scheduler, `content_metadata`) is the object `common_state/shard_0_1`
+(older checkpoints: `common.pt`). Layer tensors are stacked: `decoder.layers.<rest>` has a leading
+global-layer axis; objects carry their grid in the name (`<key>/shard_<offsets>_<shape>`).
+
+Reading needs no model class: `.metadata` goes through an unpickler that admits only DCP's metadata
+classes, every blob through `torch.load(weights_only=True)`. The planning functions here are pure: they
+map chunks onto the store's canonical per-layer arrays (and back) without touching files.
+"""
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ckptctl.box import Box
+from ckptctl.errors import BadInput, CkptctlError
+from ckptctl.formats import legacy
+from ckptctl.layout import FileCoord, Layout
+from ckptctl.models.base import EXTRA_STATE, Family, KeyLoc
+from ckptctl.models.config import ModelConfig
+from ckptctl.models.rules import VOCAB, Piece
+from ckptctl.reshard.plan import MODEL, FilePlan, Namer, ObjectItem, SourcePlan, TensorItem, _sort_key, _strip_expert
+from ckptctl.store import chunk_shape, storage_dtype
+
+FORMAT = "torch_dist"
+CONFIG = "metadata.json"
+METADATA = ".metadata"
+COMMON_KEY = "common_state"
+COMMON_PT = "common.pt"
+RNG_KEY = "rng_state"
+# megatron-core pops `output_layer._extra_state` from GPT's sharded state dict (it must be empty);
+# the legacy format keeps the key (None under local specs).
+NOT_IN_DIST = ("output_layer._extra_state",)
+# Local (non-TE) specs rename their norms to the fused TE names in sharded state dicts (mcore's
+# `sharded_state_dict_keys_map`); the legacy files keep the local names.
+LOCAL_ALIASES = (("input_layernorm.", "self_attention.linear_qkv.layer_norm_"),
+                 ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"))
+
+_STACKED = re.compile(r"^(?P<stack>[a-z_]+)\.layers\.(?P<rest>[^\d].*)$")
+_SHARD = re.compile(r"^(?P<key>.+)/shard_(?P<offs>[\d.]*)_(?P<shape>[\d.]*)$")
+
+# --- safe loading -------------------------------------------------------------------------------
+
+_DCP = "torch.distributed.checkpoint."
+_ALLOWED = {
+    (_DCP + "metadata", n) for n in (
+        "Metadata", "MetadataIndex", "ChunkStorageMetadata", "BytesStorageMetadata", "TensorProperties",
+        "TensorStorageMetadata", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {
+    (_DCP + "planner", n) for n in ("SavePlan", "WriteItem", "TensorWriteData", "WriteItemType")
+} | {
+    (_DCP + "filesystem", "_StorageInfo"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+}
+# Classes older megatron-core releases pickled into .metadata; they carry no data we use.
+_MCORE_STAND_INS = {("megatron.core.dist_checkpointing.strategies.torch", "MCoreMetadata"),
+                    ("megatron.core.dist_checkpointing.strategies.torch", "MCoreSavePlan")}
+
+
+class _StandIn:
+    def __init__(self, *a, **k):
+        pass
+
+    def __setstate__(self, state):
+        self.__dict__.update(state if isinstance(state, dict) else {})
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, f, path: Path):
+        super().__init__(f)
+        self.path = path
+
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) in _MCORE_STAND_INS:
+            return _StandIn
+        raise BadInput(f"{self.path}: refusing to unpickle {module}.{name} (not a DCP metadata class)")
+
+
+def load_metadata(path: Path):
+    """The DCP `Metadata` object of `.metadata`, through the restricted unpickler."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"missing {path} (a torch_dist checkpoint writes it last: the save did not finish)")
+    try:
+        with open(path, "rb") as f:
+            md = _MetadataUnpickler(f, path).load()
+    except CkptctlError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a corrupt file
+        raise BadInput(f"{path}: truncated or corrupt DCP metadata ({str(e).splitlines()[0][:120]})") from None
+    if not hasattr(md, "state_dict_metadata") or not hasattr(md, "storage_data"):
+        raise BadInput(f"{path}: not a DCP Metadata object")
+    return md
+
+
+def read_blob(iter_dir: Path, ref: list) -> bytes:
+    """Bytes of one stored item: ref = [relative file, byte offset, length]."""
+    path = Path(iter_dir) / ref[0]
+    try:
+        with open(path, "rb") as f:
+            f.seek(ref[1])
+            data = f.read(ref[2])
+    except OSError as e:
+        raise BadInput(f"missing or unreadable {path} ({e.strerror})") from None
+    if len(data) != ref[2]:
+        raise BadInput(f"{path}: truncated (item at byte {ref[1]} needs {ref[2]} bytes, {len(data)} left)")
+    return data
+
+
+def load_tensor(iter_dir: Path, ref: list, what: str) -> torch.Tensor:
+    try:
+        return torch.load(io.BytesIO(read_blob(iter_dir, ref)), map_location="cpu", weights_only=True)
+    except CkptctlError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise BadInput(f"{Path(iter_dir) / ref[0]}: chunk of {what!r} is corrupt ({str(e).splitlines()[0][:100]})") from None
+
+
+def load_object(iter_dir: Path, ref: list, what: str):
+    """A stored object: DCP keeps `torch.save([value])`; loaded with the legacy allow-list."""
+    data = legacy.loads_bytes(read_blob(iter_dir, ref), f"{Path(iter_dir) / ref[0]}: {what}")
+    if not isinstance(data, list) or len(data) != 1:
+        raise BadInput(f"{Path(iter_dir) / ref[0]}: object {what!r} is not a one-element list")
+    return data[0]
+
+
+# --- discovery ----------------------------------------------------------------------------------
+
+def _iter_dir(root: Path) -> tuple[int | str, Path] | None:
+    root = Path(root)
+    if (root / CONFIG).is_file():
+        return "release", root
+    tracker = root / legacy.TRACKER
+    if tracker.is_file():
+        text = tracker.read_text().strip()
+        it = "release" if text == "release" else int(text) if text.isdigit() else None
+        if it is not None and (root / legacy.iter_dirname(it) / CONFIG).is_file():
+            return it, root / legacy.iter_dirname(it)
+    return None
+
+
+def is_torch_dist(root: Path) -> bool:
+    found = _iter_dir(root)
+    if found is None:
+        return False
+    try:
+        return json.loads((found[1] / CONFIG).read_text()).get("sharded_backend") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+@dataclass
+class DistCheckpoint:
+    root: Path
+    iteration: int | str
+    iter_dir: Path
+    layout: Layout
+    args: dict
+    common: dict
+    index: dict = field(default_factory=dict)   # JSON-able: {"tensors", "objects", "order"}
+
+
+def open_dist(root: Path) -> DistCheckpoint:
+    """Find the iteration, read `.metadata` and the common state. No tensor is read."""
+    root = Path(root)
+    found = _iter_dir(root)
+    if found is None:
+        raise BadInput(f"{root}: not a torch_dist checkpoint (no {CONFIG})")
+    iteration, it_dir = found
+    cfg = json.loads((it_dir / CONFIG).read_text())
+    if cfg.get("sharded_backend") != FORMAT:
+        raise BadInput(f"{it_dir / CONFIG}: sharded_backend {cfg.get('sharded_backend')!r} is not supported "
+                       f"(only {FORMAT})")
+    md = load_metadata(it_dir / METADATA)
+    index = index_of(md, it_dir / METADATA)
+    if (it_dir / COMMON_PT).is_file():
+        common = legacy.load_pt(it_dir / COMMON_PT, mmap=False)
+    else:
+        ref = index["objects"].get(f"{COMMON_KEY}/shard_0_1")
+        if ref is None:
+            raise BadInput(f"{it_dir}: no common state ({COMMON_KEY} object or {COMMON_PT})")
+        common = load_object(it_dir, ref, COMMON_KEY)
+    if not isinstance(common, dict) or "args" not in common:
+        raise BadInput(f"{it_dir}: the common state has no 'args'; cannot tell the model or layout")
+    args = legacy.args_dict(common["args"])
+    return DistCheckpoint(root, iteration, it_dir, legacy.layout_from_args(args), args, common, index)
+
+
+def index_of(md, where: Path) -> dict:
+    """The JSON-able summary of DCP metadata: tensors with chunks and blob refs, objects, key order."""
+    refs: dict[tuple, list] = {}
+    for idx, info in md.storage_data.items():
+        off = tuple(int(x) for x in idx.offset) if idx.offset is not None else None
+        if info.transform_descriptors:
+            raise BadInput(f"{where}: {idx.fqn!r} is stored with transforms {info.transform_descriptors} (unsupported)")
+        refs[(idx.fqn, off)] = [info.relative_path, int(info.offset), int(info.length)]
+    tensors, objects, order = {}, {}, []
+    for fqn, m in md.state_dict_metadata.items():
+        order.append(fqn)
+        if hasattr(m, "chunks"):
+            dtype = str(m.properties.dtype).removeprefix("torch.")
+            chunks = []
+            for c in m.chunks:
+                off = tuple(int(x) for x in c.offsets)
+                ref = refs.get((fqn, off))
+                if ref is None:
+                    raise BadInput(f"{where}: chunk {list(off)} of {fqn!r} has no storage entry")
+                chunks.append([list(off), [int(x) for x in c.sizes], *ref])
+            tensors[fqn] = {"shape": [int(x) for x in m.size], "dtype": dtype, "chunks": chunks}
+        else:
+            ref = refs.get((fqn, None))
+            if ref is None:
+                raise BadInput(f"{where}: object {fqn!r} has no storage entry")
+            objects[fqn] = ref
+    return {"tensors": tensors, "objects": objects, "order": order}
+
+
+# --- key mapping (pure) -------------------------------------------------------------------------
+
+def spec_of(args: dict) -> str:
+    """Which names the legacy files of this run use: "local" or "te" (Megatron-LM's --transformer-impl)."""
+    return "local" if args.get("transformer_impl") == "local" else "te"
+
+
+def to_store_rest(rest: str, spec: str) -> str:
+    """A DCP layer-key rest -> the name legacy files of `spec` use (the store keeps those)."""
+    if spec == "local":
+        for local, te in LOCAL_ALIASES:
+            if rest.startswith(te):
+                return local + rest[len(te):]
+    return rest
+
+
+def to_dist_rest(rest: str) -> str:
+    for local, te in LOCAL_ALIASES:
+        if rest.startswith(local):
+            return te + rest[len(local):]
+    return rest
+
+
+def split_fqn(fqn: str) -> tuple[str | None, str]:
+    """(stack, rest) of a layer-stacked DCP key, or (None, fqn)."""
+    m = _STACKED.match(fqn)
+    return (m["stack"], m["rest"]) if m else (None, fqn)
+
+
+def store_key(fqn: str, layer: int | None, spec: str) -> str:
+    """The store's global key of a DCP key (at `layer` when stacked); numbered keys only get aliases."""
+    stack, rest = split_fqn(fqn)
+    if stack is not None:
+        return f"{stack}.layers.{layer}.{to_store_rest(rest, spec)}"
+    m = re.match(r"^([a-z_]+\.layers\.\d+\.)(.+)$", fqn)
+    if m:
+        return m.group(1) + to_store_rest(m.group(2), spec)
+    return fqn
+
+
+def parse_shard(name: str) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
+    m = _SHARD.match(name)
+    if not m:
+        raise BadInput(f"DCP object {name!r}: expected '<key>/shard_<offsets>_<shape>'")
+    ints = lambda s: tuple(int(x) for x in s.split(".")) if s else ()  # noqa: E731
+    return m["key"], ints(m["offs"]), ints(m["shape"])
+
+
+# --- source planning (pure) ---------------------------------------------------------------------
+
+OBJECTS_UNIT = "objects"
+
+
+def plan_source(family: Family, cfg: ModelConfig, layout: Layout, index: dict, spec: str) -> SourcePlan:
+    """The SourcePlan of a torch_dist checkpoint: unit 0 holds every object, then one unit per tensor chunk.
+
+    Each chunk's pieces map it onto per-layer store arrays (the stacked layer axis dropped); every chunk
+    is written to the store by exactly one worker (DCP keeps main replicas only, so chunks are disjoint).
+    """
+    namer = Namer(family, cfg, layout)
+    copies = family.tied_copies(cfg)
+    stacks = family.stack_layers(cfg)
+    tensors, order = index["tensors"], index["order"]
+    position = {fqn: i for i, fqn in enumerate(order)}
+    arrays: dict[str, dict] = {}
+    boxes: dict[str, list[Box]] = {}
+    manifest: dict[str, dict] = {}
+    sort: dict[str, tuple] = {}
+    groups: dict = {}
+    units: list[FilePlan] = [FilePlan(FileCoord(0, 0), OBJECTS_UNIT, ())]
+    slots: dict[str, int] = {}
+
+    def note(gkey, loc, kind, pos, dtype=None):
+        if gkey not in manifest:
+            manifest[gkey] = {"gkey": gkey, "kind": kind, **({"dtype": dtype} if dtype else {})}
+            ex = family.expert_of(loc.rest)
+            sort[gkey] = _sort_key(loc, None if ex is None else ex[1], pos, family, groups)
+
+    for fqn in order:
+        if fqn not in tensors:
+            continue
+        t = tensors[fqn]
+        shape, dtype = tuple(t["shape"]), t["dtype"]
+        storage_dtype(dtype)
+        stack, _ = split_fqn(fqn)
+        if stack is not None:
+            if stack not in stacks:
+                raise BadInput(f"torch_dist key {fqn!r}: unknown layer stack {stack!r}")
+            if not shape or shape[0] != stacks[stack]:
+                raise BadInput(f"torch_dist key {fqn!r}: layer axis {shape[:1]} but the model has "
+                               f"{stacks[stack]} {stack} layers")
+            layers, ashape = list(range(shape[0])), shape[1:]
+        else:
+            layers, ashape = [None], shape
+        names = {}
+        for lay in layers:
+            gkey = store_key(fqn, lay, spec)
+            loc = family.locate(gkey)
+            if family.expert_of(loc.rest) is not None or ".experts." in gkey:
+                raise BadInput(f"torch_dist key {fqn!r}: expert tensors are not supported from torch_dist yet")
+            family.rule(_strip_expert(family, loc), cfg)       # unknown names are refused here
+            if gkey in copies:
+                continue
+            base, _ = namer.array_of(loc)
+            names[lay] = base
+            arrays[base] = {"shape": list(ashape), "dtype": dtype,
+                            "vocab": family.rule(loc, cfg).kind == VOCAB}
+            boxes[base] = []
+            note(gkey, loc, "tensor", position[fqn], dtype)
+        if not names:
+            continue
+        for off, sizes, fname, boff, blen in t["chunks"]:
+            ps = []
+            if stack is not None:
+                for lay in range(off[0], off[0] + sizes[0]):
+                    lbox = Box((lay - off[0],) + (0,) * (len(sizes) - 1), (1,) + tuple(sizes[1:]))
+                    ps.append(Piece(lbox, names[lay], Box(tuple(off[1:]), tuple(sizes[1:]))))
+            else:
+                ps.append(Piece(Box.full(sizes), names[None], Box(tuple(off), tuple(sizes))))
+            for p in ps:
+                for b in boxes[p.array]:
+                    if b.intersect(p.gbox) is not None:
+                        raise BadInput(f"torch_dist key {fqn!r}: chunk at {off} overlaps another chunk")
+                boxes[p.array].append(p.gbox)
+            item = TensorItem(fqn, json.dumps(off), store_key(fqn, off[0] if stack else None, spec), dtype,
+                              tuple(sizes), tuple(ps), tuple(True for _ in ps))
+            units.append(FilePlan(FileCoord(0, 0), f"{fname}@{boff}", (fqn,), [item]))
+
+    for a, spec_ in arrays.items():
+        vol = 1
+        for s in spec_["shape"]:
+            vol *= s
+        got = sum(b.volume for b in boxes[a])
+        if got != vol:
+            raise BadInput(f"tensor {a.removeprefix(MODEL)!r}: the torch_dist chunks cover {got} of its {vol} elements")
+        spec_["chunks"] = list(chunk_shape(tuple(spec_["shape"]), boxes[a], _itemsize(spec_["dtype"])))
+
+    for name in order:
+        if name in tensors:
+            continue
+        if name.startswith(COMMON_KEY + "/") or name.startswith(RNG_KEY + "/"):
+            continue                            # read by the objects unit's common() and rng()
+        key, offs, shape = parse_shard(name)
+        if not key.endswith(EXTRA_STATE):
+            if key.startswith("optimizer"):
+                continue
+            raise BadInput(f"torch_dist object {name!r}: unknown (no policy carries it)")
+        stack, _ = split_fqn(key)
+        gkey = store_key(key, offs[0] if stack is not None else None, spec)
+        loc = family.locate(gkey)
+        slot = f"{gkey}|{FORMAT}|0"
+        units[0].items.append(ObjectItem(name, name, gkey, slot))
+        slots[slot] = 0
+        note(gkey, loc, "object", position[name])
+    # Objects the legacy format has and torch_dist leaves out (values: the encoding's empty value).
+    for key in NOT_IN_DIST:
+        if key not in manifest and key in _fresh_objects(family, cfg):
+            note(key, family.locate(key), "object", len(order))
+    ordered = [manifest[k] for k in sorted(manifest, key=lambda k: sort[k])]
+    return SourcePlan(arrays=arrays, files=units, manifest=ordered, slots=slots)
+
+
+def _fresh_objects(family: Family, cfg: ModelConfig) -> set[str]:
+    try:
+        return {k for k, s in family.global_keys(cfg) if s is None}
+    except NotImplementedError:
+        return set()
+
+
+def _itemsize(dtype: str) -> int:
+    import numpy as np
+    return np.dtype(storage_dtype(dtype)).itemsize
+
+
+def rng_slot(name: str, layout: Layout) -> str:
+    """`rng_state/shard_<pp>.<tp>_<PP>.<TP>` -> the store slot of the legacy directory of that rank."""
+    _, offs, _ = parse_shard(name)
+    pp, tp = (offs + (0, 0))[:2]
+    return "rng@" + FileCoord(tp=tp, pp=pp).dirname(layout)
+
+
+# --- reading units (worker side) ----------------------------------------------------------------
+
+class DistUnit:
+    """One unit of a torch_dist source plan, read on demand (blobs, never whole files)."""
+
+    def __init__(self, iter_dir: Path, index: dict, layout: Layout, fp: FilePlan):
+        self.iter_dir, self.index, self.layout, self.fp = Path(iter_dir), index, layout, fp
+
+    def tensor(self, t: TensorItem) -> torch.Tensor:
+        if getattr(self, "_last", (None,))[0] == (t.chunk, t.key):
+            return self._last[1]
+        x = self._read(t)
+        self._last = ((t.chunk, t.key), x)
+        return x
+
+    def _read(self, t: TensorItem) -> torch.Tensor:
+        off = json.loads(t.key)
+        for c in self.index["tensors"][t.chunk]["chunks"]:
+            if c[0] == off:
+                x = load_tensor(self.iter_dir, c[2:], t.chunk)
+                if tuple(x.shape) != tuple(c[1]) or str(x.dtype).removeprefix("torch.") != t.dtype:
+                    raise BadInput(f"{self.iter_dir / c[2]}: chunk {off} of {t.chunk!r} holds {x.dtype} "
+                                   f"{tuple(x.shape)}, the metadata says {t.dtype} {tuple(c[1])}")
+                return x
+        raise BadInput(f"{self.iter_dir}: no chunk {off} of {t.chunk!r}")
+
+    def object(self, o: ObjectItem):
+        return load_object(self.iter_dir, self.index["objects"][o.chunk], o.chunk)
+
+    def rng(self) -> dict:
+        if self.fp.dirname != OBJECTS_UNIT:
+            return {}
+        return {rng_slot(n, self.layout): load_object(self.iter_dir, r, n)
+                for n, r in self.index["objects"].items() if n.startswith(RNG_KEY + "/")}
+
+    def common(self) -> dict:
+        ref = self.index["objects"].get(f"{COMMON_KEY}/shard_0_1")
+        common = load_object(self.iter_dir, ref, COMMON_KEY) if ref else legacy.load_pt(self.iter_dir / COMMON_PT, mmap=False)
+        return common_for_store(common)
+
+    def dropped(self) -> list[str]:
+        return dropped_keys(self.index)
+
+
+def common_for_store(common: dict) -> dict:
+    """The common state's entries the store keeps (same policies as legacy top-level keys)."""
+    out = {}
+    for k, v in common.items():
+        pol = legacy.TOP_LEVEL_POLICY.get(k)
+        if pol in ("copy", "rewrite"):
+            out[k] = v
+    return out
+
+
+def dropped_keys(index: dict) -> list[str]:
+    return ["optimizer"] if any(n.startswith("optimizer") for n in index["order"]) else []
+
+
+# --- inspect (parent process) -------------------------------------------------------------------
+
+# Common-state keys besides the legacy top-level ones: recreated by the writer for the target.
+DIST_COMMON_POLICY = {"content_metadata": "format"}
+
+
+def inspect(src: Path, true_vocab: int | None = None, family: str | None = None):
+    """`convert.inspect` for a torch_dist checkpoint: metadata, common state and the source plan."""
+    from ckptctl.convert import Source
+    from ckptctl.models import detect_family, get_family
+    from ckptctl.models.config import config_from_args
+
+    ck = open_dist(src)
+    spec = spec_of(ck.args)
+    keys = [store_key(f, 0, spec) for f in ck.index["tensors"]]
+    fam_name = family or detect_family(keys, ck.args)
+    fam = get_family(fam_name)
+    cfg = config_from_args(ck.args, fam_name, true_vocab)
+    fam.validate(cfg, ck.layout)
+    plan = plan_source(fam, cfg, ck.layout, ck.index, spec)
+    if cfg.padded_vocab is None:
+        emb = plan.arrays.get(MODEL + "embedding.word_embeddings.weight")
+        if emb:
+            cfg = ModelConfig(**{**cfg.__dict__, "padded_vocab": emb["shape"][0]})
+    policies = {}
+    for k in ck.common:
+        pol = legacy.TOP_LEVEL_POLICY.get(k) or DIST_COMMON_POLICY.get(k)
+        if pol is None:
+            raise BadInput(f"{ck.iter_dir}: unknown common-state key {k!r} (no policy carries it)")
+        policies[k] = pol
+    if any(n.startswith(RNG_KEY + "/") for n in ck.index["objects"]):
+        policies[RNG_KEY] = "rng"
+    if dropped_keys(ck.index):
+        policies["optimizer"] = "optimizer"
+    dist = {"iter_dir": str(ck.iter_dir), "spec": spec, "index": ck.index}
+    return Source(ck, fam_name, cfg, [], plan, policies, fmt=FORMAT, dist=dist)
