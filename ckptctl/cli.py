@@ -43,13 +43,19 @@ def example(
     ffn: Optional[int] = typer.Option(None, help="FFN hidden size (default 128)."),
     vocab: Optional[int] = typer.Option(None, help="True vocabulary size (default 128)."),
     swiglu: bool = typer.Option(False, "--swiglu", help="Gated MLP (GLU fc1)."),
-    tied: bool = typer.Option(False, "--tied", help="Tie embedding and output weights."),
+    tied: Optional[bool] = typer.Option(None, "--tied/--untied", help="Tie embedding and output weights "
+                                        "(default: untied; BERT tied, as Megatron-LM)."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     experts: Optional[int] = typer.Option(None, help="Number of experts (MoE; default 8)."),
     moe_ffn: Optional[int] = typer.Option(None, "--moe-ffn", help="Expert FFN hidden size (MoE; default 64)."),
     grouped: bool = typer.Option(False, "--grouped", help="TEGroupedMLP expert keys (MoE; default SequentialMLP)."),
     shared_ffn: Optional[int] = typer.Option(None, "--shared-ffn", help="Shared expert FFN hidden size (MoE)."),
     bias: Optional[bool] = typer.Option(None, "--bias/--no-bias", help="Linear biases (default: on; off for MoE)."),
+    binary_head: Optional[bool] = typer.Option(None, "--binary-head/--no-binary-head",
+                                               help="BERT pooler and binary head (default: on)."),
+    tokentypes: Optional[int] = typer.Option(None, help="BERT token types (default: 2 with the binary head, else 0)."),
+    encoder_layers: Optional[int] = typer.Option(None, "--encoder-layers", help="T5 encoder layers (default: --layers)."),
+    position: Optional[str] = typer.Option(None, help="T5 positions: learned_absolute (default), relative or rope."),
     seed: int = typer.Option(1234, help="Random seed of the values."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing folder."),
     json_out: JsonOpt = False,
@@ -60,7 +66,9 @@ def example(
     res = make(family, parse_layout(layout), out,
                {"layers": layers, "hidden": hidden, "heads": heads, "groups": groups, "ffn": ffn, "vocab": vocab,
                 "swiglu": swiglu, "tied": tied, "dtype": dtype, "experts": experts,
-                "moe_ffn": moe_ffn, "grouped": grouped or None, "shared_ffn": shared_ffn, "bias": bias}, seed=seed, overwrite=overwrite)
+                "moe_ffn": moe_ffn, "grouped": grouped or None, "shared_ffn": shared_ffn, "bias": bias,
+                "binary_head": binary_head, "tokentypes": tokentypes, "encoder_layers": encoder_layers,
+                "position": position}, seed=seed, overwrite=overwrite)
     if json_out:
         output.emit_json(res)
     else:

@@ -337,6 +337,10 @@ def _with_copies(family: Family, cfg: ModelConfig, layout: Layout, manifest: lis
             continue
         entry = {"gkey": copy_key, "kind": "tensor", "dtype": srce["dtype"], "copy_of": src}
         module = copy_key.rsplit(".", 1)[0] + "."
-        idx = next((i for i, e in enumerate(out) if e["gkey"].startswith(module)), len(out))
+        idx = next((i for i, e in enumerate(out) if e["gkey"].startswith(module)), None)
+        if idx is None:  # after the top-level module of what it copies (T5: `position_embeddings` after `embedding.*`)
+            top, idx = src.split(".", 1)[0] + ".", out.index(srce) + 1
+            while idx < len(out) and out[idx]["gkey"].startswith(top):
+                idx += 1
         out.insert(idx, entry)
     return out
