@@ -56,6 +56,12 @@ def example(
     tokentypes: Optional[int] = typer.Option(None, help="BERT token types (default: 2 with the binary head, else 0)."),
     encoder_layers: Optional[int] = typer.Option(None, "--encoder-layers", help="T5 encoder layers (default: --layers)."),
     position: Optional[str] = typer.Option(None, help="T5 positions: learned_absolute (default), relative or rope."),
+    pattern: Optional[str] = typer.Option(None, help="Mamba hybrid layer pattern: M mamba, * attention, - MLP, "
+                                          "E MoE, | stage boundary (default: M*M- repeated)."),
+    mamba_heads: Optional[int] = typer.Option(None, "--mamba-heads", help="Mamba heads (default 8)."),
+    mamba_groups: Optional[int] = typer.Option(None, "--mamba-groups", help="Mamba groups (default 8)."),
+    mamba_state: Optional[int] = typer.Option(None, "--mamba-state", help="Mamba state size (default 16)."),
+    mamba_head_dim: Optional[int] = typer.Option(None, "--mamba-head-dim", help="Mamba head dim (default 8)."),
     seed: int = typer.Option(1234, help="Random seed of the values."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing folder."),
     json_out: JsonOpt = False,
@@ -68,7 +74,8 @@ def example(
                 "swiglu": swiglu, "tied": tied, "dtype": dtype, "experts": experts,
                 "moe_ffn": moe_ffn, "grouped": grouped or None, "shared_ffn": shared_ffn, "bias": bias,
                 "binary_head": binary_head, "tokentypes": tokentypes, "encoder_layers": encoder_layers,
-                "position": position}, seed=seed, overwrite=overwrite)
+                "position": position, "pattern": pattern, "mamba_heads": mamba_heads, "mamba_groups": mamba_groups,
+                "mamba_state": mamba_state, "mamba_head_dim": mamba_head_dim}, seed=seed, overwrite=overwrite)
     if json_out:
         output.emit_json(res)
     else:

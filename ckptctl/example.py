@@ -45,7 +45,7 @@ def make_args(cfg: ModelConfig, layout: Layout, dtype: str, seq: int, bias: bool
         padded_vocab_size=cfg.padded_vocab, vocab_size=cfg.true_vocab,
         make_vocab_size_divisible_by=cfg.vocab_divisor, max_position_embeddings=seq, seq_length=seq,
         position_embedding_type=cfg.extra.get("position_embedding_type", "learned_absolute"),
-        normalization="LayerNorm", add_bias_linear=bias, add_qkv_bias=bias, qk_layernorm=False,
+        normalization=cfg.extra.get("normalization", "LayerNorm"), add_bias_linear=bias, add_qkv_bias=bias, qk_layernorm=False,
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
         num_layers_per_virtual_pipeline_stage=cfg.num_layers // (layout.pp * layout.vpp) if layout.vpp > 1 else None,
@@ -54,7 +54,7 @@ def make_args(cfg: ModelConfig, layout: Layout, dtype: str, seq: int, bias: bool
         num_experts=cfg.num_experts or None, moe_ffn_hidden_size=cfg.moe_ffn,
         sequence_parallel=False, params_dtype=getattr(torch, dtype), bf16=dtype == "bfloat16",
         fp16=dtype == "float16", use_distributed_optimizer=False, ckpt_format="torch",
-        **{k: v for k, v in cfg.extra.items() if k not in ("position_embedding_type", "add_bias_linear",
+        **{k: v for k, v in cfg.extra.items() if k not in ("position_embedding_type", "add_bias_linear", "normalization",
                                                           "max_position_embeddings")},
     )
 
@@ -101,6 +101,7 @@ def example(family: str, layout: Layout, out: Path, opts: dict | None = None, se
     files = plan_target(fam, cfg, layout, src.manifest, src.arrays, set())
     store = MemoryStore(arrays)
     args = make_args(cfg, layout, dtype, int(cfg.extra.get("max_position_embeddings", 64)), bool(cfg.extra.get("add_bias_linear", True)))
+    args = argparse.Namespace(**fam.layout_args(vars(args), cfg, layout))
     common = {"args": args, "checkpoint_version": 3.0, "iteration": 10,
               "opt_param_scheduler": {"max_lr": 3e-4, "min_lr": 3e-5, "num_steps": 10, "warmup_steps": 2,
                                       "decay_style": "cosine"},

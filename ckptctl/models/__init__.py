@@ -28,7 +28,8 @@ def get_family(name: str) -> Family:
 def detect_family(keys: list[str], args: dict) -> str:
     """Guess the family from the tensor names (args do not name it)."""
     ks = set(keys)
-    if any(".mixer." in k for k in ks) or args.get("hybrid_override_pattern"):
+    if (any(".mixer." in k for k in ks) or args.get("hybrid_override_pattern") or args.get("hybrid_layer_pattern")
+            or args.get("is_hybrid_model")):
         return "mamba"
     if any(k.startswith("encoder.layers.") for k in ks) and any(k.startswith("decoder.layers.") for k in ks):
         return "t5"

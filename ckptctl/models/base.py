@@ -83,6 +83,11 @@ class Family:
     def validate(self, cfg: ModelConfig, layout: Layout) -> None:
         pass
 
+    def layout_args(self, args: dict, cfg: ModelConfig, layout: Layout) -> dict:
+        """Family-specific `args` fields a run at `layout` carries, after the generic rewrite (a hybrid
+        model's `|` pattern segments follow PP*VPP). Called by convert's target side and `example`."""
+        return args
+
     def object_shard(self, loc: KeyLoc, layout: Layout, fc) -> str | None:
         """Which shard an `_extra_state` belongs to, as text (None: its module's TP or ETP rank)."""
         return None

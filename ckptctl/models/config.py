@@ -78,7 +78,8 @@ def config_from_args(args: dict, family: str, true_vocab: int | None = None) -> 
     tv = true_vocab if true_vocab is not None else args.get("vocab_size")
     glu = bool(args.get("swiglu") or args.get("gated_linear_unit"))
     extra = {k: args[k] for k in (
-        "hybrid_override_pattern", "mamba_num_heads", "mamba_head_dim", "mamba_state_dim",
+        "hybrid_override_pattern", "hybrid_layer_pattern", "hybrid_attention_ratio", "hybrid_mlp_ratio",
+        "is_hybrid_model", "normalization", "mamba_num_heads", "mamba_head_dim", "mamba_state_dim",
         "mamba_num_groups", "num_tokentypes", "bert_binary_head", "encoder_num_layers",
         "decoder_num_layers", "moe_grouped_gemm", "moe_shared_expert_intermediate_size",
         "moe_layer_freq", "add_bias_linear", "position_embedding_type", "max_position_embeddings") if args.get(k) is not None}

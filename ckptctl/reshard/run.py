@@ -224,7 +224,8 @@ def target_phase(job: Job, comm: Comm, progress: Progress) -> dict:
     iteration = attrs.get("iteration", "release")
     padded = cfg.vocab_for_tp(dst.tp) if cfg.true_vocab is not None else cfg.padded_vocab
     if "args" in common:
-        common["args"] = _namespace(legacy.rewrite_args(legacy.args_dict(common["args"]), dst, padded, cfg.num_layers))
+        common["args"] = _namespace(family.layout_args(
+            legacy.rewrite_args(legacy.args_dict(common["args"]), dst, padded, cfg.num_layers), cfg, dst))
     out = Path(job.out)
     it_dir = out / legacy.iter_dirname(iteration)
     mine = assign([f.nbytes() + 1 for f in files], comm.world)[comm.rank]
