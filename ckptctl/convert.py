@@ -140,7 +140,7 @@ def policy_report(src: Source, dst_layout: Layout | None, rng: str) -> dict:
 
 def convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = None, keep_store: bool = False,
             nproc: int | None = None, true_vocab: int | None = None, rng: str = "auto",
-            overwrite: bool = False, progress=None) -> ConvertReport:
+            overwrite: bool = False, progress=None, to_format: str | None = None) -> ConvertReport:
     src, dst = Path(src), Path(dst)
     t0 = time.monotonic()
     if nproc is None:
@@ -153,8 +153,10 @@ def convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = Non
     from_store = (src / "zarr.json").is_file()
     to_store = dst.suffix == ".zarr" and to is None
     if from_store:
-        return _store_to_legacy(src, dst, to, nproc, rng, progress, t0)
+        return _store_to_legacy(src, dst, to, nproc, rng, progress, t0, to_format)
     source = inspect(src, true_vocab)
+    out_fmt = _out_format(to_format, source.fmt)
+    notes = []
     if to is None and not to_store:
         raise BadInput("give a target layout with --to (or a destination ending in .zarr to write only the store)")
     if to is not None:
@@ -163,6 +165,10 @@ def convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = Non
         # Validate the whole target plan before any byte is written.
         plan_target(get_family(source.family), source.cfg, to, source.plan.manifest, source.plan.arrays,
                     set(source.plan.slots))
+        if out_fmt == "torch_dist":
+            from ckptctl.formats import torch_dist
+            torch_dist.plan_target(get_family(source.family), source.cfg, to, source.plan.manifest,
+                                   source.plan.arrays, set(source.plan.slots))
     dst.parent.mkdir(parents=True, exist_ok=True)
     work = dst.parent / f".{dst.name}.ckptctl-{uuid.uuid4().hex[:8]}"
     work.mkdir()
@@ -173,7 +179,7 @@ def convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = Non
         job = Job(workdir=str(work), store=str(store_path), family=source.family, cfg=source.cfg.to_json(),
                   src=str(src), src_layout=source.layout.to_json(), inventories=source.inventories,
                   out=str(work / "out"), dst_layout=to.to_json() if to else None, rng=rng,
-                  iteration=source.ckpt.iteration, src_format=source.fmt, dist=source.dist,
+                  iteration=source.ckpt.iteration, src_format=source.fmt, dist=source.dist, dst_format=out_fmt,
                   phases=("source",) if to_store else ("source", "target"))
         nbytes = source.nbytes
         n = min(nproc, max(len(source.plan.files), len(to.model_files) if to else 1)) if nproc > 0 else 0
@@ -189,12 +195,21 @@ def convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = Non
         return ConvertReport(str(src), str(dst), source.family, str(source.layout), str(to) if to else None,
                              len(source.plan.files), files_out, nbytes, round(time.monotonic() - t0, 3), n,
                              str(dst if to_store else (store or (dst.with_name(dst.name + ".zarr") if keep_store else None))),
-                             policy_report(source, to, rng))
+                             policy_report(source, to, rng), notes)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _store_to_legacy(src: Path, dst: Path, to: Layout | None, nproc: int, rng: str, progress, t0) -> ConvertReport:
+def _out_format(to_format: str | None, source_format: str) -> str:
+    from ckptctl.formats import FORMATS
+    fmt = to_format or source_format
+    if fmt not in FORMATS:
+        raise BadInput(f"--to-format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
+    return fmt
+
+
+def _store_to_legacy(src: Path, dst: Path, to: Layout | None, nproc: int, rng: str, progress, t0,
+                     to_format: str | None = None) -> ConvertReport:
     st = Store.open(src)
     attrs = st.attrs
     if not attrs.get("complete"):
@@ -209,7 +224,7 @@ def _store_to_legacy(src: Path, dst: Path, to: Layout | None, nproc: int, rng: s
     work.mkdir()
     try:
         job = Job(workdir=str(work), store=str(src), out=str(work / "out"), dst_layout=to.to_json(), rng=rng,
-                  phases=("target",))
+                  phases=("target",), dst_format=_out_format(to_format, attrs.get("source_format", "legacy")))
         n = min(nproc, len(files)) if nproc > 0 else 0
         launch.run(job, n, nbytes, progress, label=f"store -> {to}")
         _commit(work / "out", dst)

@@ -71,12 +71,36 @@ _MCORE_STAND_INS = {("megatron.core.dist_checkpointing.strategies.torch", "MCore
                     ("megatron.core.dist_checkpointing.strategies.torch", "MCoreSavePlan")}
 
 
-class _StandIn:
-    def __init__(self, *a, **k):
-        pass
+class _Record:
+    """Stand-in for an allowed DCP metadata class: keeps the pickled fields as attributes.
+
+    Reading never imports `torch.distributed.checkpoint` (seconds of imports per process); the
+    unpickled objects only need their fields.
+    """
+
+    def __init__(self, *args):               # enums are pickled as `cls(value)`
+        self._args = args
 
     def __setstate__(self, state):
-        self.__dict__.update(state if isinstance(state, dict) else {})
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict) \
+                and (state[0] is None or isinstance(state[0], dict)):
+            self.__dict__.update(state[0] or {})         # (dict, slots) form of object.__getstate__
+            self.__dict__.update(state[1])
+        elif isinstance(state, dict):
+            self.__dict__.update(state)
+        else:                                            # TensorProperties: (dtype, layout, ...)
+            self._state = state
+            if isinstance(state, tuple) and state and isinstance(state[0], torch.dtype):
+                self.dtype = state[0]
+
+
+_records: dict[str, type] = {}
+
+
+def _record(name: str) -> type:
+    if name not in _records:
+        _records[name] = type(name, (_Record,), {})
+    return _records[name]
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -85,12 +109,12 @@ class _MetadataUnpickler(pickle.Unpickler):
         self.path = path
 
     def find_class(self, module, name):
-        if (module, name) in _ALLOWED:
+        if (module, name) in _ALLOWED or (module, name) in _MCORE_STAND_INS:
+            if module.startswith(_DCP) or module.startswith("megatron."):
+                return _record(name)
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        if (module, name) in _MCORE_STAND_INS:
-            return _StandIn
         raise BadInput(f"{self.path}: refusing to unpickle {module}.{name} (not a DCP metadata class)")
 
 
@@ -208,15 +232,16 @@ def index_of(md, where: Path) -> dict:
     """The JSON-able summary of DCP metadata: tensors with chunks and blob refs, objects, key order."""
     refs: dict[tuple, list] = {}
     for idx, info in md.storage_data.items():
-        off = tuple(int(x) for x in idx.offset) if idx.offset is not None else None
-        if info.transform_descriptors:
+        off = getattr(idx, "offset", None)
+        off = tuple(int(x) for x in off) if off is not None else None
+        if getattr(info, "transform_descriptors", None):
             raise BadInput(f"{where}: {idx.fqn!r} is stored with transforms {info.transform_descriptors} (unsupported)")
         refs[(idx.fqn, off)] = [info.relative_path, int(info.offset), int(info.length)]
     tensors, objects, order = {}, {}, []
     for fqn, m in md.state_dict_metadata.items():
         order.append(fqn)
         if hasattr(m, "chunks"):
-            dtype = str(m.properties.dtype).removeprefix("torch.")
+            dtype = str(getattr(m.properties, "dtype", None)).removeprefix("torch.")
             chunks = []
             for c in m.chunks:
                 off = tuple(int(x) for x in c.offsets)
@@ -508,3 +533,235 @@ def inspect(src: Path, true_vocab: int | None = None, family: str | None = None)
         policies["optimizer"] = "optimizer"
     dist = {"iter_dir": str(ck.iter_dir), "spec": spec, "index": ck.index}
     return Source(ck, fam_name, cfg, [], plan, policies, fmt=FORMAT, dist=dist)
+
+
+# --- target planning (pure) ---------------------------------------------------------------------
+
+# What megatron-core 0.19.2's GPT models record as content metadata for weights-only saves.
+CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+
+
+@dataclass(frozen=True)
+class DistChunk:
+    """One chunk of a target DCP tensor: its box in the (stacked) global tensor and where its bytes come from."""
+
+    fqn: str
+    gshape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    dtype: str
+    parts: tuple[Piece, ...]        # local box inside the chunk <- store array box; the rest is zero
+
+    @property
+    def nbytes(self) -> int:
+        v = 1
+        for s in self.sizes:
+            v *= s
+        return v * _itemsize(self.dtype)
+
+
+@dataclass
+class DistTarget:
+    chunks: list[DistChunk]
+    objects: list[tuple[str, str, str]]       # (DCP object name, store gkey, target slot)
+    local_names: bool                         # the store holds local-spec norm names
+
+
+def plan_target(family: Family, cfg: ModelConfig, layout: Layout, manifest: list[dict], arrays: dict[str, dict],
+                slots: set[str]) -> DistTarget:
+    """The chunks megatron-core would save at `layout`: each rank's main-replica shards, per layer.
+
+    Derived from the legacy target plan (the same pieces): every local tensor is one chunk, except
+    segmented tensors (GLU fc1), whose segments are separate chunks as in mcore's sharded state dict.
+    Tied copies are replicas of the embedding key and are not written.
+    """
+    from ckptctl.models.rules import SEGMENTS
+    from ckptctl.reshard.plan import plan_target as legacy_target
+
+    files = legacy_target(family, cfg, layout, manifest, arrays, slots)
+    namer = Namer(family, cfg, layout)
+    copies = family.tied_copies(cfg)
+    stacks = family.stack_layers(cfg)
+    seen: set[tuple] = set()
+    chunks: list[DistChunk] = []
+    objects: dict[str, tuple[str, str, str]] = {}
+    local_names = False
+    for fp in files:
+        for item in fp.items:
+            loc = family.locate(item.gkey)
+            if family.expert_of(loc.rest) is not None:
+                raise BadInput(f"tensor {item.gkey!r}: writing expert tensors to torch_dist is not supported yet")
+            rest = loc.rest
+            if loc.section == "layer":
+                local_names |= to_dist_rest(rest) != rest
+                fqn = f"{loc.stack}.layers.{to_dist_rest(rest)}"
+                pre_off, pre_shape = (loc.layer,), (stacks[loc.stack],)
+            else:
+                fqn, pre_off, pre_shape = rest, (), ()
+            if isinstance(item, ObjectItem):
+                if item.gkey in NOT_IN_DIST:
+                    continue
+                name = f"{fqn}/shard_{'.'.join(map(str, pre_off)) or 0}_{'.'.join(map(str, pre_shape)) or 1}"
+                if name not in objects:                     # mcore keeps TP rank 0's extra state
+                    objects[name] = (name, item.gkey, item.slot)
+                continue
+            if item.gkey in copies:
+                continue
+            rule = family.rule(_strip_expert(family, loc), cfg)
+            n, r = namer.split(rule, fp.coord)
+            shape = tuple(item.shape)
+            if rule.kind == SEGMENTS:
+                boxes = [(p.gbox, (Piece(Box.full(p.gbox.sizes), p.array, p.gbox),)) for p in item.pieces]
+                gshape = list(shape)
+                gshape[rule.dim] *= n
+            else:
+                offs, gshape = [0] * len(shape), list(shape)
+                if n > 1:
+                    offs[rule.dim] = r * shape[rule.dim]
+                    gshape[rule.dim] *= n
+                boxes = [(Box(tuple(offs), shape), item.pieces)]
+            for box, parts in boxes:
+                key = (fqn, pre_off + box.offsets)
+                if key in seen:
+                    continue
+                seen.add(key)
+                lead = len(pre_off)
+                parts = tuple(Piece(Box((0,) * lead + p.local.offsets, (1,) * lead + p.local.sizes), p.array, p.gbox)
+                              for p in parts)
+                chunks.append(DistChunk(fqn, pre_shape + tuple(gshape), pre_off + box.offsets,
+                                        (1,) * lead + box.sizes, item.dtype, parts))
+    return DistTarget(chunks, list(objects.values()), local_names)
+
+
+def target_common(common: dict, layout: Layout, padded: int | None, num_layers: int, local_names: bool) -> dict:
+    """The common state a Megatron-LM run at `layout` would save with ckpt_format torch_dist."""
+    import argparse
+    out = dict(common)
+    if "args" in out:
+        a = legacy.rewrite_args(legacy.args_dict(out["args"]), layout, padded, num_layers)
+        a["ckpt_format"] = FORMAT
+        if local_names:
+            a["transformer_impl"] = "local"
+        out["args"] = argparse.Namespace(**a)
+    out["content_metadata"] = dict(CONTENT_METADATA)
+    return out
+
+
+# --- target phase (workers) ---------------------------------------------------------------------
+
+def _blob(value) -> bytes:
+    return legacy.dumps_bytes(value)
+
+
+def target_phase(job, comm, progress) -> dict:
+    """Write the torch_dist checkpoint: per-worker .distcp files, then (rank 0) .metadata, metadata.json."""
+    from ckptctl.reshard.comm import assign
+    from ckptctl.reshard.run import COMMON, empty_like_encoding, get_object, rng_for
+    from ckptctl.store import Store, torch_dtype
+    from ckptctl.models import get_family
+
+    store = Store.open(Path(job.store))
+    attrs = store.attrs
+    if not attrs.get("complete"):
+        raise BadInput(f"{job.store}: the store is incomplete (its source phase did not finish)")
+    family = get_family(attrs["family"])
+    cfg = ModelConfig.from_json(attrs["config"])
+    src_layout = Layout.from_json(attrs["source_layout"])
+    dst = Layout.from_json(job.dst_layout)
+    encs = attrs["objects"]
+    plan = plan_target(family, cfg, dst, attrs["manifest"], attrs["arrays"], set(encs))
+    iteration = attrs.get("iteration", "release")
+    it_dir = Path(job.out) / legacy.iter_dirname(iteration)
+    it_dir.mkdir(parents=True, exist_ok=True)
+    mine = assign([c.nbytes + 1 for c in plan.chunks], comm.world)[comm.rank]
+    fname = f"__{comm.rank}_0.distcp"
+    records = []
+    with open(it_dir / fname, "wb") as f:
+        def put(name, offsets, data: bytes):
+            records.append((name, offsets, fname, f.tell(), len(data)))
+            f.write(data)
+
+        for i in mine:
+            c = plan.chunks[i]
+            vol = 1
+            for s in c.sizes:
+                vol *= s
+            covered = sum(p.local.volume for p in c.parts)
+            t = (torch.empty if covered == vol else torch.zeros)(c.sizes, dtype=torch_dtype(c.dtype))
+            for p in c.parts:
+                t[p.local.slices] = store.read(p.array, p.gbox).reshape(p.local.sizes)
+            buf = io.BytesIO()
+            torch.save(t, buf)
+            put(c.fqn, list(c.offsets), buf.getvalue())
+            progress.add(c.nbytes)
+        if comm.rank == 0:
+            for name, gkey, slot in plan.objects:
+                own = f"{gkey}|{FORMAT}|0"
+                if slot in encs or own in encs:
+                    s = slot if slot in encs else own
+                    value = get_object(store, s, encs[s])
+                else:
+                    sample = next((s for s in encs if s.startswith(gkey + "|")), None)
+                    value = empty_like_encoding(get_object(store, sample, encs[sample]) if sample else None)
+                put(name, None, _blob([value]))
+            for pp in range(dst.pp):
+                for tp in range(dst.tp):
+                    fc = FileCoord(tp=tp, pp=pp)
+                    slot = rng_for(job.rng, src_layout, dst, FilePlan(fc, fc.dirname(dst), ()), encs)
+                    if slot is not None:
+                        put(f"{RNG_KEY}/shard_{pp}.{tp}_{dst.pp}.{dst.tp}", None, _blob([get_object(store, slot, encs[slot])]))
+            common = get_object(store, COMMON, encs.get(COMMON, "none")) or {}
+            padded = cfg.vocab_for_tp(dst.tp) if cfg.true_vocab is not None else cfg.padded_vocab
+            common = target_common(common, dst, padded, cfg.num_layers, plan.local_names)
+            put(f"{COMMON_KEY}/shard_0_1", None, _blob([common]))
+        f.flush()
+        import os
+        os.fsync(f.fileno())
+    progress.add(0, force=True)
+    gathered = comm.all_gather_object(records)
+    if comm.rank == 0:
+        write_metadata(it_dir, plan, [r for g in gathered for r in g])
+        (it_dir / CONFIG).write_text(json.dumps({"sharded_backend": FORMAT, "sharded_backend_version": 1}))
+        legacy.write_tracker(Path(job.out), iteration)
+    comm.barrier()
+    return {"files": comm.world, "bytes": sum(c.nbytes for c in plan.chunks)}
+
+
+def write_metadata(it_dir: Path, plan: DistTarget, records: list) -> None:
+    """The DCP `Metadata` (pickled, as torch's FileSystemWriter does), written last and renamed into place."""
+    import os
+    import uuid
+
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
+                                                       MetadataIndex, StorageMeta, TensorProperties,
+                                                       TensorStorageMetadata)
+    from ckptctl.store import torch_dtype
+
+    sdm: dict = {}
+    for c in plan.chunks:
+        m = sdm.get(c.fqn)
+        if m is None:
+            m = sdm[c.fqn] = TensorStorageMetadata(TensorProperties(dtype=torch_dtype(c.dtype)), torch.Size(c.gshape), [])
+        elif tuple(m.size) != c.gshape:
+            raise CkptctlError(f"torch_dist writer: {c.fqn!r} planned with two global shapes")
+        m.chunks.append(ChunkStorageMetadata(torch.Size(c.offsets), torch.Size(c.sizes)))
+    storage = {}
+    for name, offsets, fname, off, length in records:
+        if offsets is None:
+            sdm[name] = BytesStorageMetadata()
+            storage[MetadataIndex(name)] = _StorageInfo(fname, off, length)
+        else:
+            storage[MetadataIndex(name, torch.Size(offsets))] = _StorageInfo(fname, off, length)
+    written = {(n, tuple(o)) for n, o, *_ in records if o is not None}
+    missing = [(c.fqn, c.offsets) for c in plan.chunks if (c.fqn, c.offsets) not in written]
+    if missing:
+        raise CkptctlError(f"torch_dist writer: {len(missing)} chunks were not written (first: {missing[0]})")
+    md = Metadata(state_dict_metadata=sdm, planner_data=None, storage_data=storage,
+                  storage_meta=StorageMeta(checkpoint_id=str(it_dir), save_id=uuid.uuid4().hex), version="1.0.0")
+    tmp = it_dir / (METADATA + ".tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(md, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, it_dir / METADATA)
