@@ -71,11 +71,12 @@ def expert_kind_of(keys) -> str | None:
 def moe_layers(cfg: ModelConfig) -> list[bool]:
     """Which layers have a MoE MLP (`moe_layer_freq`: an int k -> every k-th layer from 0, or a 0/1 list)."""
     freq = cfg.extra.get("moe_layer_freq", 1)
-    if isinstance(freq, str):  # Megatron-LM accepts "[1,0,1]"-style strings and expressions like "([1]*3+[0])*2"
-        s = freq.strip()
-        if not re.fullmatch(r"[\[\]\(\)\d,\s\*\+]+", s):
-            raise BadInput(f"moe_layer_freq {freq!r}: cannot read it")
-        freq = eval(s, {"__builtins__": {}}, {})  # digits, brackets, commas, * and + only
+    if isinstance(freq, str):  # Megatron-LM parses it into an int or list; accept a literal string too
+        import ast
+        try:
+            freq = ast.literal_eval(freq.strip())
+        except (ValueError, SyntaxError):
+            raise BadInput(f"moe_layer_freq {freq!r}: expected an int or a list of 0/1") from None
     if isinstance(freq, int):
         return [i % freq == 0 for i in range(cfg.num_layers)]
     freq = list(freq)
