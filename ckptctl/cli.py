@@ -63,6 +63,8 @@ def example(
     mamba_state: Optional[int] = typer.Option(None, "--mamba-state", help="Mamba state size (default 16)."),
     mamba_head_dim: Optional[int] = typer.Option(None, "--mamba-head-dim", help="Mamba head dim (default 8)."),
     seed: int = typer.Option(1234, help="Random seed of the values."),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="Optimizer state: none, adam or distributed "
+                                            "(default: distributed when the layout has DP > 1, else adam)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing folder."),
     json_out: JsonOpt = False,
 ):
@@ -75,7 +77,7 @@ def example(
                 "moe_ffn": moe_ffn, "grouped": grouped or None, "shared_ffn": shared_ffn, "bias": bias,
                 "binary_head": binary_head, "tokentypes": tokentypes, "encoder_layers": encoder_layers,
                 "position": position, "pattern": pattern, "mamba_heads": mamba_heads, "mamba_groups": mamba_groups,
-                "mamba_state": mamba_state, "mamba_head_dim": mamba_head_dim}, seed=seed, overwrite=overwrite)
+                "mamba_state": mamba_state, "mamba_head_dim": mamba_head_dim}, seed=seed, overwrite=overwrite, optimizer=optimizer)
     if json_out:
         output.emit_json(res)
     else:
@@ -99,6 +101,7 @@ def convert(
     true_vocab: VocabOpt = None,
     rng: str = typer.Option("auto", "--rng", help="RNG state: auto, carry, replicate or drop."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing destination."),
+    no_optimizer: bool = typer.Option(False, "--no-optimizer", help="Drop optimizer state instead of converting it."),
     json_out: JsonOpt = False,
 ):
     """Convert a checkpoint to another parallel layout (through torchrun workers and a Zarr store)."""
@@ -107,7 +110,7 @@ def convert(
     target = _layout(to, tp, pp, vpp, ep, etp, dp)
     with output.progress(not json_out) as prog:
         rep = run(src, dst, target, store=store, keep_store=keep_store, nproc=nproc, true_vocab=true_vocab,
-                  rng=rng, overwrite=overwrite, progress=prog)
+                  rng=rng, overwrite=overwrite, progress=prog, optimizer=not no_optimizer)
     if json_out:
         output.emit_json(rep.to_json())
         return

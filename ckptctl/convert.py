@@ -30,6 +30,7 @@ class Source:
     policies: dict[str, str]
     fmt: str = "legacy"                 # ckptctl.formats: legacy | torch_dist
     dist: dict | None = None            # torch_dist: {"iter_dir", "spec", "index"}
+    optim: dict | None = None           # ckptctl.optim: optimizer variant of the source (None: no state)
 
     @property
     def layout(self) -> Layout:
@@ -57,9 +58,11 @@ def inspect(src: Path, true_vocab: int | None = None, family: str | None = None)
     if torch_dist.is_torch_dist(Path(src)):
         return torch_dist.inspect(Path(src), true_vocab, family)
     ck = legacy.open_legacy(Path(src))
-    invs, policies, keys = [], {}, []
+    from ckptctl import optim
+    invs, policies, keys, detected = [], {}, [], []
     for fc, path in ck.file_list:
         sd = legacy.load_pt(path)
+        detected.append(optim.detect(sd, path))
         chunks = legacy.inventory(sd, path)
         expected = ck.layout.vpp
         if len(chunks) != expected:
@@ -80,7 +83,8 @@ def inspect(src: Path, true_vocab: int | None = None, family: str | None = None)
         emb = plan.arrays.get("model/embedding.word_embeddings.weight")
         if emb:
             cfg = ModelConfig(**{**cfg.__dict__, "padded_vocab": emb["shape"][0]})
-    return Source(ck, fam_name, cfg, invs, plan, policies)
+    info = optim.inspect_info(detected, [p for _, p in ck.file_list], cfg, ck.layout, ck.args)
+    return Source(ck, fam_name, cfg, invs, plan, policies, optim=info)
 
 
 @dataclass
@@ -120,7 +124,9 @@ def _commit(tmp: Path, dst: Path) -> None:
         tmp.rename(dst)
 
 
-def policy_report(src: Source, dst_layout: Layout | None, rng: str) -> dict:
+def policy_report(src: Source, dst_layout: Layout | None, rng: str, optimizer: bool = True) -> dict:
+    """What happens to each piece of non-weight state (DESIGN §3, §6): printed by convert, in --json."""
+    from ckptctl import optim
     out = {}
     for k, p in sorted(src.policies.items()):
         if p == "copy":
@@ -133,14 +139,26 @@ def policy_report(src: Source, dst_layout: Layout | None, rng: str) -> dict:
                       "carried per rank (TP and PP unchanged)" if same and rng in ("auto", "carry") else
                       "replicated from source mp_rank 0 (TP or PP changed; RNG streams cannot be resharded)")
         elif p == "optimizer":
-            out[k] = "DROPPED: optimizer state is not converted by this version"
+            out[k] = (optim.policy_text(src.optim, src.layout, dst_layout) if optimizer and src.optim else
+                      "dropped (--no-optimizer)" if src.optim else "DROPPED: not a recognised optimizer state")
+    if src.optim and src.optim["kind"] == "distributed":
+        out[optim.DIST_FILE] = ("re-encoded per target model directory (flat buffers for the target's bucket "
+                                "layout and DP size)" if optimizer else "dropped (--no-optimizer)")
+    if "iteration" in src.policies:
+        out["iteration"] = "copied (the same step count; the target resumes where the source stopped)"
+    if "opt_param_scheduler" in src.policies:
+        out["opt_param_scheduler"] = "copied from source rank 0 (learning-rate schedule state is layout-free)"
+    if "args" in src.policies:
+        out["consumed samples"] = ("args.consumed_train_samples / consumed_valid_samples copied unchanged "
+                                   "(global counts, independent of the layout)")
     out["_extra_state"] = "carried when the module's shard is unchanged, else reset to the empty encoding"
     return out
 
 
 def convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = None, keep_store: bool = False,
             nproc: int | None = None, true_vocab: int | None = None, rng: str = "auto",
-            overwrite: bool = False, progress=None, to_format: str | None = None) -> ConvertReport:
+            overwrite: bool = False, progress=None, to_format: str | None = None,
+            optimizer: bool = True) -> ConvertReport:
     src, dst = Path(src), Path(dst)
     t0 = time.monotonic()
     if nproc is None:
@@ -165,6 +183,9 @@ def convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = Non
         # Validate the whole target plan before any byte is written.
         plan_target(get_family(source.family), source.cfg, to, source.plan.manifest, source.plan.arrays,
                     set(source.plan.slots))
+        if optimizer and source.optim:
+            from ckptctl import optim
+            optim.TargetSide(get_family(source.family), source.cfg, to, source.optim, None)
         if out_fmt == "torch_dist":
             from ckptctl.formats import torch_dist
             torch_dist.plan_target(get_family(source.family), source.cfg, to, source.plan.manifest,
@@ -180,6 +201,7 @@ def convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = Non
                   src=str(src), src_layout=source.layout.to_json(), inventories=source.inventories,
                   out=str(work / "out"), dst_layout=to.to_json() if to else None, rng=rng,
                   iteration=source.ckpt.iteration, src_format=source.fmt, dist=source.dist, dst_format=out_fmt,
+                  optim=source.optim if optimizer else None,
                   phases=("source",) if to_store else ("source", "target"))
         nbytes = source.nbytes
         n = min(nproc, max(len(source.plan.files), len(to.model_files) if to else 1)) if nproc > 0 else 0
@@ -195,7 +217,7 @@ def convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = Non
         return ConvertReport(str(src), str(dst), source.family, str(source.layout), str(to) if to else None,
                              len(source.plan.files), files_out, nbytes, round(time.monotonic() - t0, 3), n,
                              str(dst if to_store else (store or (dst.with_name(dst.name + ".zarr") if keep_store else None))),
-                             policy_report(source, to, rng), notes)
+                             policy_report(source, to, rng, optimizer), notes)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -75,8 +75,13 @@ def make_config(family: str, opts: dict) -> ModelConfig:
 
 
 def example(family: str, layout: Layout, out: Path, opts: dict | None = None, seed: int = 1234,
-            overwrite: bool = False) -> dict:
+            overwrite: bool = False, optimizer: str | None = None) -> dict:
+    """`optimizer`: none, adam or distributed (default: distributed when DP > 1, else adam)."""
+    from ckptctl import optim
     opts = dict(opts or {})
+    optimizer = optimizer or optim.default_kind(layout)
+    if optimizer not in optim.KINDS:
+        raise BadInput(f"--optimizer: expected one of {', '.join(optim.KINDS)}, got {optimizer!r}")
     dtype = opts.get("dtype") or DEFAULTS["dtype"]
     fam = get_family(family)
     cfg = make_config(family, opts)
@@ -106,6 +111,13 @@ def example(family: str, layout: Layout, out: Path, opts: dict | None = None, se
               "opt_param_scheduler": {"max_lr": 3e-4, "min_lr": 3e-5, "num_steps": 10, "warmup_steps": 2,
                                       "decay_style": "cosine"},
               "num_floating_point_operations_so_far": 1.0e12}
+    tside = None
+    if optimizer != "none":
+        oarrays, ocommon, oinfo = optim.example_state(optimizer, fam, cfg, layout, src, arrays, dtype, gen)
+        vars(args).update({k: v for k, v in optim.EXAMPLE_ARGS.items()})
+        args.use_distributed_optimizer = optimizer == "distributed"
+        tside = optim.TargetSide(fam, cfg, layout, oinfo, ocommon)
+        ostore = MemoryStore(oarrays)
     tmp = out.with_name(f".{out.name}.ckptctl-{uuid.uuid4().hex[:8]}")
     it_dir = tmp / legacy.iter_dirname(10)
     try:
@@ -113,6 +125,8 @@ def example(family: str, layout: Layout, out: Path, opts: dict | None = None, se
             sd = build_file(store, fp, common, {}, Progress(None, 0))
             sd["rng_state"] = [_rng_state(seed + fp.coord.tp + 100 * fp.coord.pp)]
             (it_dir / fp.dirname).mkdir(parents=True)
+            if tside is not None:
+                tside.write(ostore, fp, sd, it_dir / fp.dirname)
             legacy.save_pt(sd, it_dir / fp.dirname / legacy.MODEL_FILE)
         legacy.write_tracker(tmp, 10)
         if out.exists():
@@ -120,7 +134,7 @@ def example(family: str, layout: Layout, out: Path, opts: dict | None = None, se
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"family": family, "layout": str(layout), "out": str(out), "files": len(files),
+    return {"family": family, "layout": str(layout), "out": str(out), "files": len(files), "optimizer": optimizer,
             "bytes": sum(f.nbytes() for f in files), "config": cfg.to_json()}
 
 

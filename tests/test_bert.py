@@ -22,6 +22,14 @@ def src(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def d22(src, tmp_path_factory):
+    from conftest import run_cli
+    d = tmp_path_factory.mktemp("bert22") / "d"
+    assert run_cli("convert", src, d, "--to", "tp2pp2", "--nproc", "0").code == 0
+    return d
+
+
 def model(root, name):
     return load(root / "iter_0000010" / name / "model_optim_rng.pt")["model"]
 
@@ -64,16 +72,15 @@ def test_global_keys_are_megatron_cores_bert():
                                                       for k in plain)
 
 
-def test_heads_split_and_padded_at_tp2pp2(src, tmp_path, cli):
+def test_heads_split_and_padded_at_tp2pp2(src, d22, tmp_path, cli):
     """Output bias and embedding rows: zero-padded to Vp(TP2)=256 and cut in two (torch.chunk);
     the last stage holds a byte copy of the embedding as output_layer.weight; heads are whole."""
     g = model(src, "mp_rank_00")
     assert "output_layer.weight" not in g and g["output_layer.bias"].shape == (128,)
-    assert cli("convert", src, tmp_path / "d", "--to", "tp2pp2", "--nproc", "0").code == 0
     emb = F.pad(g["embedding.word_embeddings.weight"], (0, 0, 0, 128))
     bias = F.pad(g["output_layer.bias"], (0, 128))
     for tp in range(2):
-        first, last = model(tmp_path / "d", f"mp_rank_{tp:02d}_000"), model(tmp_path / "d", f"mp_rank_{tp:02d}_001")
+        first, last = model(d22, f"mp_rank_{tp:02d}_000"), model(d22, f"mp_rank_{tp:02d}_001")
         assert raw_bytes(first["embedding.word_embeddings.weight"]) == raw_bytes(emb.chunk(2)[tp])
         assert raw_bytes(last["output_layer.weight"]) == raw_bytes(emb.chunk(2)[tp])      # tied copy
         assert raw_bytes(last["output_layer.bias"]) == raw_bytes(bias.chunk(2)[tp])
@@ -86,30 +93,31 @@ def test_heads_split_and_padded_at_tp2pp2(src, tmp_path, cli):
             g["embedding.tokentype_embeddings.weight"])
         assert not any(k.startswith(("lm_head", "pooler", "output_layer")) for k in first)
     # and back: every byte returns (the added padding rows are dropped again)
-    assert cli("convert", tmp_path / "d", tmp_path / "back", "--to", "tp1pp1", "--nproc", "0").code == 0
+    assert cli("convert", d22, tmp_path / "back", "--to", "tp1pp1", "--nproc", "0").code == 0
     back = model(tmp_path / "back", "mp_rank_00")
     assert list(back) == list(g)
     for k, t in g.items():
         assert (raw_bytes(back[k]) == raw_bytes(t)) if torch.is_tensor(t) else back[k] is None, k
 
 
-def test_tied_copy_that_differs_is_reported(src, tmp_path, cli):
-    assert cli("convert", src, tmp_path / "d", "--to", "tp1pp2", "--nproc", "0").code == 0
-    f = tmp_path / "d/iter_0000010/mp_rank_00_001/model_optim_rng.pt"
+def test_tied_copy_that_differs_is_reported(src, d22, tmp_path, cli):
+    import shutil
+    shutil.copytree(d22, tmp_path / "d")
+    f = tmp_path / "d/iter_0000010/mp_rank_01_001/model_optim_rng.pt"
     sd = load(f)
-    sd["model"]["output_layer.weight"][3, 5] += 1.0
+    sd["model"]["output_layer.weight"][3, 5] += 1.0     # tp rank 1: embedding row 64 + 3
     torch.save(sd, f)
     r = cli("verify", src, tmp_path / "d", "--json")
     assert r.code == 1
     assert any(d["key"] == "embedding.word_embeddings.weight" for d in r.json()["differences"])
 
 
-def test_cli_tp1pp2_to_tp2pp1_with_workers(tmp_path, cli):
-    """The acceptance case (shared/checks/families.sh), torchrun workers."""
+def test_cli_tp1pp2_to_tp2pp1(tmp_path, cli):
+    """The acceptance case (shared/checks/families.sh); in-process (tests/test_t5.py runs the workers)."""
     assert cli("example", "bert", "--layout", "tp1pp2", "--out", tmp_path / "s").code == 0
     assert sorted(p.parent.name for p in rank_files(tmp_path / "s")) == ["mp_rank_00_000", "mp_rank_00_001"]
     assert "output_layer.weight" in model(tmp_path / "s", "mp_rank_00_001")     # BERT ties by default
-    r = cli("convert", tmp_path / "s", tmp_path / "d", "--to", "tp2pp1", "--nproc", "2")
+    r = cli("convert", tmp_path / "s", tmp_path / "d", "--to", "tp2pp1", "--nproc", "0")
     assert r.code == 0, r.err
     v = cli("verify", tmp_path / "s", tmp_path / "d", "--json")
     assert v.code == 0 and v.json()["ok"], v.out[-2000:]

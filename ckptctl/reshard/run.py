@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ckptctl.errors import BadInput
-from ckptctl import formats
+from ckptctl import formats, optim
 from ckptctl.formats import legacy
 from ckptctl.layout import FileCoord, Layout
 from ckptctl.models import get_family
@@ -25,6 +25,7 @@ from ckptctl.reshard.plan import OBJECTS, FilePlan, Inventory, ObjectItem, Tenso
 from ckptctl.store import FORMAT, FORMAT_VERSION, Store, configure, torch_dtype
 
 COMMON = "common"
+OPTIM_COMMON = "optimizer@common"
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Job:
     src_format: str = "legacy"                 # ckptctl.formats: "legacy" | "torch_dist"
     dist: dict | None = None                   # torch_dist source: {"iter_dir", "spec", "index"}
     dst_format: str = "legacy"
+    optim: dict | None = None                  # ckptctl.optim: the source's optimizer variant (None: not converted)
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.__dict__))
@@ -119,8 +121,10 @@ def source_phase(job: Job, comm: Comm, progress: Progress) -> dict:
     layout = Layout.from_json(job.src_layout)
     plan = formats.source_plan(job.src_format, family, cfg, layout, job.inventories, job.dist)
     open_unit = formats.unit_opener(job.src_format, layout, job.inventories, job.dist)
+    oside = optim.SourceSide(family, cfg, layout, job.optim, plan) if job.optim else None
     if comm.rank == 0:
-        Store.create(Path(job.store), plan.arrays, {"format": FORMAT, "complete": False})
+        Store.create(Path(job.store), {**plan.arrays, **(oside.arrays() if oside else {})},
+                     {"format": FORMAT, "complete": False})
     comm.barrier()
     store = Store.open(Path(job.store), mode="r+")
     mine = assign([plan.owned_bytes(i) + 1 for i in range(len(plan.files))], comm.world)[comm.rank]
@@ -144,9 +148,13 @@ def source_phase(job: Job, comm: Comm, progress: Progress) -> dict:
                 encodings[o.slot] = put_object(store, o.slot, sd.object(o))
         for slot, value in sd.rng().items():
             encodings[slot] = put_object(store, slot, value)
+        if oside is not None:
+            st = oside.write_file(store, i, fp, sd.sd, Path(job.inventories[i]["path"]), progress)
+            if i == 0:
+                encodings[OPTIM_COMMON] = put_object(store, OPTIM_COMMON, st.common)
         if i == 0:
             encodings[COMMON] = put_object(store, COMMON, sd.common())
-            encodings["__dropped__"] = ",".join(sd.dropped())
+            encodings["__dropped__"] = ",".join(k for k in sd.dropped() if not (oside and k == "optimizer"))
         del sd
     progress.add(0, force=True)
     gathered = comm.all_gather_object(encodings)
@@ -162,6 +170,7 @@ def source_phase(job: Job, comm: Comm, progress: Progress) -> dict:
             "objects": encs, "source_files": [fp.dirname for fp in plan.files],
             "vocab": {"true": cfg.true_vocab, "padded": cfg.padded_vocab, "divisor": cfg.vocab_divisor},
             "tied": cfg.tied, "iteration": job.iteration, "dropped": [d for d in dropped.split(",") if d],
+            **({"optimizer": optim.store_attrs(job.optim)} if job.optim else {}),
         })
     comm.barrier()
     return {"arrays": len(plan.arrays), "bytes": sum(plan.owned_bytes(i) for i in range(len(plan.files)))}
@@ -228,10 +237,16 @@ def target_phase(job: Job, comm: Comm, progress: Progress) -> dict:
             legacy.rewrite_args(legacy.args_dict(common["args"]), dst, padded, cfg.num_layers), cfg, dst))
     out = Path(job.out)
     it_dir = out / legacy.iter_dirname(iteration)
+    tside = None
+    if attrs.get("optimizer"):
+        tside = optim.TargetSide(family, cfg, dst, attrs["optimizer"], get_object(store, OPTIM_COMMON, encs[OPTIM_COMMON]))
     mine = assign([f.nbytes() + 1 for f in files], comm.world)[comm.rank]
     for i in mine:
         fp = files[i]
         sd = build_file(store, fp, common, encs, progress)
+        if tside is not None:
+            (it_dir / fp.dirname).mkdir(parents=True, exist_ok=True)
+            progress.add(tside.write(store, fp, sd, it_dir / fp.dirname))
         slot = rng_for(job.rng, src_layout, dst, fp, encs)
         if slot is not None:
             sd["rng_state"] = get_object(store, slot, encs[slot])
