@@ -89,12 +89,6 @@ class Family:
         Default: every tensor but megatron-core's known fp32 router buffers (DESIGN §4.3)."""
         return not rest.endswith(("router.expert_bias", "router.qb_beta", "local_tokens_per_expert"))
 
-    def optimizer_state(self, rest: str) -> bool:
-        """Whether a model tensor is a trainable parameter with optimizer state (not a buffer).
-
-        Default: every tensor but megatron-core's known fp32 router buffers (DESIGN §4.3)."""
-        return not rest.endswith(("router.expert_bias", "router.qb_beta", "local_tokens_per_expert"))
-
     def layout_args(self, args: dict, cfg: ModelConfig, layout: Layout) -> dict:
         """Family-specific `args` fields a run at `layout` carries, after the generic rewrite (a hybrid
         model's `|` pattern segments follow PP*VPP). Called by convert's target side and `example`."""
