@@ -256,8 +256,9 @@ class Mamba(MoE):
     def example_extra(self, opts: dict) -> dict:
         layers = int(opts.get("layers") or 8)
         pattern = opts.get("pattern") or ("M*M-" * (layers // 4 + 1))[:layers]
-        if pattern.count(PIPE) == 0 and len(pattern) != layers and opts.get("pattern"):
-            raise BadInput(f"--pattern {pattern!r} has {len(pattern)} layers, --layers says {layers}")
+        n = len(pattern.replace(PIPE, ""))
+        if n != layers:
+            raise BadInput(f"--pattern {pattern!r} has {n} layers, --layers says {layers}: pass --layers {n}")
         extra = {"hybrid_layer_pattern": pattern, "position_embedding_type": "none", "normalization": "RMSNorm",
                  "mamba_num_heads": int(opts.get("mamba_heads") or 8), "mamba_head_dim": int(opts.get("mamba_head_dim") or 8),
                  "mamba_num_groups": int(opts.get("mamba_groups") or 8), "mamba_state_dim": int(opts.get("mamba_state") or 16),
@@ -278,5 +279,6 @@ Mamba.matrix_pairs = [
     ("tp1pp1dp4", "tp2pp1", {"mamba_groups": 2}),                # (1,1,4,1) -> (2,1,1,1)
     ("tp8pp1", "tp1pp1dp8", {}),                                 # (8,1,1,1) -> (1,1,1,8)
     ("tp4pp1dp2", "tp2pp1dp4", {"mamba_groups": 4}),             # (4,1,1,2) -> (2,1,1,4)
-    ("tp2pp1", "tp1pp2", {"pattern": "M*M-|M*M-"}),              # ckptctl's own: '|' segments follow PP
+    ("tp2pp1", "tp1pp2", {}),                                    # the acceptance pair
+    ("tp1pp2vpp2", "tp2pp2", {"pattern": "M*|M-|M*|M-"}),        # ckptctl's own: '|' segments follow PP*VPP
 ]
