@@ -7,10 +7,32 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ckptctl.errors import BadInput, WorkerFailure
 from ckptctl.reshard.run import Job, run_job
+
+
+@dataclass(frozen=True)
+class Nodes:
+    """A multi-node job: every node runs the same `ckptctl convert ... --nnodes N --node-rank R` with
+    the checkpoint, the destination's parent (and so the store) on a filesystem all nodes share."""
+
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
+
+    @property
+    def multi(self) -> bool:
+        return self.nnodes > 1
+
+    def check(self) -> None:
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            raise BadInput(f"--node-rank {self.node_rank} is not in 0..{self.nnodes - 1}")
+        if self.multi and (not self.master_addr or not self.master_port):
+            raise BadInput("a multi-node convert needs --master-addr and --master-port (node 0's address)")
 
 
 def default_nproc() -> int:
@@ -37,17 +59,23 @@ def _done_bytes(workdir: Path) -> int:
 
 
 def run(job: Job, nproc: int, total_bytes: int, progress=None, label: str = "converting",
-        timeout_s: float | None = None) -> dict:
-    """Run `job` on `nproc` torchrun workers (0 = in this process). Returns rank 0's result."""
+        timeout_s: float | None = None, nodes: Nodes | None = None) -> dict:
+    """Run `job` on `nproc` torchrun workers (0 = in this process) per node. Returns rank 0's result."""
     workdir = Path(job.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if nproc <= 0:
         return run_job(job)
-    job_path = workdir / "job.json"
+    nodes = nodes or Nodes()
+    tag = f"-node{nodes.node_rank}" if nodes.multi else ""
+    job_path = workdir / f"job{tag}.json"
     job.save(job_path)
-    log = workdir / "workers.log"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={nproc}",
-           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "--max-restarts=0",
+    log = workdir / f"workers{tag}.log"
+    if nodes.multi:   # static rendezvous at node 0's address, as `torchrun --nnodes N --node-rank R`
+        where = [f"--nnodes={nodes.nnodes}", f"--node-rank={nodes.node_rank}",
+                 f"--master-addr={nodes.master_addr}", f"--master-port={nodes.master_port}"]
+    else:
+        where = ["--nnodes=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={nproc}", "--max-restarts=0",
            "-m", "ckptctl.reshard.worker", str(job_path)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     task = progress.add_task(label, total=max(total_bytes, 1)) if progress is not None else None

@@ -147,10 +147,14 @@ def _rebuild_args(lazy: LazyTensor):
     return (_LazyStorage(lazy), 0, lazy.shape, tuple(reversed(stride)), False, OrderedDict())
 
 
-def _pickler_class():
+def _pickler_class(pure: bool):
+    """The C pickler, or the pure-Python one of ckptctl.formats.legacy when Megatron stand-ins
+    must be written back under their own names."""
+    import pickle
+
     from ckptctl.formats.legacy import _Pickler
 
-    class StreamPickler(_Pickler):
+    class StreamPickler(_Pickler if pure else pickle.Pickler):
         """torch.save's pickling (storages as persistent ids), plus LazyTensor placeholders."""
 
         def __init__(self, file, records):
@@ -160,7 +164,7 @@ def _pickler_class():
         def reducer_override(self, obj):
             if isinstance(obj, LazyTensor):
                 return (torch._utils._rebuild_tensor_v2, _rebuild_args(obj))
-            return super().reducer_override(obj)
+            return _Pickler.reducer_override(self, obj) if pure else NotImplemented
 
         def persistent_id(self, obj):
             if isinstance(obj, _LazyStorage):
@@ -199,7 +203,8 @@ def save_streaming(obj, path: Path) -> int:
     path = Path(path)
     records: list = []
     buf = io.BytesIO()
-    _pickler_class()(buf, records).dump(obj)
+    from ckptctl.formats.legacy import _with_stand_ins
+    _pickler_class(_with_stand_ins(obj))(buf, records).dump(obj)
     data = buf.getvalue()
     w = torch._C.PyTorchFileWriter(str(path), True, 64)
     w.write_record("data.pkl", data, len(data))

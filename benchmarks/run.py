@@ -1,0 +1,263 @@
+"""ckptctl benchmark: convert vs `cp -r` (the floor) vs a naive single-process converter.
+
+    pip install matplotlib          # only for the plot; the table and JSON need nothing extra
+    python benchmarks/run.py                          # ~2 GB bf16 GPT, tp2pp2 -> tp4pp1
+    python benchmarks/run.py --sizes 2,6 --workers 1,2,4 --work /path/with/space
+
+For every size: make a synthetic checkpoint (benchmarks/gen.py, streamed), then time `cp -r`, a tiny
+conversion (the fixed start-up), `ckptctl convert` at each worker count, the naive converter and
+`ckptctl verify`. Peak RSS is measured for every process of each command (the CLI, the torchrun
+agent and every worker) by polling the process tree and reading each process's VmHWM. Prints a
+table; writes results.json and results.png into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CKPTCTL = [sys.executable, "-m", "ckptctl"]
+
+
+class Monitor:
+    """Polls a process tree: per-process peak RSS (VmHWM) and the peak of the summed current RSS."""
+
+    def __init__(self, pid: int, interval: float = 0.05):
+        self.root, self.interval = psutil.Process(pid), interval
+        self.peaks: dict[int, dict] = {}
+        self.total_peak = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+
+    @staticmethod
+    def _role(cmd: list[str]) -> str:
+        s = " ".join(cmd)
+        if "ckptctl.reshard.worker" in s:
+            return "worker"
+        if "torch.distributed.run" in s:
+            return "agent"
+        return "main"
+
+    def _loop(self):
+        while not self._stop.is_set():
+            try:
+                procs = [self.root] + self.root.children(recursive=True)
+            except psutil.Error:
+                procs = []
+            total = 0
+            for p in procs:
+                try:
+                    with open(f"/proc/{p.pid}/status") as f:
+                        st = dict(line.split(":", 1) for line in f if ":" in line)
+                    hwm = int(st["VmHWM"].split()[0]) << 10
+                    rss = int(st["VmRSS"].split()[0]) << 10
+                    anon = int(st.get("RssAnon", "0 kB").split()[0]) << 10
+                    if p.pid not in self.peaks:
+                        self.peaks[p.pid] = {"role": self._role(p.cmdline()), "hwm": 0, "anon": 0}
+                    e = self.peaks[p.pid]
+                    e["hwm"] = max(e["hwm"], hwm)
+                    e["anon"] = max(e["anon"], anon)
+                    total += rss
+                except (OSError, KeyError, ValueError, psutil.Error):
+                    continue
+            self.total_peak = max(self.total_peak, total)
+            time.sleep(self.interval)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._t.join()
+        workers = [e for e in self.peaks.values() if e["role"] == "worker"]
+        main = [e for e in self.peaks.values() if e["role"] != "worker"]
+        return {
+            "peak_rss_max": max((e["hwm"] for e in self.peaks.values()), default=0),
+            "peak_rss_worker_max": max((e["hwm"] for e in workers), default=0),
+            "peak_anon_worker_max": max((e["anon"] for e in workers), default=0),
+            "peak_rss_workers_sum": sum(e["hwm"] for e in workers),
+            "peak_rss_main": max((e["hwm"] for e in main), default=0),
+            "peak_rss_total_sampled": self.total_peak,
+            "processes": len(self.peaks),
+        }
+
+
+def measure(cmd: list[str], env: dict | None = None) -> dict:
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    mon = Monitor(proc.pid)
+    out, err = proc.communicate()
+    secs = time.monotonic() - t0
+    mem = mon.stop()
+    if proc.returncode not in (0,):
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err.strip()[-600:]}")
+    return {"seconds": round(secs, 3), **mem, "stdout": out[-2000:]}
+
+
+def du(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+PARTIAL: Path | None = None     # rows so far, written after every command (a run cut short keeps them)
+
+
+def _partial(rows: dict) -> None:
+    if PARTIAL is not None:
+        PARTIAL.write_text(json.dumps({k: {a: b for a, b in v.items() if a != "stdout"} for k, v in rows.items()}))
+
+
+def bench_size(size: float, workers: list[int], work: Path, src_layout: str, dst_layout: str, dtype: str,
+               max_memory: str | None, skip_naive: bool, profile: bool = False) -> dict:
+    py = sys.executable
+    src = work / f"src-{size}"
+    print(f"\n== {size} GB {dtype} GPT, {src_layout} -> {dst_layout} ==", flush=True)
+    g = measure([py, str(HERE / "gen.py"), "--size-gb", str(size), "--layout", src_layout, "--dtype", dtype,
+                 "--out", str(src)])
+    gen = json.loads(g["stdout"].strip().splitlines()[-1])
+    nbytes = du(src)
+    print(f"generated {nbytes / 1e9:.2f} GB in {g['seconds']:.1f} s ({gen['options']})", flush=True)
+    rows = {}
+
+    def clean(p):
+        shutil.rmtree(p, ignore_errors=True)
+
+    # cp -r twice: the first also warms the page cache for everyone after it
+    for i in range(2):
+        clean(work / "cp")
+        rows["cp -r"] = measure(["cp", "-r", str(src), str(work / "cp")])
+    clean(work / "cp")
+    tiny = work / "tiny"
+    clean(tiny)
+    subprocess.run([*CKPTCTL, "example", "gpt", "--layout", src_layout, "--out", str(tiny), "--dtype", dtype],
+                   check=True, capture_output=True)
+    mm = ["--max-memory", max_memory] if max_memory else []
+    for n in workers:
+        clean(work / "tiny-out")
+        rows[f"startup {n}w"] = measure([*CKPTCTL, "convert", str(tiny), str(work / "tiny-out"), "--to", dst_layout,
+                                         "--nproc", str(n), "--json"])
+        clean(work / "out")
+        r = measure([*CKPTCTL, "convert", str(src), str(work / "out"), "--to", dst_layout, "--nproc", str(n),
+                     "--json", *mm])
+        rows[f"convert {n}w"] = r
+        _partial(rows)
+        print(f"convert {n}w: {r['seconds']:.1f} s, worker peak {r['peak_rss_worker_max'] / 2**20:.0f} MiB", flush=True)
+    v = measure([*CKPTCTL, "verify", str(src), str(work / "out"), "--json"])
+    rows["verify"] = v
+    _partial(rows)
+    prof = None
+    if profile:
+        p = measure([py, str(HERE / "prof.py"), str(src), "--to", dst_layout])
+        prof = json.loads(p["stdout"].strip().splitlines()[-1])
+        print("profile (1 process, no torchrun):", json.dumps(prof), flush=True)
+    if not skip_naive:
+        clean(work / "naive")
+        rows["naive"] = measure([py, str(HERE / "naive.py"), str(src), str(work / "naive"), "--to", dst_layout])
+        clean(work / "naive")
+    clean(work / "out")
+    clean(work / "tiny-out")
+    clean(src)
+    cp = rows["cp -r"]["seconds"]
+    naive = rows.get("naive", {}).get("seconds")
+    for name, r in rows.items():
+        r.pop("stdout", None)
+        r["gbps"] = round(nbytes / r["seconds"] / 1e9, 3)
+        r["x_cp"] = round(r["seconds"] / cp, 2)
+        if naive:
+            r["x_naive"] = round(r["seconds"] / naive, 2)
+        n = name.split()[-1]
+        if name.startswith("convert") and f"startup {n}" in rows:
+            beyond = r["seconds"] - rows[f"startup {n}"]["seconds"]
+            r["beyond_startup_s"] = round(beyond, 3)
+            r["beyond_startup_x_cp"] = round(beyond / cp, 2)
+    return {"size_gb": size, "bytes": nbytes, "model": gen["options"], "src_layout": src_layout,
+            "dst_layout": dst_layout, "generate_s": g["seconds"], "rows": rows, "profile": prof}
+
+
+def table(res: dict) -> str:
+    lines = []
+    for s in res["sizes"]:
+        lines.append(f"\n{s['bytes'] / 1e9:.2f} GB {s['model']['dtype']} ({s['model']['layers']} layers, hidden "
+                     f"{s['model']['hidden']}), {s['src_layout']} -> {s['dst_layout']}, {res['cpus']} cores, "
+                     f"load avg at start {res['loadavg'][0]:.1f}")
+        lines.append(f"{'command':<14}{'seconds':>9}{'GB/s':>8}{'x cp':>7}{'x naive':>9}{'beyond start-up':>17}"
+                     f"{'peak RSS max/proc':>19}{'sum workers':>13}")
+        for name, r in s["rows"].items():
+            b = f"{r['beyond_startup_s']:.1f} s ({r['beyond_startup_x_cp']:.2f}x cp)" if "beyond_startup_s" in r else ""
+            lines.append(f"{name:<14}{r['seconds']:>9.2f}{r['gbps']:>8.3f}{r['x_cp']:>7.2f}"
+                         f"{r.get('x_naive', float('nan')):>9.2f}{b:>17}{r['peak_rss_max'] / 2**20:>15.0f} MiB"
+                         f"{r['peak_rss_workers_sum'] / 2**20:>9.0f} MiB")
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(pip install matplotlib for the plot)")
+        return False
+    sizes = [s["bytes"] / 1e9 for s in res["sizes"]]
+    names = [n for n in res["sizes"][0]["rows"] if not n.startswith("startup")]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for n in names:
+        a.plot(sizes, [s["rows"][n]["seconds"] if n in s["rows"] else None for s in res["sizes"]], "o-", label=n)
+        b.plot(sizes, [s["rows"][n]["peak_rss_max"] / 2**30 if n in s["rows"] else None for s in res["sizes"]], "o-", label=n)
+    a.set(xlabel="checkpoint size (GB)", ylabel="wall time (s)", title="time")
+    b.set(xlabel="checkpoint size (GB)", ylabel="peak RSS of one process (GiB)", title="peak memory")
+    a.legend(fontsize=8)
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="2", help="checkpoint sizes in GB, comma-separated")
+    ap.add_argument("--workers", default="1,2,4")
+    ap.add_argument("--src", default="tp2pp2")
+    ap.add_argument("--dst", default="tp4pp1")
+    ap.add_argument("--dtype", default="bfloat16", help="bfloat16, or float32 for the fp32 variant")
+    ap.add_argument("--max-memory", default=None, help="passed to ckptctl convert --max-memory")
+    ap.add_argument("--work", default=None, help="scratch folder (default: a temporary folder under /tmp)")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="also profile one in-process conversion (first size)")
+    a = ap.parse_args(argv)
+    import tempfile
+    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="ckptctl-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    global PARTIAL
+    PARTIAL = out / "partial.json"
+    res = {"cpus": os.cpu_count(), "loadavg": os.getloadavg(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+           "workers": [int(x) for x in a.workers.split(",")], "sizes": []}
+    t0 = time.monotonic()
+    try:
+        for size in [float(x) for x in a.sizes.split(",")]:
+            res["sizes"].append(bench_size(size, res["workers"], work, a.src, a.dst, a.dtype, a.max_memory,
+                                           a.skip_naive, a.profile and not res["sizes"]))
+    finally:
+        if not a.work:
+            shutil.rmtree(work, ignore_errors=True)
+    res["total_s"] = round(time.monotonic() - t0, 1)
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    print(table(res))
+    if plot(res, out / "results.png"):
+        print(f"\nplot: {out / 'results.png'}")
+    print(f"json: {out / 'results.json'}  (total {res['total_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Streaming under a memory budget: the torch.save-compatible writer, row blocks, and a conversion
+whose workers stay under --max-memory although one tensor is larger than the budget."""
+from __future__ import annotations
+
+import argparse
+import io
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckptctl.box import Box
+from ckptctl.models.rules import Piece
+from ckptctl.reshard.stream import LazyTensor, parse_size, row_blocks, save_streaming, sub_piece
+
+from conftest import raw_bytes
+
+
+def _blocks(t: torch.Tensor, rows: int):
+    def fill(write):
+        for r in range(0, t.shape[0], rows):
+            write(t[r:r + rows])
+    return fill
+
+
+def test_streaming_file_is_what_torch_save_writes(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 70, generator=g).to(torch.bfloat16)
+    v = torch.randn(1000, generator=g)
+    rest = {"args": argparse.Namespace(hidden_size=70), "iteration": 3, "rng": torch.Generator().get_state(),
+            "x": io.BytesIO(b"te"), "empty": torch.empty(0, dtype=torch.float16)}
+    save_streaming({"model": {"w": LazyTensor(w.shape, w.dtype, _blocks(w, 64)),
+                              "v": LazyTensor(v.shape, v.dtype, _blocks(v, 333))}, **rest}, tmp_path / "s.pt")
+    torch.save({"model": {"w": w, "v": v}, **rest}, tmp_path / "ref.pt")
+    zs, zr = zipfile.ZipFile(tmp_path / "s.pt"), zipfile.ZipFile(tmp_path / "ref.pt")
+    assert zs.testzip() is None                      # every record's CRC-32 is right
+    assert zs.read("s/data.pkl") == zr.read("ref/data.pkl")
+    assert [i.file_size for i in zs.infolist()] == [i.file_size for i in zr.infolist()]
+    for mmap in (False, True):
+        back = torch.load(tmp_path / "s.pt", weights_only=False, mmap=mmap)
+        assert back["model"]["w"].dtype == torch.bfloat16
+        assert raw_bytes(back["model"]["w"]) == raw_bytes(w)
+        assert raw_bytes(back["model"]["v"]) == raw_bytes(v)
+        assert raw_bytes(back["rng"]) == raw_bytes(rest["rng"])
+
+
+def test_short_fill_is_an_error(tmp_path):
+    t = torch.ones(10, 4)
+    with pytest.raises(RuntimeError, match="expected 160"):
+        save_streaming({"w": LazyTensor(t.shape, t.dtype, lambda write: write(t[:5]))}, tmp_path / "s.pt")
+
+
+def test_row_blocks_cover_rows_within_limit_and_alignment():
+    assert row_blocks(10, 100, 250) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
+    assert row_blocks(10, 100, 250, align=3) == [(0, 3), (3, 6), (6, 9), (9, 10)]   # at least one aligned unit
+    assert row_blocks(7, 100, 10_000) == [(0, 7)]
+    assert row_blocks(5, 1000, 10) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]    # a row over the limit: one row
+
+
+def test_sub_piece_maps_rows_to_the_global_box():
+    # local rows 4..8 of a piece at global rows 100.., columns 20..30, with a leading expert axis
+    p = Piece(Box((4, 0), (4, 10)), "a", Box((2, 100, 20), (1, 4, 10)))
+    assert sub_piece(p, Box((0, 0), (5, 10))) == (Box((4, 0), (1, 10)), Box((2, 100, 20), (1, 1, 10)))
+    assert sub_piece(p, Box((6, 0), (10, 10))) == (Box((6, 0), (2, 10)), Box((2, 102, 20), (1, 2, 10)))
+    assert sub_piece(p, Box((0, 0), (4, 10))) is None
+
+
+def test_parse_size():
+    assert parse_size("512M") == 512 << 20
+    assert parse_size("1.5GiB") == 3 << 29
+    assert parse_size("4096") == 4096
+
+
+def _worker_peaks(proc: subprocess.Popen) -> dict[int, int]:
+    psutil = pytest.importorskip("psutil")
+    root, peaks = psutil.Process(proc.pid), {}
+    while proc.poll() is None:
+        try:
+            procs = root.children(recursive=True)
+        except psutil.Error:
+            procs = []
+        for q in procs:
+            try:
+                cmd = q.cmdline()
+                if cmd[-2:-1] == ["ckptctl.reshard.worker"] and "torch.distributed.run" not in " ".join(cmd):
+                    with open(f"/proc/{q.pid}/status") as f:
+                        hwm = next(int(x.split()[1]) << 10 for x in f if x.startswith("VmHWM"))
+                    peaks[q.pid] = max(peaks.get(q.pid, 0), hwm)
+            except (psutil.Error, OSError, StopIteration):
+                pass
+        time.sleep(0.02)
+    return peaks
+
+
+def test_workers_stay_under_the_budget_with_a_tensor_larger_than_it(tmp_path, cli):
+    budget = 384 << 20
+    margin = 0.10     # stated margin: 10 % of the budget for allocator slack and page rounding
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    # A tied embedding of 100352 x 1024 fp32 = 411 MB: larger than the whole budget.
+    r = cli("example", "gpt", "--layout", "tp2pp1", "--vocab", "100000", "--hidden", "1024", "--heads", "8",
+            "--ffn", "256", "--layers", "2", "--tied", "--optimizer", "none", "--out", src)
+    assert r.code == 0, r.err
+    emb = 100352 * 1024 * 4
+    assert emb > budget
+    proc = subprocess.Popen([sys.executable, "-m", "ckptctl", "convert", str(src), str(dst), "--to", "tp1pp1",
+                             "--nproc", "2", "--max-memory", str(budget), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    peaks = _worker_peaks(proc)
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err.decode()[-800:]
+    assert len(peaks) == 2, peaks
+    for pid, peak in peaks.items():
+        assert peak <= budget * (1 + margin), f"worker {pid} peaked at {peak >> 20} MiB > {budget >> 20} MiB + 10 %"
+    v = cli("verify", src, dst)
+    assert v.code == 0, v.out
