@@ -66,10 +66,15 @@ def example(
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="Optimizer state: none, adam or distributed "
                                             "(default: distributed when the layout has DP > 1, else adam)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing folder."),
+    fmt: str = typer.Option("legacy", "--format", help="Checkpoint format: legacy or torch_dist."),
     json_out: JsonOpt = False,
 ):
-    """Write a small random checkpoint in Megatron's legacy format."""
+    """Write a small random checkpoint in Megatron's legacy (or torch_dist) format."""
     from ckptctl.example import example as make
+    if fmt == "torch_dist":
+        from ckptctl.formats.torch_dist import example as make
+    elif fmt != "legacy":
+        raise BadInput(f"--format: expected legacy or torch_dist, got {fmt!r}")
 
     res = make(family, parse_layout(layout), out,
                {"layers": layers, "hidden": hidden, "heads": heads, "groups": groups, "ffn": ffn, "vocab": vocab,
@@ -102,15 +107,25 @@ def convert(
     rng: str = typer.Option("auto", "--rng", help="RNG state: auto, carry, replicate or drop."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing destination."),
     no_optimizer: bool = typer.Option(False, "--no-optimizer", help="Drop optimizer state instead of converting it."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="RSS budget per worker, e.g. 2G, 512M (default 2G)."),
+    nnodes: int = typer.Option(1, "--nnodes", help="Nodes of a multi-node job (run the same command on each)."),
+    node_rank: int = typer.Option(0, "--node-rank", help="This node's rank (node 0 commits the output)."),
+    master_addr: Optional[str] = typer.Option(None, "--master-addr", help="Node 0's address (multi-node)."),
+    master_port: Optional[int] = typer.Option(None, "--master-port", help="A free port on node 0 (multi-node)."),
+    to_format: Optional[str] = typer.Option(None, "--to-format", help="legacy or torch_dist (default: the source's format)."),
     json_out: JsonOpt = False,
 ):
     """Convert a checkpoint to another parallel layout (through torchrun workers and a Zarr store)."""
     from ckptctl.convert import convert as run
+    from ckptctl.reshard.launch import Nodes
+    from ckptctl.reshard.stream import parse_size
 
     target = _layout(to, tp, pp, vpp, ep, etp, dp)
     with output.progress(not json_out) as prog:
         rep = run(src, dst, target, store=store, keep_store=keep_store, nproc=nproc, true_vocab=true_vocab,
-                  rng=rng, overwrite=overwrite, progress=prog, optimizer=not no_optimizer)
+                  rng=rng, overwrite=overwrite, progress=prog, optimizer=not no_optimizer,
+                  max_memory=parse_size(max_memory), nodes=Nodes(nnodes, node_rank, master_addr, master_port),
+                  to_format=to_format)
     if json_out:
         output.emit_json(rep.to_json())
         return
@@ -120,6 +135,8 @@ def convert(
                      f"{rep.seconds:.2f} s ({gbps:.3f} GB/s, {rep.workers} workers) -> {rep.dst}")
     for k, v in rep.policies.items():
         output.out.print(f"  {k}: {v}", highlight=False)
+    for note in rep.notes:
+        output.out.print(f"  note: {note}", highlight=False)
 
 
 @app.command(epilog="Examples:\n\n  ckptctl verify src dst\n\n  ckptctl verify src dst --json")
@@ -160,6 +177,8 @@ def verify(
 def matrix(
     model: str = typer.Option("gpt", "--model", help="Family, or 'all'."),
     pairs: Optional[str] = typer.Option(None, "--pairs", help="Comma-separated SRC:DST layouts (default: Megatron's test pairs)."),
+    no_optimizer: bool = typer.Option(False, "--no-optimizer", help="Examples without optimizer state (default: "
+                                      "Adam, or the distributed optimizer when DP > 1, converted and verified)."),
     nproc: NprocOpt = None,
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Where to keep the checkpoints (default: temporary)."),
     json_out: JsonOpt = False,
@@ -168,7 +187,7 @@ def matrix(
     from ckptctl.matrix import run_matrix
 
     with output.progress(not json_out) as prog:
-        rows = run_matrix(model, pairs, nproc, workdir, prog)
+        rows = run_matrix(model, pairs, nproc, workdir, prog, optimizer=not no_optimizer)
     if json_out:
         output.emit_json({"pairs": rows, "ok": all(r["result"] == "pass" for r in rows)})
     else:

@@ -157,9 +157,12 @@ def policy_report(src: Source, dst_layout: Layout | None, rng: str, optimizer: b
 
 def convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = None, keep_store: bool = False,
             nproc: int | None = None, true_vocab: int | None = None, rng: str = "auto",
-            overwrite: bool = False, progress=None, to_format: str | None = None,
-            optimizer: bool = True) -> ConvertReport:
+            overwrite: bool = False, progress=None, optimizer: bool = True,
+            max_memory: int | None = None, nodes: launch.Nodes | None = None,
+            to_format: str | None = None) -> ConvertReport:
     src, dst = Path(src), Path(dst)
+    nodes = nodes or launch.Nodes()
+    nodes.check()
     t0 = time.monotonic()
     if nproc is None:
         nproc = launch.default_nproc()
@@ -171,10 +174,13 @@ def convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = Non
     from_store = (src / "zarr.json").is_file()
     to_store = dst.suffix == ".zarr" and to is None
     if from_store:
-        return _store_to_legacy(src, dst, to, nproc, rng, progress, t0, to_format)
+        return _store_to_legacy(src, dst, to, nproc, rng, progress, t0, max_memory, to_format)
     source = inspect(src, true_vocab)
     out_fmt = _out_format(to_format, source.fmt)
     notes = []
+    if out_fmt == "torch_dist" and optimizer and source.optim:
+        optimizer = False
+        notes.append("optimizer state is not written in torch_dist by this version (weights and state only)")
     if to is None and not to_store:
         raise BadInput("give a target layout with --to (or a destination ending in .zarr to write only the store)")
     if to is not None:
@@ -183,16 +189,20 @@ def convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = Non
         # Validate the whole target plan before any byte is written.
         plan_target(get_family(source.family), source.cfg, to, source.plan.manifest, source.plan.arrays,
                     set(source.plan.slots))
-        if optimizer and source.optim:
-            from ckptctl import optim
-            optim.TargetSide(get_family(source.family), source.cfg, to, source.optim, None)
         if out_fmt == "torch_dist":
             from ckptctl.formats import torch_dist
             torch_dist.plan_target(get_family(source.family), source.cfg, to, source.plan.manifest,
                                    source.plan.arrays, set(source.plan.slots))
+        if optimizer and source.optim:
+            from ckptctl import optim
+            optim.TargetSide(get_family(source.family), source.cfg, to, source.optim, None)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    work = dst.parent / f".{dst.name}.ckptctl-{uuid.uuid4().hex[:8]}"
-    work.mkdir()
+    if nodes.multi:   # every node must name the same work folder on the shared filesystem
+        work = dst.parent / f".{dst.name}.ckptctl-mn{nodes.master_port}"
+        work.mkdir(exist_ok=True)
+    else:
+        work = dst.parent / f".{dst.name}.ckptctl-{uuid.uuid4().hex[:8]}"
+        work.mkdir()
     try:
         store_path = Path(store) if store else work / "store.zarr"
         if to_store:
@@ -201,12 +211,18 @@ def convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = Non
                   src=str(src), src_layout=source.layout.to_json(), inventories=source.inventories,
                   out=str(work / "out"), dst_layout=to.to_json() if to else None, rng=rng,
                   iteration=source.ckpt.iteration, src_format=source.fmt, dist=source.dist, dst_format=out_fmt,
-                  optim=source.optim if optimizer else None,
+                  optim=source.optim if optimizer else None, max_memory=max_memory,
                   phases=("source",) if to_store else ("source", "target"))
         nbytes = source.nbytes
         n = min(nproc, max(len(source.plan.files), len(to.model_files) if to else 1)) if nproc > 0 else 0
+        if nodes.multi:
+            n = max(1, nproc)
         launch.run(job, n, nbytes * (1 if to_store else 2), progress,
-                   label=f"{source.layout} -> {to or 'store'}")
+                   label=f"{source.layout} -> {to or 'store'}", nodes=nodes)
+        if nodes.node_rank != 0:   # node 0 commits once every worker has passed the final barrier
+            return ConvertReport(str(src), str(dst), source.family, str(source.layout), str(to) if to else None,
+                                 len(source.plan.files), 0, nbytes, round(time.monotonic() - t0, 3), n, None,
+                                 {}, [f"node {nodes.node_rank} of {nodes.nnodes}: node 0 commits the output"])
         if to_store:
             _commit(store_path, dst)
         else:
@@ -219,7 +235,8 @@ def convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = Non
                              str(dst if to_store else (store or (dst.with_name(dst.name + ".zarr") if keep_store else None))),
                              policy_report(source, to, rng, optimizer), notes)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if nodes.node_rank == 0:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _out_format(to_format: str | None, source_format: str) -> str:
@@ -231,7 +248,7 @@ def _out_format(to_format: str | None, source_format: str) -> str:
 
 
 def _store_to_legacy(src: Path, dst: Path, to: Layout | None, nproc: int, rng: str, progress, t0,
-                     to_format: str | None = None) -> ConvertReport:
+                     max_memory: int | None = None, to_format: str | None = None) -> ConvertReport:
     st = Store.open(src)
     attrs = st.attrs
     if not attrs.get("complete"):
@@ -246,7 +263,8 @@ def _store_to_legacy(src: Path, dst: Path, to: Layout | None, nproc: int, rng: s
     work.mkdir()
     try:
         job = Job(workdir=str(work), store=str(src), out=str(work / "out"), dst_layout=to.to_json(), rng=rng,
-                  phases=("target",), dst_format=_out_format(to_format, attrs.get("source_format", "legacy")))
+                  phases=("target",), max_memory=max_memory,
+                  dst_format=_out_format(to_format, attrs.get("source_format", "legacy")))
         n = min(nproc, len(files)) if nproc > 0 else 0
         launch.run(job, n, nbytes, progress, label=f"store -> {to}")
         _commit(work / "out", dst)

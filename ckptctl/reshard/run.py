@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ckptctl.box import Box
 from ckptctl.errors import BadInput
 from ckptctl import formats, optim
 from ckptctl.formats import legacy
@@ -21,6 +22,7 @@ from ckptctl.layout import FileCoord, Layout
 from ckptctl.models import get_family
 from ckptctl.models.config import ModelConfig
 from ckptctl.reshard.comm import Comm, assign
+from ckptctl.reshard import stream
 from ckptctl.reshard.plan import OBJECTS, FilePlan, Inventory, ObjectItem, TensorItem, plan_source, plan_target
 from ckptctl.store import FORMAT, FORMAT_VERSION, Store, configure, torch_dtype
 
@@ -48,6 +50,7 @@ class Job:
     dist: dict | None = None                   # torch_dist source: {"iter_dir", "spec", "index"}
     dst_format: str = "legacy"
     optim: dict | None = None                  # ckptctl.optim: the source's optimizer variant (None: not converted)
+    max_memory: int | None = None              # per-worker RSS budget in bytes (ckptctl.reshard.stream)
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.__dict__))
@@ -128,6 +131,7 @@ def source_phase(job: Job, comm: Comm, progress: Progress) -> dict:
     comm.barrier()
     store = Store.open(Path(job.store), mode="r+")
     mine = assign([plan.owned_bytes(i) + 1 for i in range(len(plan.files))], comm.world)[comm.rank]
+    budget = stream.Budget(job.max_memory)
     encodings: dict[str, str] = {}
     for i in mine:
         fp = plan.files[i]
@@ -138,11 +142,10 @@ def source_phase(job: Job, comm: Comm, progress: Progress) -> dict:
             tensor = sd.tensor(t)
             if tuple(tensor.shape) != t.shape or str(tensor.dtype).removeprefix("torch.") != t.dtype:
                 raise BadInput(f"{fp.dirname}: tensor {t.key!r} changed since inspection")
+            mapped = isinstance(sd, legacy.LegacyUnit)   # memory-mapped rank file: pages can be dropped
             for p, owned in zip(t.pieces, t.owned):
                 if owned:
-                    part = tensor[p.local.slices]
-                    store.write(p.array, p.gbox, part)
-                    progress.add(part.numel() * part.element_size())
+                    put_piece(store, p, tensor[p.local.slices], budget.block, progress, mapped)
         for o in fp.objects:
             if plan.slots[o.slot] == i:
                 encodings[o.slot] = put_object(store, o.slot, sd.object(o))
@@ -195,7 +198,70 @@ def rng_for(policy: str, src_layout: Layout, dst_layout: Layout, fp: FilePlan, e
     return first[0] if first else None
 
 
-def build_file(store: Store, fp: FilePlan, common: dict, encs: dict, progress: Progress) -> dict:
+def put_piece(store: Store, p, part: torch.Tensor, block: int, progress: Progress, mapped: bool) -> None:
+    """One source piece into the store in blocks of whole chunk rows of at most `block` bytes."""
+    lead = len(p.gbox.sizes) - len(p.local.sizes)
+    if part.dim() == 0:
+        store.write(p.array, p.gbox, part)
+        progress.add(part.element_size())
+        return
+    row = part[0].numel() * part.element_size()
+    align = store.array(p.array).chunks[lead]
+    for r0, r1 in stream.row_blocks(part.shape[0], row, block, align):
+        sub = part[r0:r1]
+        offs = list(p.gbox.offsets)
+        sizes = list(p.gbox.sizes)
+        offs[lead] += r0
+        sizes[lead] = r1 - r0
+        store.write(p.array, Box(tuple(offs), tuple(sizes)), sub)
+        if mapped:
+            stream.release_pages(sub)
+        progress.add(sub.numel() * sub.element_size())
+
+
+def lazy_tensor(store: Store, item: TensorItem, block: int, progress: Progress) -> stream.LazyTensor:
+    """A target tensor produced block by block (rows of dim 0) from the store when its file is written."""
+    dtype = torch_dtype(item.dtype)
+    shape = tuple(item.shape)
+    vol = int(np.prod(shape)) if shape else 1
+    full = item.covered == vol
+
+    def fill(write):
+        if not shape:
+            t = torch.zeros((), dtype=dtype)
+            for p in item.pieces:
+                t = store.read(p.array, p.gbox).reshape(())
+            write(t)
+            progress.add(t.element_size())
+            return
+        row = (vol // shape[0]) * dtype.itemsize if shape[0] else 0
+        for r0, r1 in stream.row_blocks(shape[0], row, block):
+            lbox = Box((r0,) + (0,) * (len(shape) - 1), (r1 - r0,) + shape[1:])
+            subs = list(_with_arrays(item, lbox))
+            if full and len(subs) == 1 and subs[0][0][0] == lbox:   # one piece: the read is the block
+                (lb, gb), arr = subs[0]
+                t = store.read(arr, gb).reshape(lb.sizes)
+            else:
+                t = (torch.empty if full else torch.zeros)((r1 - r0,) + shape[1:], dtype=dtype)
+                for (lb, gb), arr in subs:
+                    t[lb.shift(tuple(-o for o in lbox.offsets)).slices] = store.read(arr, gb).reshape(lb.sizes)
+            write(t)
+            progress.add(t.numel() * t.element_size())
+            del t
+
+    return stream.LazyTensor(shape, dtype, fill)
+
+
+def _with_arrays(item: TensorItem, lbox: Box):
+    for p in item.pieces:
+        s = stream.sub_piece(p, lbox)
+        if s is not None:
+            yield s, p.array
+
+
+def build_file(store: Store, fp: FilePlan, common: dict, encs: dict, progress: Progress,
+               block: int | None = None) -> dict:
+    """The target file's state dict; with `block`, tensors are LazyTensors filled when the file is saved."""
     sd = dict(common)
     for chunk in fp.chunks:
         sd[chunk] = {}
@@ -208,6 +274,9 @@ def build_file(store: Store, fp: FilePlan, common: dict, encs: dict, progress: P
                 sample = next((s for s in encs if s.startswith(item.gkey + "|")), None)
                 sd[item.chunk][item.key] = empty_like_encoding(get_object(store, sample, encs[sample]) if sample else None)
             continue
+        if block is not None:
+            sd[item.chunk][item.key] = lazy_tensor(store, item, block, progress)
+            continue
         dtype = torch_dtype(item.dtype)
         vol = int(np.prod(item.shape)) if item.shape else 1
         t = (torch.empty if item.covered == vol else torch.zeros)(item.shape, dtype=dtype)
@@ -219,6 +288,9 @@ def build_file(store: Store, fp: FilePlan, common: dict, encs: dict, progress: P
 
 
 def target_phase(job: Job, comm: Comm, progress: Progress) -> dict:
+    if job.dst_format == "torch_dist":
+        from ckptctl.formats import torch_dist
+        return torch_dist.target_phase(job, comm, progress)
     store = Store.open(Path(job.store))
     attrs = store.attrs
     if not attrs.get("complete"):
@@ -241,9 +313,10 @@ def target_phase(job: Job, comm: Comm, progress: Progress) -> dict:
     if attrs.get("optimizer"):
         tside = optim.TargetSide(family, cfg, dst, attrs["optimizer"], get_object(store, OPTIM_COMMON, encs[OPTIM_COMMON]))
     mine = assign([f.nbytes() + 1 for f in files], comm.world)[comm.rank]
+    budget = stream.Budget(job.max_memory)
     for i in mine:
         fp = files[i]
-        sd = build_file(store, fp, common, encs, progress)
+        sd = build_file(store, fp, common, encs, progress, block=budget.block)
         if tside is not None:
             (it_dir / fp.dirname).mkdir(parents=True, exist_ok=True)
             progress.add(tside.write(store, fp, sd, it_dir / fp.dirname))
@@ -252,7 +325,7 @@ def target_phase(job: Job, comm: Comm, progress: Progress) -> dict:
             sd["rng_state"] = get_object(store, slot, encs[slot])
         d = it_dir / fp.dirname
         d.mkdir(parents=True, exist_ok=True)
-        legacy.save_pt(sd, d / legacy.MODEL_FILE)
+        stream.save_streaming(sd, d / legacy.MODEL_FILE)
         del sd
     progress.add(0, force=True)
     comm.barrier()
