@@ -46,7 +46,8 @@ def run_pair(family: str, src: str, dst: str, opts: dict, root: Path, nproc: int
     d = root / f"{family}-{src}-{dst}-{abs(hash(label)) % 10**6}"
     shutil.rmtree(d, ignore_errors=True)
     try:
-        example(family, parse_layout(src), d / "src", opts)
+        row["optimizer"] = example(family, parse_layout(src), d / "src", opts,
+                                   optimizer=opts.get("optimizer")).get("optimizer")
         t0 = time.monotonic()
         rep = convert(d / "src", d / "dst", parse_layout(dst), nproc=nproc, progress=progress)
         row["seconds"] = time.monotonic() - t0
@@ -72,8 +73,13 @@ def run_pair(family: str, src: str, dst: str, opts: dict, root: Path, nproc: int
     return row
 
 
-def run_matrix(model: str, pairs: str | None, nproc: int | None, workdir: Path | None, progress=None) -> list[dict]:
+def run_matrix(model: str, pairs: str | None, nproc: int | None, workdir: Path | None, progress=None,
+               optimizer: bool = True) -> list[dict]:
+    """`optimizer`: examples carry optimizer state (ckptctl.optim default kind) that convert and verify
+    cover; False: examples without it (`--no-optimizer`)."""
     todo = parse_pairs(model, pairs) if pairs else default_pairs(model)
+    if not optimizer:
+        todo = [(f, s, d, {**o, "optimizer": "none"}) for f, s, d, o in todo]
     tmp = None
     if workdir is None:
         tmp = tempfile.mkdtemp(prefix="ckptctl-matrix-")
