@@ -46,10 +46,16 @@ def run_pair(family: str, src: str, dst: str, opts: dict, root: Path, nproc: int
     d = root / f"{family}-{src}-{dst}-{abs(hash(label)) % 10**6}"
     shutil.rmtree(d, ignore_errors=True)
     try:
-        row["optimizer"] = example(family, parse_layout(src), d / "src", opts,
-                                   optimizer=opts.get("optimizer")).get("optimizer")
+        # opts "format" / "to_format": source and target checkpoint formats (legacy, torch_dist).
+        if opts.get("format") == "torch_dist":
+            from ckptctl.formats.torch_dist import example as make_dist
+            make_dist(family, parse_layout(src), d / "src", opts)
+        else:
+            row["optimizer"] = example(family, parse_layout(src), d / "src", opts,
+                                       optimizer=opts.get("optimizer")).get("optimizer")
         t0 = time.monotonic()
-        rep = convert(d / "src", d / "dst", parse_layout(dst), nproc=nproc, progress=progress)
+        rep = convert(d / "src", d / "dst", parse_layout(dst), nproc=nproc, progress=progress,
+                      to_format=opts.get("to_format"))
         row["seconds"] = time.monotonic() - t0
         row["bytes"] = rep.bytes
         row["gbps"] = rep.bytes / row["seconds"] / 1e9 if row["seconds"] else 0.0

@@ -215,6 +215,7 @@ def open_dist(root: Path) -> DistCheckpoint:
                        f"(only {FORMAT})")
     md = load_metadata(it_dir / METADATA)
     index = index_of(md, it_dir / METADATA)
+    check_files(it_dir, index)
     if (it_dir / COMMON_PT).is_file():
         common = legacy.load_pt(it_dir / COMMON_PT, mmap=False)
     else:
@@ -226,6 +227,23 @@ def open_dist(root: Path) -> DistCheckpoint:
         raise BadInput(f"{it_dir}: the common state has no 'args'; cannot tell the model or layout")
     args = legacy.args_dict(common["args"])
     return DistCheckpoint(root, iteration, it_dir, legacy.layout_from_args(args), args, common, index)
+
+
+def check_files(it_dir: Path, index: dict) -> None:
+    """Every stored item must lie inside its file: a missing or truncated file is refused before any write."""
+    need: dict[str, int] = {}
+    for t in index["tensors"].values():
+        for c in t["chunks"]:
+            need[c[2]] = max(need.get(c[2], 0), c[3] + c[4])
+    for ref in index["objects"].values():
+        need[ref[0]] = max(need.get(ref[0], 0), ref[1] + ref[2])
+    for name, end in sorted(need.items()):
+        path = it_dir / name
+        if not path.is_file():
+            raise BadInput(f"missing file {path} (named by {it_dir / METADATA})")
+        size = path.stat().st_size
+        if size < end:
+            raise BadInput(f"{path}: truncated ({size} bytes, the metadata needs {end})")
 
 
 def index_of(md, where: Path) -> dict:
@@ -321,7 +339,9 @@ def plan_source(family: Family, cfg: ModelConfig, layout: Layout, index: dict, s
     copies = family.tied_copies(cfg)
     stacks = family.stack_layers(cfg)
     tensors, order = index["tensors"], index["order"]
-    position = {fqn: i for i, fqn in enumerate(order)}
+    position: dict[str, int] = {}           # first appearance of each key (objects: without /shard_..)
+    for i, name in enumerate(order):
+        position.setdefault(name if name in tensors else name.split("/shard_")[0], i)
     arrays: dict[str, dict] = {}
     boxes: dict[str, list[Box]] = {}
     manifest: dict[str, dict] = {}
@@ -370,21 +390,20 @@ def plan_source(family: Family, cfg: ModelConfig, layout: Layout, index: dict, s
         if not names:
             continue
         for off, sizes, fname, boff, blen in t["chunks"]:
-            ps = []
-            if stack is not None:
-                for lay in range(off[0], off[0] + sizes[0]):
-                    lbox = Box((lay - off[0],) + (0,) * (len(sizes) - 1), (1,) + tuple(sizes[1:]))
-                    ps.append(Piece(lbox, names[lay], Box(tuple(off[1:]), tuple(sizes[1:]))))
-            else:
-                ps.append(Piece(Box.full(sizes), names[None], Box(tuple(off), tuple(sizes))))
-            for p in ps:
-                for b in boxes[p.array]:
-                    if b.intersect(p.gbox) is not None:
+            # One item per layer of the chunk: its tensor is the chunk's slice at that layer, so local
+            # tensors have the store array's rank (readers index the stacked chunk).
+            items = []
+            for lay in (range(off[0], off[0] + sizes[0]) if stack is not None else [None]):
+                lsizes, goffs = (sizes[1:], off[1:]) if stack is not None else (sizes, off)
+                gbox = Box(tuple(goffs), tuple(lsizes))
+                for b in boxes[names[lay]]:
+                    if b.intersect(gbox) is not None:
                         raise BadInput(f"torch_dist key {fqn!r}: chunk at {off} overlaps another chunk")
-                boxes[p.array].append(p.gbox)
-            item = TensorItem(fqn, json.dumps(off), store_key(fqn, off[0] if stack else None, spec), dtype,
-                              tuple(sizes), tuple(ps), tuple(True for _ in ps))
-            units.append(FilePlan(FileCoord(0, 0), f"{fname}@{boff}", (fqn,), [item]))
+                boxes[names[lay]].append(gbox)
+                piece = Piece(Box.full(lsizes), names[lay], gbox)
+                key = json.dumps([off, None if lay is None else lay - off[0]])
+                items.append(TensorItem(fqn, key, store_key(fqn, lay, spec), dtype, tuple(lsizes), (piece,), (True,)))
+            units.append(FilePlan(FileCoord(0, 0), f"{fname}@{boff}", (fqn,), items))
 
     for a, spec_ in arrays.items():
         vol = 1
@@ -411,7 +430,7 @@ def plan_source(family: Family, cfg: ModelConfig, layout: Layout, index: dict, s
         slot = f"{gkey}|{FORMAT}|0"
         units[0].items.append(ObjectItem(name, name, gkey, slot))
         slots[slot] = 0
-        note(gkey, loc, "object", position[name])
+        note(gkey, loc, "object", position[key])
     # Objects the legacy format has and torch_dist leaves out (values: the encoding's empty value).
     for key in NOT_IN_DIST:
         if key not in manifest and key in _fresh_objects(family, cfg):
@@ -448,14 +467,14 @@ class DistUnit:
         self.iter_dir, self.index, self.layout, self.fp = Path(iter_dir), index, layout, fp
 
     def tensor(self, t: TensorItem) -> torch.Tensor:
-        if getattr(self, "_last", (None,))[0] == (t.chunk, t.key):
-            return self._last[1]
-        x = self._read(t)
-        self._last = ((t.chunk, t.key), x)
-        return x
+        """The item's tensor: the stored chunk, or its slice at one layer of a stacked chunk."""
+        off, layer = json.loads(t.key)
+        if getattr(self, "_last", (None,))[0] != (t.chunk, off):
+            self._last = ((t.chunk, off), self._read(t, off))
+        x = self._last[1]
+        return x if layer is None else x[layer]
 
-    def _read(self, t: TensorItem) -> torch.Tensor:
-        off = json.loads(t.key)
+    def _read(self, t: TensorItem, off: list) -> torch.Tensor:
         for c in self.index["tensors"][t.chunk]["chunks"]:
             if c[0] == off:
                 x = load_tensor(self.iter_dir, c[2:], t.chunk)
@@ -565,6 +584,7 @@ class DistTarget:
     chunks: list[DistChunk]
     objects: list[tuple[str, str, str]]       # (DCP object name, store gkey, target slot)
     local_names: bool                         # the store holds local-spec norm names
+    order: list[str] = field(default_factory=list)   # tensor keys and object names, state-dict order
 
 
 def plan_target(family: Family, cfg: ModelConfig, layout: Layout, manifest: list[dict], arrays: dict[str, dict],
@@ -586,6 +606,7 @@ def plan_target(family: Family, cfg: ModelConfig, layout: Layout, manifest: list
     chunks: list[DistChunk] = []
     objects: dict[str, tuple[str, str, str]] = {}
     local_names = False
+    order: dict[str, None] = {}
     for fp in files:
         for item in fp.items:
             loc = family.locate(item.gkey)
@@ -604,9 +625,11 @@ def plan_target(family: Family, cfg: ModelConfig, layout: Layout, manifest: list
                 name = f"{fqn}/shard_{'.'.join(map(str, pre_off)) or 0}_{'.'.join(map(str, pre_shape)) or 1}"
                 if name not in objects:                     # mcore keeps TP rank 0's extra state
                     objects[name] = (name, item.gkey, item.slot)
+                    order.setdefault(name)
                 continue
             if item.gkey in copies:
                 continue
+            order.setdefault(fqn)
             rule = family.rule(_strip_expert(family, loc), cfg)
             n, r = namer.split(rule, fp.coord)
             shape = tuple(item.shape)
@@ -630,7 +653,7 @@ def plan_target(family: Family, cfg: ModelConfig, layout: Layout, manifest: list
                               for p in parts)
                 chunks.append(DistChunk(fqn, pre_shape + tuple(gshape), pre_off + box.offsets,
                                         (1,) * lead + box.sizes, item.dtype, parts))
-    return DistTarget(chunks, list(objects.values()), local_names)
+    return DistTarget(chunks, list(objects.values()), local_names, list(order))
 
 
 def target_common(common: dict, layout: Layout, padded: int | None, num_layers: int, local_names: bool) -> dict:
@@ -738,7 +761,7 @@ def write_metadata(it_dir: Path, plan: DistTarget, records: list) -> None:
                                                        TensorStorageMetadata)
     from ckptctl.store import torch_dtype
 
-    sdm: dict = {}
+    sdm: dict = {name: None for name in plan.order}     # state-dict order, as a save would list it
     for c in plan.chunks:
         m = sdm.get(c.fqn)
         if m is None:
@@ -757,6 +780,7 @@ def write_metadata(it_dir: Path, plan: DistTarget, records: list) -> None:
     missing = [(c.fqn, c.offsets) for c in plan.chunks if (c.fqn, c.offsets) not in written]
     if missing:
         raise CkptctlError(f"torch_dist writer: {len(missing)} chunks were not written (first: {missing[0]})")
+    sdm = {k: v for k, v in sdm.items() if v is not None}
     md = Metadata(state_dict_metadata=sdm, planner_data=None, storage_data=storage,
                   storage_meta=StorageMeta(checkpoint_id=str(it_dir), save_id=uuid.uuid4().hex), version="1.0.0")
     tmp = it_dir / (METADATA + ".tmp")
@@ -765,3 +789,38 @@ def write_metadata(it_dir: Path, plan: DistTarget, records: list) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, it_dir / METADATA)
+
+
+# --- `ckptctl example --format torch_dist` ------------------------------------------------------
+
+def example(family: str, layout: Layout, out: Path, opts: dict | None = None, seed: int = 1234,
+            overwrite: bool = False, **kw) -> dict:
+    """The legacy example of the same model and layout, converted to torch_dist in this process."""
+    import inspect as pyinspect
+    import shutil
+    import uuid
+
+    from ckptctl.convert import convert
+    from ckptctl.example import example as legacy_example
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise BadInput(f"destination {out} exists and is not empty (use --overwrite)")
+    if "optimizer" in pyinspect.signature(legacy_example).parameters:
+        kw["optimizer"] = kw.get("optimizer") or "none"      # not written in torch_dist by this version
+    else:
+        kw.pop("optimizer", None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.legacy-{uuid.uuid4().hex[:8]}")
+    try:
+        res = legacy_example(family, layout, tmp, opts, seed=seed, **kw)
+        rep = convert(tmp, out, layout, nproc=0, overwrite=overwrite, to_format=FORMAT)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    files = len(list((out / legacy.iter_dirname(rep_iteration(out))).glob("*.distcp")))
+    return {**res, "out": str(out), "format": FORMAT, "files": files, "notes": rep.notes}
+
+
+def rep_iteration(root: Path):
+    found = _iter_dir(root)
+    return found[0] if found else "release"

@@ -140,6 +140,8 @@ def check(report: str, tp: int, pp: int, tied: bool, ref: str, dists: list[str],
     result = {"rank": torch.distributed.get_rank(), "tensors": len(expected), "mismatch": [], "loaded": []}
 
     def compare(name, model):
+        if pp == 1:
+            result.setdefault("logits", {})[name] = logits(model)
         got = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
         if set(got) != set(expected):
             result["mismatch"].append(f"{name}: keys differ {sorted(set(got) ^ set(expected))[:4]}")
@@ -161,7 +163,7 @@ def check(report: str, tp: int, pp: int, tied: bool, ref: str, dists: list[str],
         m.load_state_dict(sd["model"], strict=True)
         compare(d, m)
     if pp == 1:
-        result["logits"] = logits(ref_model)
+        result.setdefault("logits", {})["ref"] = logits(ref_model)
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, result)
     if torch.distributed.get_rank() == 0:
