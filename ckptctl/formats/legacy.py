@@ -127,21 +127,29 @@ def load_pt(path: Path, mmap: bool = True):
     path = Path(path)
     if not path.is_file():
         raise BadInput(f"missing rank file {path}")
+    try:
+        return _weights_only_load(path, str(path), mmap)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise BadInput(f"{path}: truncated or corrupt rank file ({str(e).splitlines()[0][:120]})") from None
+
+
+def _weights_only_load(src, what: str, mmap: bool = False):
+    """torch.load(weights_only=True) with our allow-list; Megatron's own classes get stand-ins as met."""
     extra = [(_stand_in(q), q) for q in _foreign]
     for _ in range(16):
+        if isinstance(src, io.BytesIO):
+            src.seek(0)
         try:
             with torch.serialization.safe_globals(SAFE_GLOBALS + extra):
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+                return torch.load(src, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as e:
             m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-            if m and m.group(1).startswith(FOREIGN_PREFIXES) and m.group(1) not in _foreign:
+            if m and m.group(1).startswith(FOREIGN_PREFIXES) and all(q != m.group(1) for _, q in extra):
                 extra.append((_stand_in(m.group(1)), m.group(1)))
                 continue
             name = m.group(1) if m else str(e).splitlines()[0]
-            raise BadInput(f"{path}: refusing to unpickle {name} (not on the allow-list)") from None
-        except (RuntimeError, EOFError, OSError, ValueError) as e:
-            raise BadInput(f"{path}: truncated or corrupt rank file ({str(e).splitlines()[0][:120]})") from None
-    raise BadInput(f"{path}: too many unknown globals")
+            raise BadInput(f"{what}: refusing to unpickle {name} (not on the allow-list)") from None
+    raise BadInput(f"{what}: too many unknown globals")
 
 
 def args_dict(args) -> dict:
@@ -329,12 +337,9 @@ def rewrite_args(args: dict, layout: Layout, padded_vocab: int | None, num_layer
 
 def loads_bytes(data: bytes, what: str):
     """Unpickle an object we stored (args, RNG state ...) with the same allow-list as rank files."""
-    buf = io.BytesIO(data)
-    extra = [(_stand_in(q), q) for q in _foreign]
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS + extra):
-            return torch.load(buf, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - stored objects came from files we already accepted
+        return _weights_only_load(io.BytesIO(data), f"stored object {what}")
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise BadInput(f"stored object {what}: cannot be read back ({str(e).splitlines()[0][:120]})") from None
 
 
