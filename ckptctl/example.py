@@ -108,8 +108,11 @@ def example(family: str, layout: Layout, out: Path, opts: dict | None = None, se
     args = make_args(cfg, layout, dtype, int(cfg.extra.get("max_position_embeddings", 64)), bool(cfg.extra.get("add_bias_linear", True)))
     args = argparse.Namespace(**fam.layout_args(vars(args), cfg, layout))
     common = {"args": args, "checkpoint_version": 3.0, "iteration": 10,
-              "opt_param_scheduler": {"max_lr": 3e-4, "min_lr": 3e-5, "num_steps": 10, "warmup_steps": 2,
-                                      "decay_style": "cosine"},
+              # the keys Megatron-LM's OptimizerParamScheduler.state_dict() writes
+              "opt_param_scheduler": {"max_lr": 3e-4, "lr_warmup_steps": 2, "num_steps": 10,
+                                      "lr_decay_style": "cosine", "lr_decay_steps": 100, "min_lr": 3e-5,
+                                      "start_wd": 0.1, "end_wd": 0.1, "wd_incr_style": "constant",
+                                      "wd_incr_steps": 100},
               "num_floating_point_operations_so_far": 1.0e12}
     tside = None
     if optimizer != "none":
