@@ -138,6 +138,8 @@ def policy_report(src: Source, dst_layout: Layout | None, rng: str, optimizer: b
             out[k] = ("dropped (--rng drop)" if rng == "drop" else
                       "carried per rank (TP and PP unchanged)" if same and rng in ("auto", "carry") else
                       "replicated from source mp_rank 0 (TP or PP changed; RNG streams cannot be resharded)")
+        elif p == "dropped":
+            out[k] = "dropped (per-rank state that cannot follow a layout change)"
         elif p == "optimizer":
             out[k] = (optim.policy_text(src.optim, src.layout, dst_layout) if optimizer and src.optim else
                       "dropped (--no-optimizer)" if src.optim else "DROPPED: not a recognised optimizer state")

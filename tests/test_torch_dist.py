@@ -226,3 +226,14 @@ def test_example_format_torch_dist_holds_the_legacy_example(tmp_path, cli):
     v = cli("verify", tmp_path / "leg", tmp_path / "td", "--json")
     assert v.code == 0, v.out
     assert cli("example", "gpt", "--out", tmp_path / "x", "--format", "zip").code == 2
+
+
+def test_optimizer_and_rerun_entries_are_dropped_not_refused():
+    emb = {"shape": [128, 4], "dtype": "float32", "chunks": [chunk([0, 0], [128, 4])]}
+    opt = {"shape": [2, 4], "dtype": "float32", "chunks": [chunk([0, 0], [2, 4], at=10)]}
+    idx = index({"embedding.word_embeddings.weight": emb,
+                 "optimizer.state.exp_avg.decoder.layers.pre_mlp_layernorm.weight": opt},
+                ["rerun_state_machine_state/shard_0_1"])
+    plan = td.plan_source(GPT, cfg(), Layout(), idx, "te")
+    assert list(plan.arrays) == ["model/embedding.word_embeddings.weight"]
+    assert td.dropped_keys(idx) == ["optimizer", "rerun_state_machine_state"]

@@ -42,6 +42,9 @@ METADATA = ".metadata"
 COMMON_KEY = "common_state"
 COMMON_PT = "common.pt"
 RNG_KEY = "rng_state"
+# Optimizer state (`optimizer.state...`, old chained `chained_<i>.optimizer...`) is not converted from
+# torch_dist by this version; nor the per-rank state of an in-flight rerun (Megatron-LM's rerun machine).
+DROPPED_PREFIXES = ("optimizer", "chained_", "rerun_state_machine_state")
 # megatron-core pops `output_layer._extra_state` from GPT's sharded state dict (it must be empty);
 # the legacy format keeps the key (None under local specs).
 NOT_IN_DIST = ("output_layer._extra_state",)
@@ -357,7 +360,7 @@ def plan_source(family: Family, cfg: ModelConfig, layout: Layout, index: dict, s
             sort[gkey] = _sort_key(loc, None if ex is None else ex[1], pos, family, groups)
 
     for fqn in order:
-        if fqn not in tensors:
+        if fqn not in tensors or fqn.startswith(DROPPED_PREFIXES):
             continue
         t = tensors[fqn]
         shape, dtype = tuple(t["shape"]), t["dtype"]
@@ -421,7 +424,7 @@ def plan_source(family: Family, cfg: ModelConfig, layout: Layout, index: dict, s
             continue                            # read by the objects unit's common() and rng()
         key, offs, shape = parse_shard(name)
         if not key.endswith(EXTRA_STATE):
-            if key.startswith("optimizer"):
+            if key.startswith(DROPPED_PREFIXES):
                 continue
             raise BadInput(f"torch_dist object {name!r}: unknown (no policy carries it)")
         stack, _ = split_fqn(key)
@@ -513,7 +516,12 @@ def common_for_store(common: dict) -> dict:
 
 
 def dropped_keys(index: dict) -> list[str]:
-    return ["optimizer"] if any(n.startswith("optimizer") for n in index["order"]) else []
+    out = []
+    if any(n.startswith(("optimizer", "chained_")) for n in index["order"]):
+        out.append("optimizer")
+    if any(n.startswith("rerun_state_machine_state") for n in index["order"]):
+        out.append("rerun_state_machine_state")
+    return out
 
 
 # --- inspect (parent process) -------------------------------------------------------------------
@@ -548,8 +556,8 @@ def inspect(src: Path, true_vocab: int | None = None, family: str | None = None)
         policies[k] = pol
     if any(n.startswith(RNG_KEY + "/") for n in ck.index["objects"]):
         policies[RNG_KEY] = "rng"
-    if dropped_keys(ck.index):
-        policies["optimizer"] = "optimizer"
+    for k in dropped_keys(ck.index):
+        policies[k] = "optimizer" if k == "optimizer" else "dropped"
     dist = {"iter_dir": str(ck.iter_dir), "spec": spec, "index": ck.index}
     return Source(ck, fam_name, cfg, [], plan, policies, fmt=FORMAT, dist=dist)
 
