@@ -95,11 +95,10 @@ class GPT(Family):
         H, hn = cfg.hidden, cfg.kv_channels
         qkv = (cfg.heads + 2 * cfg.groups) * hn
         fc1 = (2 if cfg.glu else 1) * cfg.ffn
-        keys = [("input_layernorm.weight", (H,))]
-        keys += [("input_layernorm.bias", (H,))] if bias else []
+        keys = self.norm_keys("input_layernorm", cfg)
         keys += self.linear("self_attention.linear_proj", (H, cfg.heads * hn), bias, (H,))
         keys += self.linear("self_attention.linear_qkv", (qkv, H), bias, (qkv,))
-        keys += [("pre_mlp_layernorm.weight", (H,))] + ([("pre_mlp_layernorm.bias", (H,))] if bias else [])
+        keys += self.norm_keys("pre_mlp_layernorm", cfg)
         keys += self.mlp_keys(cfg, bias)
         return keys
 
@@ -108,6 +107,14 @@ class GPT(Family):
         fc1 = (2 if cfg.glu else 1) * cfg.ffn
         return (self.linear("mlp.linear_fc1", (fc1, H), bias, (fc1,))
                 + self.linear("mlp.linear_fc2", (H, cfg.ffn), bias, (H,)))
+
+    @staticmethod
+    def norm_keys(prefix: str, cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+        """A norm has a bias with LayerNorm (whatever add_bias_linear says), none with RMSNorm."""
+        keys = [(f"{prefix}.weight", (cfg.hidden,))]
+        if cfg.extra.get("normalization", "LayerNorm") == "LayerNorm":
+            keys.append((f"{prefix}.bias", (cfg.hidden,)))
+        return keys
 
     @staticmethod
     def linear(prefix, wshape, bias, bshape):
@@ -124,9 +131,7 @@ class GPT(Family):
             out.append(("embedding.position_embeddings.weight", (int(cfg.extra.get("max_position_embeddings", 64)), H)))
         for i in range(cfg.num_layers):
             out += [(f"decoder.layers.{i}.{k}", s) for k, s in self.layer_keys(cfg, bias)]
-        out.append(("decoder.final_layernorm.weight", (H,)))
-        if bias:
-            out.append(("decoder.final_layernorm.bias", (H,)))
+        out += self.norm_keys("decoder.final_layernorm", cfg)
         if not cfg.tied:
             out.append((OUTPUT, (Vp, H)))
         out.append((f"output_layer.{EXTRA_STATE}", None))

@@ -89,7 +89,7 @@ class T5(GPT):
         """GPT's layer keys with the cross-attention block after self-attention (module order)."""
         H, hn = cfg.hidden, cfg.kv_channels
         inner = cfg.heads * hn
-        cross = [("pre_cross_attn_layernorm.weight", (H,))] + ([("pre_cross_attn_layernorm.bias", (H,))] if bias else [])
+        cross = self.norm_keys("pre_cross_attn_layernorm", cfg)
         cross += self.linear("cross_attention.linear_proj", (H, inner), bias, (H,))
         cross += self.linear("cross_attention.linear_q", (inner, H), bias, (inner,))
         cross += self.linear("cross_attention.linear_kv", (2 * inner, H), bias, (2 * inner,))
