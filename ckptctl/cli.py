@@ -70,10 +70,11 @@ def example(
     json_out: JsonOpt = False,
 ):
     """Write a small random checkpoint in Megatron's legacy (or torch_dist) format."""
-    from ckptctl.example import example as make
     if fmt == "torch_dist":
         from ckptctl.formats.torch_dist import example as make
-    elif fmt != "legacy":
+    elif fmt == "legacy":
+        from ckptctl.example import example as make
+    else:
         raise BadInput(f"--format: expected legacy or torch_dist, got {fmt!r}")
 
     res = make(family, parse_layout(layout), out,

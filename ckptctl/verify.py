@@ -10,7 +10,6 @@ import torch
 
 from ckptctl.convert import Source, inspect
 from ckptctl.errors import BadInput
-from ckptctl.formats import legacy
 from ckptctl.store import torch_dtype
 
 

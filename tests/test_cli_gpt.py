@@ -1,5 +1,4 @@
 """GPT end to end through the CLI: example -> convert (torchrun workers) -> verify, and every bad input."""
-import json
 import os
 import shutil
 from pathlib import Path

@@ -30,7 +30,7 @@ from ckptctl.box import Box
 from ckptctl.errors import BadInput, CkptctlError
 from ckptctl.formats import legacy
 from ckptctl.layout import FileCoord, Layout
-from ckptctl.models.base import EXTRA_STATE, Family, KeyLoc
+from ckptctl.models.base import EXTRA_STATE, Family
 from ckptctl.models.config import ModelConfig
 from ckptctl.models.rules import VOCAB, Piece
 from ckptctl.reshard.plan import MODEL, FilePlan, Namer, ObjectItem, SourcePlan, TensorItem, _sort_key, _strip_expert
@@ -687,19 +687,10 @@ def _blob(value) -> bytes:
 def target_phase(job, comm, progress) -> dict:
     """Write the torch_dist checkpoint: per-worker .distcp files, then (rank 0) .metadata, metadata.json."""
     from ckptctl.reshard.comm import assign
-    from ckptctl.reshard.run import COMMON, empty_like_encoding, get_object, rng_for
-    from ckptctl.store import Store, torch_dtype
-    from ckptctl.models import get_family
+    from ckptctl.reshard.run import COMMON, empty_like_encoding, get_object, open_target, rng_for
+    from ckptctl.store import torch_dtype
 
-    store = Store.open(Path(job.store))
-    attrs = store.attrs
-    if not attrs.get("complete"):
-        raise BadInput(f"{job.store}: the store is incomplete (its source phase did not finish)")
-    family = get_family(attrs["family"])
-    cfg = ModelConfig.from_json(attrs["config"])
-    src_layout = Layout.from_json(attrs["source_layout"])
-    dst = Layout.from_json(job.dst_layout)
-    encs = attrs["objects"]
+    store, attrs, family, cfg, src_layout, dst, encs = open_target(job)
     plan = plan_target(family, cfg, dst, attrs["manifest"], attrs["arrays"], set(encs))
     iteration = attrs.get("iteration", "release")
     it_dir = Path(job.out) / legacy.iter_dirname(iteration)

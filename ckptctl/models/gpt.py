@@ -94,7 +94,6 @@ class GPT(Family):
     def layer_keys(self, cfg: ModelConfig, bias: bool) -> list[tuple[str, tuple[int, ...] | None]]:
         H, hn = cfg.hidden, cfg.kv_channels
         qkv = (cfg.heads + 2 * cfg.groups) * hn
-        fc1 = (2 if cfg.glu else 1) * cfg.ffn
         keys = self.norm_keys("input_layernorm", cfg)
         keys += self.linear("self_attention.linear_proj", (H, cfg.heads * hn), bias, (H,))
         keys += self.linear("self_attention.linear_qkv", (qkv, H), bias, (qkv,))

@@ -18,7 +18,6 @@ chunk v of stage p; without, the layers split evenly (or by first/last-stage cou
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from ckptctl.errors import BadInput, LayoutError

@@ -7,7 +7,7 @@ generator, so a rule is written once and used in both directions.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ckptctl.box import Box
 from ckptctl.errors import BadInput

@@ -23,7 +23,7 @@ from ckptctl.models import get_family
 from ckptctl.models.config import ModelConfig
 from ckptctl.reshard.comm import Comm, assign
 from ckptctl.reshard import stream
-from ckptctl.reshard.plan import OBJECTS, FilePlan, Inventory, ObjectItem, TensorItem, plan_source, plan_target
+from ckptctl.reshard.plan import OBJECTS, FilePlan, Inventory, ObjectItem, TensorItem, plan_target
 from ckptctl.store import FORMAT, FORMAT_VERSION, Store, configure, torch_dtype
 
 COMMON = "common"
@@ -287,19 +287,22 @@ def build_file(store: Store, fp: FilePlan, common: dict, encs: dict, progress: P
     return sd
 
 
-def target_phase(job: Job, comm: Comm, progress: Progress) -> dict:
-    if job.dst_format == "torch_dist":
-        from ckptctl.formats import torch_dist
-        return torch_dist.target_phase(job, comm, progress)
+def open_target(job: Job):
+    """The complete store a target phase reads, and what its attributes say: (store, attrs, family,
+    config, source layout, target layout, object encodings)."""
     store = Store.open(Path(job.store))
     attrs = store.attrs
     if not attrs.get("complete"):
         raise BadInput(f"{job.store}: the store is incomplete (its source phase did not finish)")
-    family = get_family(attrs["family"])
-    cfg = ModelConfig.from_json(attrs["config"])
-    src_layout = Layout.from_json(attrs["source_layout"])
-    dst = Layout.from_json(job.dst_layout)
-    encs = attrs["objects"]
+    return (store, attrs, get_family(attrs["family"]), ModelConfig.from_json(attrs["config"]),
+            Layout.from_json(attrs["source_layout"]), Layout.from_json(job.dst_layout), attrs["objects"])
+
+
+def target_phase(job: Job, comm: Comm, progress: Progress) -> dict:
+    if job.dst_format == "torch_dist":
+        from ckptctl.formats import torch_dist
+        return torch_dist.target_phase(job, comm, progress)
+    store, attrs, family, cfg, src_layout, dst, encs = open_target(job)
     files = plan_target(family, cfg, dst, attrs["manifest"], attrs["arrays"], set(encs))
     common = get_object(store, COMMON, encs.get(COMMON, "none")) or {}
     iteration = attrs.get("iteration", "release")
