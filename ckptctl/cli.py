@@ -194,7 +194,8 @@ def matrix(
     else:
         output.table(f"ckptctl matrix --model {model}", ["family", "pair", "result", "seconds", "bytes", "GB/s", "detail"],
                      [[r["family"], r["pair"], ("[green]pass[/]" if r["result"] == "pass" else "[red]FAIL[/]"),
-                       f"{r['seconds']:.2f}", output.human_bytes(r["bytes"]), f"{r['gbps']:.3f}", r.get("detail", "")]
+                       f"{r['seconds']:.2f}", output.human_bytes(r["bytes"]), f"{r['gbps']:.3f}",
+                       r.get("detail", "") or r.get("note", "")]
                       for r in rows])
     if not all(r["result"] == "pass" for r in rows):
         raise typer.Exit(1)
