@@ -6,10 +6,6 @@ Two torchrun launches for all cases (world 4): tests/mcore/moe.py save ..., then
 """
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,37 +16,14 @@ pytestmark = pytest.mark.mcore
 
 HARNESS = Path(__file__).parent / "mcore" / "moe.py"
 sys.path.insert(0, str(HARNESS.parent))
+from mcore_launch import save_convert_check  # noqa: E402
 from moe import CASES  # noqa: E402  (the harness's case table: layouts A and B)
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(*args) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=4",
-           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_port()}", "--max-restarts=0", str(HARNESS), *args]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
 def interop(tmp_path_factory):
-    from ckptctl.convert import convert
-    from ckptctl.layout import parse_layout
-
-    work = tmp_path_factory.mktemp("moe_interop")
-    cases = sorted(CASES)
-    torchrun("save", str(work), *cases)
-    dirs = {}
-    for case in cases:
-        dirs[case] = sorted(p.name for p in (work / case / "A" / "iter_0000001").iterdir())
-        convert(work / case / "A", work / case / "B", parse_layout(CASES[case][2]), nproc=0)
-    report = work / "report.json"
-    torchrun("check", str(work), str(report), *cases)
-    return json.loads(report.read_text()), dirs
+    return save_convert_check(HARNESS, tmp_path_factory.mktemp("moe_interop"),
+                              {case: spec[2] for case, spec in CASES.items()})
 
 
 def test_megatron_writes_the_file_set_ckptctl_expects(interop):
