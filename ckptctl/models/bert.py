@@ -11,7 +11,7 @@ from __future__ import annotations
 from ckptctl.models import register
 from ckptctl.models.base import EXTRA_STATE
 from ckptctl.models.config import ModelConfig
-from ckptctl.models.gpt import EMBEDDING, GPT, OUTPUT, R, TOP_RULES, VOCAB_ROWS, _table
+from ckptctl.models.gpt import GPT, OUTPUT, R, TOP_RULES, VOCAB_ROWS, _table
 
 # BERT's top-level tensors beyond GPT's (embeddings, final norm, output weight come from TOP_RULES).
 BERT_TOP_RULES = TOP_RULES + _table([
@@ -55,9 +55,7 @@ class BERT(GPT):
     def global_keys(self, cfg: ModelConfig) -> list[tuple[str, tuple[int, ...] | None]]:
         bias = bool(cfg.extra.get("add_bias_linear", True))
         H, Vp = cfg.hidden, cfg.padded_vocab
-        out: list[tuple[str, tuple[int, ...] | None]] = [(EMBEDDING, (Vp, H))]
-        if cfg.extra.get("position_embedding_type", "learned_absolute") == "learned_absolute":
-            out.append(("embedding.position_embeddings.weight", (int(cfg.extra.get("max_position_embeddings", 64)), H)))
+        out: list[tuple[str, tuple[int, ...] | None]] = self.embedding_keys(cfg)
         if tokentypes(cfg):
             out.append(("embedding.tokentype_embeddings.weight", (tokentypes(cfg), H)))
         for i in range(cfg.num_layers):

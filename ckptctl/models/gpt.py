@@ -122,12 +122,19 @@ class GPT(Family):
             out.append((f"{prefix}.bias", bshape))
         return out + [(f"{prefix}.{EXTRA_STATE}", None)]
 
+    @staticmethod
+    def embedding_keys(cfg: ModelConfig, position: str = "learned_absolute") -> list[tuple[str, tuple[int, ...]]]:
+        """Word embedding (padded vocab), then learned positions when the model has them."""
+        out = [(EMBEDDING, (cfg.padded_vocab, cfg.hidden))]
+        if cfg.extra.get("position_embedding_type", position) == "learned_absolute":
+            out.append(("embedding.position_embeddings.weight",
+                        (int(cfg.extra.get("max_position_embeddings", 64)), cfg.hidden)))
+        return out
+
     def global_keys(self, cfg: ModelConfig) -> list[tuple[str, tuple[int, ...] | None]]:
         bias = bool(cfg.extra.get("add_bias_linear", True))
         H, Vp = cfg.hidden, cfg.padded_vocab
-        out: list[tuple[str, tuple[int, ...] | None]] = [(EMBEDDING, (Vp, H))]
-        if cfg.extra.get("position_embedding_type", "learned_absolute") == "learned_absolute":
-            out.append(("embedding.position_embeddings.weight", (int(cfg.extra.get("max_position_embeddings", 64)), H)))
+        out: list[tuple[str, tuple[int, ...] | None]] = self.embedding_keys(cfg)
         for i in range(cfg.num_layers):
             out += [(f"decoder.layers.{i}.{k}", s) for k, s in self.layer_keys(cfg, bias)]
         out += self.norm_keys("decoder.final_layernorm", cfg)

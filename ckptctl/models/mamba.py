@@ -25,7 +25,7 @@ from ckptctl.layout import Layout, stage_layers
 from ckptctl.models import register
 from ckptctl.models.base import EXTRA_STATE, KeyLoc, match_rule
 from ckptctl.models.config import ModelConfig
-from ckptctl.models.gpt import COL, EMBEDDING, GPT, OUTPUT, ROW, R, _table, check_divisible
+from ckptctl.models.gpt import COL, GPT, OUTPUT, ROW, R, _table, check_divisible
 from ckptctl.models.moe import MOE_RULES, MoE
 from ckptctl.models.rules import SEGMENTS, Rule
 
@@ -235,9 +235,7 @@ class Mamba(MoE):
     def global_keys(self, cfg: ModelConfig) -> list[tuple[str, tuple[int, ...] | None]]:
         bias = bool(cfg.extra.get("add_bias_linear", False))
         H, Vp = cfg.hidden, cfg.padded_vocab
-        out: list[tuple[str, tuple[int, ...] | None]] = [(EMBEDDING, (Vp, H))]
-        if cfg.extra.get("position_embedding_type", "none") == "learned_absolute":
-            out.append(("embedding.position_embeddings.weight", (int(cfg.extra.get("max_position_embeddings", 64)), H)))
+        out: list[tuple[str, tuple[int, ...] | None]] = self.embedding_keys(cfg, position="none")
         per_kind = {MAMBA: lambda: self.mamba_keys(cfg), ATTENTION: lambda: self.attention_keys(cfg, bias),
                     MLP: lambda: self.mlp_layer_keys(cfg, bias), MOE: lambda: self.moe_layer_keys(cfg, bias)}
         for i, ch in enumerate(layer_types(cfg)):
