@@ -41,9 +41,11 @@ class Monitor:
         self._t.start()
 
     @staticmethod
-    def _role(cmd: list[str]) -> str:
-        s = " ".join(cmd)
-        if "ckptctl.reshard.worker" in s:
+    def _role(p: psutil.Process) -> str:
+        s = " ".join(p.cmdline())
+        with open(f"/proc/{p.pid}/comm") as f:
+            forked = f.read().startswith("ckptctl-w")      # workers forked by ckptctl.reshard.launch
+        if forked or "ckptctl.reshard.worker" in s:        # or started by torchrun
             return "worker"
         if "torch.distributed.run" in s:
             return "agent"
@@ -64,8 +66,10 @@ class Monitor:
                     rss = int(st["VmRSS"].split()[0]) << 10
                     anon = int(st.get("RssAnon", "0 kB").split()[0]) << 10
                     if p.pid not in self.peaks:
-                        self.peaks[p.pid] = {"role": self._role(p.cmdline()), "hwm": 0, "anon": 0}
+                        self.peaks[p.pid] = {"role": "main", "hwm": 0, "anon": 0}
                     e = self.peaks[p.pid]
+                    if e["role"] != "worker" and p.pid != self.root.pid:   # a fork is named just after it starts
+                        e["role"] = self._role(p)
                     e["hwm"] = max(e["hwm"], hwm)
                     e["anon"] = max(e["anon"], anon)
                     total += rss

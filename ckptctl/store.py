@@ -6,6 +6,7 @@ No compression; `write_empty_chunks` so that every chunk exists once written.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -76,15 +77,35 @@ class Store:
     def create(cls, path: Path, arrays: dict[str, dict], attrs: dict) -> "Store":
         """arrays: name -> {"shape", "dtype" (torch name), "chunks"}."""
         root = zarr.open_group(str(path), mode="w", zarr_format=3)
+        store = cls(path, root)
+        store.add_arrays(arrays)
+        root.attrs.update(json.loads(json.dumps(attrs)))
+        return store
+
+    def add_arrays(self, arrays: dict[str, dict]) -> None:
+        """Create arrays (name -> spec as in `create`); workers may each add their share concurrently.
+
+        Zarr creates the first array of each storage dtype (and rank: 0-d or not); the others get the
+        same metadata document with their shape, chunk shape and attributes written directly, which
+        costs microseconds instead of milliseconds per array (thousands of arrays in a large model).
+        """
+        templates: dict[tuple, dict] = {}
         for name, spec in arrays.items():
             shape = tuple(spec["shape"])
-            root.create_array(
-                name, shape=shape, dtype=storage_dtype(spec["dtype"]),
-                chunks=tuple(spec["chunks"]) if shape else (), compressors=None, filters=None,
-                fill_value=0, config={"write_empty_chunks": True},
-                attributes={"torch_dtype": spec["dtype"]})
-        root.attrs.update(json.loads(json.dumps(attrs)))
-        return cls(path, root)
+            chunks = tuple(spec["chunks"]) if shape else ()
+            key = (storage_dtype(spec["dtype"]), bool(shape))
+            if key not in templates:
+                self.group.create_array(
+                    name, shape=shape, dtype=key[0], chunks=chunks, compressors=None, filters=None,
+                    fill_value=0, config={"write_empty_chunks": True}, attributes={"torch_dtype": spec["dtype"]})
+                templates[key] = json.loads((self.path / name / "zarr.json").read_text())
+                continue
+            meta = {**templates[key], "shape": list(shape), "attributes": {"torch_dtype": spec["dtype"]},
+                    "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}}}
+            parts = name.split("/")
+            for i in range(1, len(parts)):   # implicit parent groups, as zarr writes them
+                _write_json(self.path.joinpath(*parts[:i]) / "zarr.json", _GROUP_META, exist_ok=True)
+            _write_json(self.path / name / "zarr.json", meta)
 
     @classmethod
     def open(cls, path: Path, mode: str = "r") -> "Store":
@@ -123,6 +144,18 @@ class Store:
     def complete(self, name: str) -> bool:
         a = self.array(name)
         return a.nchunks_initialized == a.nchunks
+
+
+_GROUP_META = {"attributes": {}, "zarr_format": 3, "node_type": "group"}   # what zarr writes for a parent
+
+
+def _write_json(path: Path, doc: dict, exist_ok: bool = False) -> None:
+    if exist_ok and path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, path)   # atomic: workers creating the same parent group never see half a file
 
 
 def chunk_shape(shape: tuple[int, ...], boxes: list[Box], itemsize: int, max_bytes: int = 64 << 20) -> tuple[int, ...]:

@@ -85,8 +85,9 @@ def _worker_peaks(proc: subprocess.Popen) -> dict[int, int]:
             procs = []
         for q in procs:
             try:
-                cmd = q.cmdline()
-                if cmd[-2:-1] == ["ckptctl.reshard.worker"] and "torch.distributed.run" not in " ".join(cmd):
+                with open(f"/proc/{q.pid}/comm") as f:
+                    worker = f.read().startswith("ckptctl-w")     # the name launch.py's forked workers take
+                if worker:
                     with open(f"/proc/{q.pid}/status") as f:
                         hwm = next(int(x.split()[1]) << 10 for x in f if x.startswith("VmHWM"))
                     peaks[q.pid] = max(peaks.get(q.pid, 0), hwm)

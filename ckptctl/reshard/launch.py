@@ -1,4 +1,5 @@
-"""The parent side: start torchrun workers, show their progress, turn their failure into one error."""
+"""The parent side: start the workers (forked here, or torchrun across nodes), show their progress,
+turn their failure into one error."""
 from __future__ import annotations
 
 import json
@@ -60,7 +61,13 @@ def _done_bytes(workdir: Path) -> int:
 
 def run(job: Job, nproc: int, total_bytes: int, progress=None, label: str = "converting",
         timeout_s: float | None = None, nodes: Nodes | None = None) -> dict:
-    """Run `job` on `nproc` torchrun workers (0 = in this process) per node. Returns rank 0's result."""
+    """Run `job` on `nproc` workers (0 = in this process) per node. Returns rank 0's result.
+
+    One node: the workers are forked from this process, which has already imported torch and the
+    worker code while inspecting the source, so they start in milliseconds (no second interpreter,
+    no torchrun agent) and rendezvous over gloo on a loopback port. Several nodes (or
+    CKPTCTL_LAUNCHER=torchrun): torchrun with static rendezvous at node 0.
+    """
     workdir = Path(job.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if nproc <= 0:
@@ -70,6 +77,77 @@ def run(job: Job, nproc: int, total_bytes: int, progress=None, label: str = "con
     job_path = workdir / f"job{tag}.json"
     job.save(job_path)
     log = workdir / f"workers{tag}.log"
+    task = progress.add_task(label, total=max(total_bytes, 1)) if progress is not None else None
+    start = time.monotonic()
+    procs = (_torchrun(job_path, nproc, nodes, log) if nodes.multi or not _can_fork() else
+             _fork(job_path, nproc, log))
+    rc, who = 0, None
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [(c, p.rank) for c, p in zip(codes, procs) if c not in (None, 0)]
+            if failed or all(c == 0 for c in codes):
+                rc, who = failed[0] if failed else (0, None)
+                break
+            if task is not None:
+                progress.update(task, completed=min(_done_bytes(workdir), total_bytes))
+            if timeout_s and time.monotonic() - start > timeout_s:
+                raise WorkerFailure(f"workers did not finish within {timeout_s:.0f} s (log: {log})")
+            time.sleep(0.05)
+    finally:   # one failed worker stops the rest (its peers would wait on it until the gloo timeout)
+        for p in procs:
+            p.stop()
+    if task is not None:
+        progress.update(task, completed=total_bytes if rc == 0 else _done_bytes(workdir))
+    if rc != 0:
+        raise _failure(workdir, log, rc, who)
+    res = workdir / "result.json"
+    return json.loads(res.read_text()) if res.exists() else {}
+
+
+def _can_fork() -> bool:
+    import multiprocessing
+    return os.environ.get("CKPTCTL_LAUNCHER", "fork") != "torchrun" and \
+        "fork" in multiprocessing.get_all_start_methods()
+
+
+class _Proc:
+    """A started worker (or the torchrun agent): poll() -> exit code or None; stop() ends it."""
+
+    def __init__(self, handle, rank: int | None = None):
+        self.h, self.rank = handle, rank
+
+    def poll(self):
+        if isinstance(self.h, subprocess.Popen):
+            return self.h.poll()
+        return None if self.h.is_alive() else self.h.exitcode
+
+    def stop(self) -> None:
+        if self.poll() is not None:
+            if not isinstance(self.h, subprocess.Popen):
+                self.h.join()
+            return
+        self.h.kill()
+        if isinstance(self.h, subprocess.Popen):
+            self.h.wait()
+        else:
+            self.h.join()
+
+
+def _fork(job_path: Path, nproc: int, log: Path) -> list[_Proc]:
+    import multiprocessing
+    from ckptctl.reshard import worker
+    ctx, port = multiprocessing.get_context("fork"), _free_port()
+    procs = []
+    for rank in range(nproc):
+        p = ctx.Process(target=worker.forked, args=(str(job_path), rank, nproc, port, str(log)),
+                        name=f"ckptctl-worker-{rank}", daemon=True)
+        p.start()
+        procs.append(_Proc(p, rank))
+    return procs
+
+
+def _torchrun(job_path: Path, nproc: int, nodes: Nodes, log: Path) -> list[_Proc]:
     if nodes.multi:   # static rendezvous at node 0's address, as `torchrun --nnodes N --node-rank R`
         where = [f"--nnodes={nodes.nnodes}", f"--node-rank={nodes.node_rank}",
                  f"--master-addr={nodes.master_addr}", f"--master-port={nodes.master_port}"]
@@ -78,26 +156,14 @@ def run(job: Job, nproc: int, total_bytes: int, progress=None, label: str = "con
     cmd = [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={nproc}", "--max-restarts=0",
            "-m", "ckptctl.reshard.worker", str(job_path)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    task = progress.add_task(label, total=max(total_bytes, 1)) if progress is not None else None
-    start = time.monotonic()
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        while proc.poll() is None:
-            if task is not None:
-                progress.update(task, completed=min(_done_bytes(workdir), total_bytes))
-            if timeout_s and time.monotonic() - start > timeout_s:
-                proc.kill()
-                raise WorkerFailure(f"workers did not finish within {timeout_s:.0f} s (log: {log})")
-            time.sleep(0.1)
-    if task is not None:
-        progress.update(task, completed=total_bytes if proc.returncode == 0 else _done_bytes(workdir))
-    if proc.returncode != 0:
-        raise _failure(workdir, log, proc.returncode)
-    res = workdir / "result.json"
-    return json.loads(res.read_text()) if res.exists() else {}
+        return [_Proc(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env))]
 
 
-def _failure(workdir: Path, log: Path, rc: int) -> Exception:
+def _failure(workdir: Path, log: Path, rc: int, rank: int | None = None) -> Exception:
+    if rank is not None and rc < 0:   # a forked worker killed by a signal (e.g. SIGKILL from the OOM killer)
+        return WorkerFailure(f"worker {rank} died: {_signame(-rc)} (out of memory? "
+                             "try a smaller --max-memory or fewer workers)")
     errors = []
     for f in sorted((workdir / "errors").glob("rank*.json")):
         try:
@@ -111,3 +177,11 @@ def _failure(workdir: Path, log: Path, rc: int) -> Exception:
         return BadInput(msg) if first["kind"] == "bad_input" else WorkerFailure(msg)
     tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
     return WorkerFailure(f"workers failed (exit {rc}): " + " | ".join(tail)[:400])
+
+
+def _signame(n: int) -> str:
+    import signal
+    try:
+        return signal.Signals(n).name
+    except ValueError:
+        return f"signal {n}"

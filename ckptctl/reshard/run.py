@@ -126,10 +126,12 @@ def source_phase(job: Job, comm: Comm, progress: Progress) -> dict:
     open_unit = formats.unit_opener(job.src_format, layout, job.inventories, job.dist)
     oside = optim.SourceSide(family, cfg, layout, job.optim, plan) if job.optim else None
     if comm.rank == 0:
-        Store.create(Path(job.store), {**plan.arrays, **(oside.arrays() if oside else {})},
-                     {"format": FORMAT, "complete": False})
+        Store.create(Path(job.store), {}, {"format": FORMAT, "complete": False})
     comm.barrier()
     store = Store.open(Path(job.store), mode="r+")
+    arrays = {**plan.arrays, **(oside.arrays() if oside else {})}
+    store.add_arrays({a: arrays[a] for a in sorted(arrays)[comm.rank::comm.world]})   # creating costs ms each
+    comm.barrier()
     mine = assign([plan.owned_bytes(i) + 1 for i in range(len(plan.files))], comm.world)[comm.rank]
     budget = stream.Budget(job.max_memory)
     encodings: dict[str, str] = {}
