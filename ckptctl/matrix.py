@@ -36,13 +36,6 @@ def parse_pairs(model: str, text: str) -> list[tuple[str, str, str, dict]]:
     return out
 
 
-def _sub_optimizers_change(family: str, src: str, dst: str) -> bool:
-    from ckptctl.optim import expert_groups
-    fam = get_family(family)
-    has_experts = bool(getattr(fam, "example_defaults", {}).get("experts"))
-    return has_experts and bool(expert_groups(parse_layout(src))) != bool(expert_groups(parse_layout(dst)))
-
-
 def run_pair(family: str, src: str, dst: str, opts: dict, root: Path, nproc: int | None, progress) -> dict:
     from ckptctl.convert import convert
     from ckptctl.example import example
@@ -58,13 +51,8 @@ def run_pair(family: str, src: str, dst: str, opts: dict, root: Path, nproc: int
             from ckptctl.formats.torch_dist import example as make_dist
             make_dist(family, parse_layout(src), d / "src", opts)
         else:
-            kind = opts.get("optimizer")
-            if kind is None and _sub_optimizers_change(family, src, dst):
-                # Optimizer state cannot yet follow experts into or out of their own expert-DP
-                # sub-optimizer (convert refuses it): such pairs run weights only, and say so.
-                kind, row["note"] = "none", "weights only: sub-optimizer count changes"
             row["optimizer"] = example(family, parse_layout(src), d / "src", opts,
-                                       optimizer=kind).get("optimizer")
+                                       optimizer=opts.get("optimizer")).get("optimizer")
         t0 = time.monotonic()
         rep = convert(d / "src", d / "dst", parse_layout(dst), nproc=nproc, progress=progress,
                       to_format=opts.get("to_format"))

@@ -19,15 +19,22 @@ Two encodings are read and written:
   `{"state", "param_groups"}`; Float16Optimizer: `{"optimizer", "fp32_from_fp16_params", ["grad_scaler"]}`)
   whose state indices are rebuilt from the model dict order and Megatron's standard param groups.
 
+The sub-optimizer structure (megatron-core's ChainedOptimizer: dense, plus expert when EP>1 or
+ETP!=TP) is rebuilt for the target from the per-parameter arrays, so EP/ETP changes that add or remove
+the expert sub-optimizer carry the state (`restructure`): splitting copies each source param group (and
+its `step`, grad scaler) into the sub-optimizer(s) whose params it held; merging requires every expert
+group to equal a dense group in every hyperparameter and `step`, and the grad scalers to be equal.
+
 Supported: the coalesced `distrib_optim.pt` format (Megatron-LM since 2024-02, checked against
 megatron-core 0.19.2 / Megatron-LM core_v0.19.0) with torch Adam/AdamW state. Refused with a one-line
 error: non-coalesced (older) files, per-DP `optim.pt`, layer-wise optimizer files, precision-aware
-optimizer state, other optimizers, non-standard param groups, a change in the number of sub-optimizers.
+optimizer state, other optimizers, non-standard param groups, merging sub-optimizers whose param
+groups, steps or grad scalers disagree.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -91,7 +98,12 @@ def file_params(family, cfg, layout, fp) -> list[Param]:
 
 
 def n_subs(cfg, layout) -> int:
-    return 2 if (cfg.num_experts and expert_groups(layout)) else 1
+    return subs_for(bool(cfg.num_experts), layout)
+
+
+def subs_for(experts: bool, layout) -> int:
+    """Sub-optimizers of megatron-core's ChainedOptimizer: dense, plus expert when experts use their groups."""
+    return 2 if (experts and expert_groups(layout)) else 1
 
 
 def split_subs(params: list[Param], n: int) -> list[list[Param]]:
@@ -234,17 +246,30 @@ def detect(sd: dict, model_path: Path) -> dict | None:
     if "param_state" in first or "param_state_sharding_type" in first:
         raise BadInput(f"{model_path}: optimizer state in a torch_dist layout inside a legacy file is not supported")
     if "state" in first and "param_groups" in first:
-        return {"kind": "adam", "variant": "fp32", "subs": n}
+        return _with_merge({"kind": "adam", "variant": "fp32", "subs": n}, opt, model_path)
     inner = first.get("optimizer")
     if not isinstance(inner, dict) or "param_groups" not in inner:
         raise BadInput(f"{model_path}: unrecognised 'optimizer' entry (keys {sorted(map(str, first))[:6]})")
     if "state" in inner:
         if "fp32_from_fp16_params" not in first:
             raise BadInput(f"{model_path}: mixed-precision optimizer state without fp32_from_fp16_params")
-        return {"kind": "adam", "variant": "float16", "subs": n}
+        return _with_merge({"kind": "adam", "variant": "float16", "subs": n}, opt, model_path)
     if not (d / DIST_FILE).is_file():
         raise BadInput(f"missing {d / DIST_FILE}: the optimizer key says distributed optimizer")
-    return {"kind": "distributed", "variant": "distributed", "subs": n}
+    return _with_merge({"kind": "distributed", "variant": "distributed", "subs": n}, opt, model_path)
+
+
+def _with_merge(d: dict, opt, model_path: Path) -> dict:
+    """With several sub-optimizers: why they could not be merged into one (None: they can), checked
+    before any output is written."""
+    if d["subs"] > 1:
+        subs = opt if d["kind"] == "distributed" else [_strip_adam(s, d["variant"]) for s in opt]
+        try:
+            merge_subs(subs, d["kind"], str(model_path))
+            d["merge"] = None
+        except BadInput as e:
+            d["merge"] = str(e)
+    return d
 
 
 def _sub_list(obj, n: int, where: str) -> list:
@@ -407,6 +432,113 @@ def decode_file(ctx: Context, fp, sd: dict, model_path: Path) -> FileState:
             if p.dtype == "float32":
                 tensors[p.index]["param"] = sd[p.chunk][p.key]
     return FileState(tensors, {"subs": commons, "step": step}, step)
+
+
+# --- sub-optimizer structure (ChainedOptimizer, megatron-core 0.19.2) ---------------------------
+#
+# `get_megatron_optimizer` builds param groups once over all params (`_get_param_groups`: key =
+# (standard overrides, is_expert_parallel), unified over all ranks, sorted with the no-override group
+# first), then gives the groups with is_expert_parallel=False to the dense sub-optimizer and the others
+# to the expert one. Hyperparameters of a group depend only on its overrides, never on EP, so the
+# expert group of an override equals the dense group of that override except for is_expert_parallel.
+
+GROUP_ROLE = ("params", "is_expert_parallel")      # not hyperparameters: where a group sits
+
+
+def canon(obj) -> str:
+    """A byte-exact, order-stable text form of plain state (tensors by dtype, shape and raw bytes)."""
+    if torch.is_tensor(obj):
+        t = obj.detach().contiguous().reshape(-1)
+        raw = t.view(torch.uint8).numpy().tobytes().hex() if t.numel() else ""
+        return f"tensor({t.dtype},{tuple(obj.shape)},{raw})"
+    if isinstance(obj, dict):
+        items = sorted(obj.items(), key=lambda kv: repr(kv[0]))
+        return "{" + ",".join(f"{canon(k)}:{canon(v)}" for k, v in items) + "}"
+    if isinstance(obj, (list, tuple)):
+        inner = ",".join(canon(x) for x in obj)
+        return f"[{inner}]" if isinstance(obj, list) else f"({inner})"
+    if isinstance(obj, float):
+        return obj.hex()
+    return repr(obj)
+
+
+def hyper(group: dict, *drop: str) -> dict:
+    """A param group's hyperparameters (and `step`): what it is, not where it sits."""
+    return {k: v for k, v in group.items() if k not in GROUP_ROLE and k not in drop}
+
+
+def sub_states(common, kind: str) -> list[dict]:
+    """The layout-free state of each sub-optimizer: distributed `{"optimizer": {"param_groups"},
+    ["grad_scaler"]}`, adam `{"param_groups", ["grad_scaler"]}`."""
+    if kind == "distributed":
+        return list(common) if isinstance(common, list) else [common]
+    return list(common["subs"])
+
+
+def groups_of(sub: dict, kind: str) -> list[dict]:
+    return sub["optimizer"]["param_groups"] if kind == "distributed" else sub["param_groups"]
+
+
+def _with_groups(sub: dict, kind: str, groups: list[dict]) -> dict:
+    if kind == "distributed":
+        return {**sub, "optimizer": {**sub["optimizer"], "param_groups": groups}}
+    return {**sub, "param_groups": groups}
+
+
+def merge_subs(subs: list[dict], kind: str, where: str) -> list[dict]:
+    """[dense, expert] -> [dense]: the expert params join the dense groups of their overrides. Each
+    expert group must equal one dense group in every hyperparameter and `step`, and the grad scalers
+    must be equal; otherwise the state cannot be represented by one sub-optimizer."""
+    dense, expert = subs
+    dgroups = groups_of(dense, kind)
+    have = {canon(hyper(g)) for g in dgroups}
+    for i, g in enumerate(groups_of(expert, kind)):
+        if canon(hyper(g)) in have:
+            continue
+        same = [d for d in dgroups if canon(hyper(d, "step")) == canon(hyper(g, "step"))]
+        if same:
+            raise BadInput(f"{where}: the expert sub-optimizer is at step {g.get('step')!r}, the dense one at "
+                           f"{same[0].get('step')!r}: they cannot be merged into one sub-optimizer "
+                           "(target EP=1, ETP=TP); convert with --no-optimizer")
+        brief = ", ".join(f"{k}={g[k]!r}" for k in ("wd_mult", "lr_mult", "max_lr", "min_lr", "lr") if k in g)
+        raise BadInput(f"{where}: expert param group {i} ({brief}) has no dense param group with the same "
+                       "hyperparameters: the sub-optimizers cannot be merged into one (target EP=1, ETP=TP); "
+                       "convert with --no-optimizer")
+    if canon(dense.get("grad_scaler")) != canon(expert.get("grad_scaler")):
+        raise BadInput(f"{where}: the dense and expert sub-optimizers have different grad scaler states: they "
+                       "cannot be merged into one (target EP=1, ETP=TP); convert with --no-optimizer")
+    return [dense]
+
+
+def split_sub(ctx: "Context", sub: dict, files: list) -> list[dict]:
+    """[one] -> [dense, expert] for the target `ctx`: each sub-optimizer gets, in the source order, the
+    groups its params were in (megatron-core keeps only groups that hold a param on some rank), with
+    their hyperparameters, `step` and the grad scaler; the expert copies say is_expert_parallel=True."""
+    kind = ctx.info["kind"]
+    groups = groups_of(sub, kind)
+    used: list[set[int]] = [set(), set()]
+    for fp in files:
+        for p in ctx.params(fp):
+            used[p.expert].add(group_of(replace(p, expert=False), groups, ctx.args, fp.dirname))
+    return [_with_groups(sub, kind, [{**groups[i], "is_expert_parallel": bool(s)} for i in sorted(used[s])])
+            for s in (0, 1)]
+
+
+def restructure(ctx: "Context", n_src: int, common, files: list | None):
+    """The source's layout-free `common` optimizer object rebuilt for the target's sub-optimizer count."""
+    kind, n = ctx.info["kind"], ctx.info["subs"]
+    if common is None or n == n_src:
+        return common
+    subs = sub_states(common, kind)
+    if n < n_src:
+        new = merge_subs(subs, kind, "source optimizer state")
+    else:
+        if files is None:
+            raise ValueError("splitting sub-optimizers needs the target's file plans")
+        new = split_sub(ctx, subs[0], files)
+    if kind == "distributed":
+        return new[0] if len(new) == 1 else new
+    return {**common, "subs": new}
 
 
 # --- encoding a target rank file ---------------------------------------------------------------
@@ -582,7 +714,8 @@ def inspect_info(detected: list, paths: list, cfg, layout, args: dict) -> dict |
         raise BadInput(f"optimizer {args.get('optimizer')!r}: only Adam state is supported")
     if d["subs"] != n_subs(cfg, layout):
         raise BadInput(f"{paths[0]}: {d['subs']} sub-optimizers, layout {layout} has {n_subs(cfg, layout)}")
-    return {**d, "comps": comps_of(d["kind"], d["variant"]),
+    merge = next((x["merge"] for x in detected if x.get("merge")), None)
+    return {**d, "merge": merge, "experts": bool(cfg.num_experts), "comps": comps_of(d["kind"], d["variant"]),
             "args": {k: args.get(k) for k in ARG_KEYS if args.get(k) is not None}}
 
 
@@ -621,18 +754,20 @@ class SourceSide:
 
 
 def store_attrs(info: dict) -> dict:
-    return {k: info[k] for k in ("kind", "variant", "subs", "comps", "args")}
+    return {k: info.get(k) for k in ("kind", "variant", "subs", "comps", "args", "merge", "experts")}
 
 
 class TargetSide:
-    def __init__(self, family, cfg, layout, info: dict, common):
+    """Target phase: the source's state re-encoded for the target layout, its sub-optimizer structure
+    rebuilt (`restructure`). `common` None: only check that the state can be written (before any output);
+    `files`: every target file plan, needed when the expert sub-optimizer is split off."""
+
+    def __init__(self, family, cfg, layout, info: dict, common, files: list | None = None):
         tgt_subs = n_subs(cfg, layout)
-        if tgt_subs != info["subs"]:
-            raise BadInput(f"the target layout {layout} has {tgt_subs} sub-optimizer(s), the source "
-                           f"{info['subs']}: changing the expert data-parallel grouping of optimizer state is "
-                           "not supported (convert with --no-optimizer)")
-        self.ctx = Context(family, cfg, layout, info.get("args", {}), info)
-        self.common = common
+        if tgt_subs < info["subs"] and info.get("merge"):
+            raise BadInput(info["merge"])
+        self.ctx = Context(family, cfg, layout, info.get("args", {}), {**info, "subs": tgt_subs})
+        self.common = restructure(self.ctx, info["subs"], common, files)
 
     def write(self, reader, fp, sd: dict, out_dir: Path) -> int:
         return write_target(self.ctx, reader, fp, sd, out_dir, self.common)
@@ -645,9 +780,15 @@ def policy_text(info: dict | None, src_layout, dst_layout) -> str:
     what = ("distributed optimizer (distrib_optim.pt flat buffers + param groups)" if info["kind"] == "distributed"
             else f"Adam state dict ({'fp32' if info['variant'] == 'fp32' else 'mixed precision, fp32 masters'})")
     dp = "" if dst_layout is None else f"; re-encoded for {dst_layout} (DP={dst_layout.dp})"
+    n = info["subs"] if dst_layout is None else subs_for(bool(info.get("experts")), dst_layout)
+    subs = "" if n == info["subs"] else (
+        f"; sub-optimizers {info['subs']} -> {n}: " + ("the expert param groups (equal to the dense ones, step "
+                                                       "included) merged into the dense ones" if n < info["subs"]
+                                                       else "each param group, its step and grad scaler copied to the "
+                                                       "dense and expert sub-optimizers whose params it held"))
     return (f"converted: {what}; {comps} resharded per parameter like its weight (vocab padding rows "
             f"follow the weight rows, rows the target adds are zero); step and param-group "
-            f"hyperparameters copied, param indices rebuilt{dp}")
+            f"hyperparameters copied, param indices rebuilt{dp}{subs}")
 
 
 # --- verify ------------------------------------------------------------------------------------
@@ -708,6 +849,32 @@ class Gather:
                                                "grad_scaler": s.get("grad_scaler")} for s in subs]}
         return st.common
 
+    def groups_by_array(self) -> dict[str, str]:
+        """Model array -> the hyperparameters (and step) of its param group and its sub-optimizer's grad
+        scaler: what a parameter's optimizer settings are, whatever the sub-optimizer structure."""
+        subs = self.common()["subs"]
+        memo: dict[tuple[int, int], str] = {}
+        out: dict[str, str] = {}
+        ctx = self.side.ctx
+        for fp in self.src.plan.files:
+            for s, sub in enumerate(split_subs(ctx.params(fp), ctx.info["subs"])):
+                groups = subs[s]["param_groups"]
+                for p in sub:
+                    gi = group_of(p, groups, ctx.args, fp.dirname)
+                    if (s, gi) not in memo:
+                        memo[s, gi] = canon([hyper(groups[gi]), subs[s].get("grad_scaler")])
+                    for piece in fp.tensors[p.index].pieces:
+                        out.setdefault(piece.array, memo[s, gi])
+        return out
+
+
+def gatherer(src) -> Gather:
+    """The optimizer-state gather of an inspected checkpoint of either format."""
+    if getattr(src, "fmt", "legacy") == "torch_dist":
+        from ckptctl.formats import torch_dist_optim
+        return torch_dist_optim.Gather(src)
+    return Gather(src)
+
 
 def verify_optimizer(sa, sb, rep) -> None:
     """Compare optimizer state of two checkpoints bitwise, tensor by tensor (DESIGN §9)."""
@@ -722,13 +889,16 @@ def verify_optimizer(sa, sb, rep) -> None:
         rep.differences.append(Difference("optimizer", f"optimizer kinds differ: {ia['kind']}/{ia['variant']} vs "
                                                        f"{ib['kind']}/{ib['variant']}"))
         return
-    ga, gb = Gather(sa), Gather(sb)
+    ga, gb = gatherer(sa), gatherer(sb)
     ca, cb = ga.common(), gb.common()
     for k in ("step",):
         if repr(ca.get(k)) != repr(cb.get(k)):
             rep.differences.append(Difference("optimizer.step", f"differs: {ca.get(k)!r} vs {cb.get(k)!r}"))
-    if _groups_repr(ca) != _groups_repr(cb):
-        rep.differences.append(Difference("optimizer.param_groups", "param-group hyperparameters or grad scaler differ"))
+    gra, grb = ga.groups_by_array(), gb.groups_by_array()
+    bad = [a for a in gra if a in grb and gra[a] != grb[a]]
+    if bad:
+        rep.differences.append(Difference("optimizer.param_groups", f"param-group hyperparameters or grad scaler "
+                                                                    f"differ for {len(bad)} parameter(s), first {bad[0]}"))
     names_b = set(gb.arrays())
     for array in ga.arrays():
         if array not in names_b:
@@ -758,10 +928,6 @@ def verify_optimizer(sa, sb, rep) -> None:
         del got
     for array in sorted(names_b - set(ga.arrays())):
         rep.differences.append(Difference(optim_array(array, "*"), "optimizer state only in b"))
-
-
-def _groups_repr(c: dict) -> str:
-    return repr([None if s is None else {k: s.get(k) for k in ("param_groups", "grad_scaler")} for s in c.get("subs", [])])
 
 
 # --- `ckptctl example --optimizer` ---------------------------------------------------------------

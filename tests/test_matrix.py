@@ -23,8 +23,9 @@ def test_matrix_fails_when_a_pair_cannot_convert():
     assert row["result"] == "FAIL" and "divisible" in row["detail"]
 
 
-def test_matrix_moe_pair_changing_sub_optimizers_runs_weights_only():
+def test_matrix_moe_pair_changing_sub_optimizers_carries_optimizer_state():
     r = run_cli("matrix", "--model", "moe", "--pairs", "tp1pp1:tp1pp1ep2", "--nproc", "0", "--json")
     assert r.code == 0, r.out + r.err
     (row,) = r.json()["pairs"]
-    assert row["result"] == "pass" and row["optimizer"] == "none" and "sub-optimizer" in row["note"]
+    assert row["result"] == "pass" and row["round_trip"] == "pass" and row["optimizer"] == "adam"
+    assert "note" not in row

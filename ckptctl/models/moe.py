@@ -203,6 +203,10 @@ MoE.matrix_pairs = [
     ("tp1pp1", "tp1pp1ep4", {"swiglu": True}),                  # GLU (1,1,1,1) -> (1,1,4,1)
     ("tp1pp1", "tp2pp1", {"swiglu": True, **_G}),               # GLU (1,1,1,1) -> (2,1,1,1)
     ("tp1pp1ep4", "tp8pp1", {"swiglu": True}),                  # GLU (1,1,4,1) -> (8,1,1,8)
+    # ckptctl's own: the expert sub-optimizer split off / merged back (optimizer state carried)
+    ("tp1pp1dp2", "tp1pp1ep2dp4", {}),                          # DistOpt 1 -> 2 sub-optimizers, EDP 2
+    ("tp2pp1ep4etp1", "tp2pp1", {}),                            # DistOpt 2 -> 1: EP 4 -> 1 and ETP 1 -> TP
+    ("tp1pp1ep2", "tp1pp1", {"optimizer": "adam"}),             # plain Adam 2 -> 1
 ]
 MoE.example_defaults = {"experts": 8, "moe_ffn": 64, "bias": False}
 

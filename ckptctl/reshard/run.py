@@ -316,7 +316,8 @@ def target_phase(job: Job, comm: Comm, progress: Progress) -> dict:
     it_dir = out / legacy.iter_dirname(iteration)
     tside = None
     if attrs.get("optimizer"):
-        tside = optim.TargetSide(family, cfg, dst, attrs["optimizer"], get_object(store, OPTIM_COMMON, encs[OPTIM_COMMON]))
+        tside = optim.TargetSide(family, cfg, dst, attrs["optimizer"], get_object(store, OPTIM_COMMON, encs[OPTIM_COMMON]),
+                                   files=files)
     mine = assign([f.nbytes() + 1 for f in files], comm.world)[comm.rank]
     budget = stream.Budget(job.max_memory)
     for i in mine:
