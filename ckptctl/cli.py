@@ -147,12 +147,15 @@ def verify(
     strict: bool = typer.Option(False, "--strict", help="Fail on allowed differences too (vocab padding ...)."),
     true_vocab: VocabOpt = None,
     all_rows: bool = typer.Option(False, "--all", help="List every tensor, not only the differing ones."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="RSS budget, e.g. 2G, 512M (default 2G): "
+                                             "tensors are compared in boxes that fit it."),
     json_out: JsonOpt = False,
 ):
     """Compare two checkpoints, in any layouts, byte for byte. Exit 0 equal, 1 different."""
+    from ckptctl.reshard.stream import parse_size
     from ckptctl.verify import verify as run
 
-    rep = run(a, b, true_vocab)
+    rep = run(a, b, true_vocab, max_memory=parse_size(max_memory))
     failed = bool(rep.differences) or (strict and bool(rep.allowed and any(x["key"] != "rng_state" and x["key"] != "_extra_state" for x in rep.allowed)))
     if json_out:
         output.emit_json(rep.to_json())

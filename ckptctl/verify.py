@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ckptctl.box import Box
 from ckptctl.convert import Source, inspect
 from ckptctl.errors import BadInput
 from ckptctl.store import torch_dtype
@@ -54,11 +55,16 @@ class VerifyReport:
 
 
 class Gatherer:
-    """Assembles global tensors of one checkpoint from its rank files (memory-mapped, opened once)."""
+    """Assembles global tensors of one checkpoint, or boxes of them, from its rank files (memory-mapped,
+    opened once). With `release`, the mapped pages under every piece read are dropped after the copy,
+    so the process's RSS holds the regions being compared, never the rank files."""
 
-    def __init__(self, src: Source):
+    def __init__(self, src: Source, release: bool = False):
+        from ckptctl.formats import legacy
         self.src = src
         self.open = src.opener()
+        self.release = release and src.fmt == "legacy"
+        self._mapped = legacy.LegacyUnit
         self._units: dict[str, object] = {}
         self._files = {fp.dirname: fp for fp in src.plan.files}
         self.by_array: dict[str, list] = {}
@@ -74,22 +80,38 @@ class Gatherer:
         return self._units[dirname]
 
     def gather(self, array: str) -> tuple[torch.Tensor, list[Difference]]:
-        spec = self.src.plan.arrays[array]
-        out = torch.empty(spec["shape"], dtype=torch_dtype(spec["dtype"]))
+        shape = tuple(self.src.plan.arrays[array]["shape"])
+        return self.region(array, Box((0,) * len(shape), shape))
+
+    def region(self, array: str, box: Box) -> tuple[torch.Tensor, list[Difference]]:
+        """The global array's values inside `box`; replicas inside it are checked against the owner."""
+        from ckptctl.reshard import stream
+        out = torch.empty(box.sizes, dtype=torch_dtype(self.src.plan.arrays[array]["dtype"]))
         problems = []
-        entries = self.by_array[array]
-        for dirname, t, p, owned in sorted(entries, key=lambda e: not e[3]):   # owners first
-            local = self.unit(dirname).tensor(t)[p.local.slices].reshape(p.gbox.sizes)
-            if owned:
-                out[p.gbox.slices] = local
+        back = tuple(-o for o in box.offsets)
+        for dirname, t, p, owned in sorted(self.by_array[array], key=lambda e: not e[3]):   # owners first
+            inter = p.gbox.intersect(box) if box.sizes else p.gbox
+            if inter is None:
                 continue
-            # A replica (TP copy of a norm, tied output copy, duplicated experts): must be byte-equal.
-            ref = out[p.gbox.slices]
-            d = _diff(ref, local)
-            if d is not None:
-                count, idx = d
-                problems.append(Difference(array.removeprefix("model/"), "replica differs", count=count,
-                                           first_index=idx, where=f"{dirname}/{t.chunk}[{t.key}]"))
+            lead = len(p.gbox.sizes) - len(p.local.sizes)   # leading global axes (experts) the local tensor lacks
+            lbox = Box(tuple(lo + i - g for lo, i, g in zip(p.local.offsets, inter.offsets[lead:], p.gbox.offsets[lead:])),
+                       inter.sizes[lead:])
+            unit = self.unit(dirname)
+            view = unit.tensor(t)[lbox.slices]
+            local = view.reshape(inter.sizes)
+            dest = inter.shift(back)
+            if owned:
+                out[dest.slices] = local
+            else:
+                # A replica (TP copy of a norm, tied output copy, duplicated experts): must be byte-equal.
+                d = _diff(out[dest.slices], local)
+                if d is not None:
+                    count, idx = d
+                    at = [i + o - g for i, o, g in zip(_nd(inter.sizes, idx), inter.offsets, p.gbox.offsets)]
+                    problems.append(Difference(array.removeprefix("model/"), "replica differs", count=count,
+                                               first_index=_flat(at, p.gbox.sizes), where=f"{dirname}/{t.chunk}[{t.key}]"))
+            if self.release and isinstance(unit, self._mapped):
+                stream.release_pages(view)
         return out, problems
 
 
@@ -98,12 +120,18 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8).reshape(t.numel(), t.element_size()) if t.numel() else t.view(torch.uint8)
 
 
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def _diff(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int] | None:
     """(differing element count, first differing flat index), comparing raw bytes; None if equal."""
-    ba, bb = _bytes(a), _bytes(b)
-    if ba.numel() == 0:
+    if a.numel() == 0:
         return None
-    neq = (ba != bb).any(dim=1)
+    iv = _INT_VIEW.get(a.element_size())
+    if iv is not None and a.dtype != torch.bool:   # same-width integer view: bits compared, one bool per element
+        neq = (a.contiguous().view(iv) != b.contiguous().view(iv)).reshape(-1)
+    else:
+        neq = (_bytes(a) != _bytes(b)).any(dim=1)
     count = int(neq.sum())
     if count == 0:
         return None
@@ -122,46 +150,107 @@ def _nd(shape, flat: int) -> list[int]:
     return list(reversed(idx))
 
 
-def compare_arrays(name: str, a: torch.Tensor, b: torch.Tensor, vocab: bool, rep: VerifyReport) -> None:
+def _flat(idx, shape) -> int:
+    f = 0
+    for i, s in zip(idx, shape):
+        f = f * s + i
+    return f
+
+
+def blocks(shape: tuple[int, ...], itemsize: int, limit: int | None) -> list[Box]:
+    """Row-major boxes that tile `shape`, each at most `limit` bytes (at least one element): whole
+    rows of dim 0 when a row fits, else rows of the first dim whose rows fit, one index above it."""
+    if not shape:
+        return [Box((), ())]
+    if any(s == 0 for s in shape):
+        return []
+    if limit is None:
+        return [Box((0,) * len(shape), tuple(shape))]
+
+    def slab(k: int) -> int:   # bytes of one index along dim k
+        n = itemsize
+        for s in shape[k + 1:]:
+            n *= s
+        return n
+    k = 0
+    while k < len(shape) - 1 and slab(k) > limit:
+        k += 1
+    n = max(1, limit // slab(k))
+    import itertools
+    out = []
+    for outer in itertools.product(*(range(s) for s in shape[:k])):
+        for r in range(0, shape[k], n):
+            m = min(n, shape[k] - r)
+            out.append(Box(tuple(outer) + (r,) + (0,) * (len(shape) - k - 1), (1,) * k + (m,) + tuple(shape[k + 1:])))
+    return out
+
+
+def compare_regions(name: str, read_a, read_b, spec_a: tuple, spec_b: tuple, vocab: bool, rep: VerifyReport,
+                    limit: int | None = None) -> None:
+    """Compare two global arrays box by box (`read_x(box)` -> tensor; spec = (shape, torch dtype)),
+    at most `limit` bytes per box and side. Vocab arrays compare their common rows; rows only the
+    target has must be zero."""
+    (sa, da), (sb, db) = (tuple(spec_a[0]), spec_a[1]), (tuple(spec_b[0]), spec_b[1])
     key = name.removeprefix("model/")
-    row = {"key": key, "dtype": str(a.dtype).removeprefix("torch."), "shape": list(a.shape), "status": "equal"}
-    if a.dtype != b.dtype or (a.shape != b.shape and not vocab) or (vocab and a.shape[1:] != b.shape[1:]):
-        rep.differences.append(Difference(key, "dtype or shape differs", str(a.dtype), str(b.dtype),
-                                          list(a.shape), list(b.shape)))
+    row = {"key": key, "dtype": str(da).removeprefix("torch."), "shape": list(sa), "status": "equal"}
+    if da != db or (sa != sb and not vocab) or (vocab and sa[1:] != sb[1:]):
+        rep.differences.append(Difference(key, "dtype or shape differs", str(da), str(db), list(sa), list(sb)))
         rep.table.append({**row, "status": "dtype/shape differs"})
         return
-    if vocab and a.shape[0] != b.shape[0]:
+    itemsize = torch.empty((), dtype=da).element_size()
+    common = sa
+    if vocab and sa[0] != sb[0]:
         # Padded vocab rows: compare the common rows; rows only one side has are padding.
-        n = min(a.shape[0], b.shape[0])
-        longer, which = (a, "a") if a.shape[0] > b.shape[0] else (b, "b")
-        extra = longer[n:]
-        if which == "b" and bool((_bytes(extra) != 0).any()):
+        n = min(sa[0], sb[0])
+        longer, which, read = (sa, "a", read_a) if sa[0] > sb[0] else (sb, "b", read_b)
+        if which == "b" and any(bool((_bytes(read(bx.shift((n,) + (0,) * (len(sa) - 1)))) != 0).any())
+                                for bx in blocks((longer[0] - n,) + sa[1:], itemsize, limit)):
             rep.differences.append(Difference(key, "padding rows added by the target are not zero",
-                                              shape_a=list(a.shape), shape_b=list(b.shape)))
+                                              shape_a=list(sa), shape_b=list(sb)))
         else:
-            rep.allowed.append({"key": key, "reason": f"vocab padding rows {n}..{longer.shape[0]} exist only in {which}"})
-        a, b = a[:n], b[:n]
+            rep.allowed.append({"key": key, "reason": f"vocab padding rows {n}..{longer[0]} exist only in {which}"})
+        common = (n,) + sa[1:]
         row["status"] = "equal (common vocab rows)"
-    d = _diff(a, b)
-    rep.bytes_compared += a.numel() * a.element_size()
-    if d is None:
+    count, first = 0, None
+    for bx in blocks(common, itemsize, limit):
+        ta, tb = read_a(bx), read_b(bx)
+        d = _diff(ta, tb)
+        if d is not None:
+            count += d[0]
+            if first is None:
+                at = [i + o for i, o in zip(_nd(bx.sizes, d[1]), bx.offsets)]
+                first = (_flat(at, common), at, _hex(ta, d[1]), _hex(tb, d[1]))
+        del ta, tb
+    vol = 1
+    for s in common:
+        vol *= s
+    rep.bytes_compared += vol * itemsize
+    if first is None:
         rep.equal += 1
     else:
-        count, flat = d
-        rep.differences.append(Difference(key, "bytes differ", str(a.dtype), str(b.dtype), list(a.shape),
-                                          list(b.shape), count, flat, _nd(a.shape, flat), _hex(a, flat), _hex(b, flat)))
+        rep.differences.append(Difference(key, "bytes differ", str(da), str(db), list(sa), list(sb), count, *first))
         row["status"] = f"{count} elements differ"
     rep.table.append(row)
 
 
-def verify(a: Path, b: Path, true_vocab: int | None = None) -> VerifyReport:
+def compare_arrays(name: str, a: torch.Tensor, b: torch.Tensor, vocab: bool, rep: VerifyReport) -> None:
+    """Two whole global tensors in memory (the optimizer's gather): `compare_regions` in one box."""
+    compare_regions(name, lambda bx: a[bx.slices], lambda bx: b[bx.slices], (a.shape, a.dtype), (b.shape, b.dtype),
+                    vocab, rep)
+
+
+def verify(a: Path, b: Path, true_vocab: int | None = None, max_memory: int | None = None) -> VerifyReport:
+    """Compare every global tensor of `a` and `b` in boxes of at most a sixth of the memory budget
+    left after the baseline (per side: the two boxes, a copy of each for replicas, the comparison)."""
     import time
+    from ckptctl.reshard import stream
     t0 = time.monotonic()
     sa, sb = inspect(Path(a), true_vocab), inspect(Path(b), true_vocab)
     if sa.family != sb.family:
         raise BadInput(f"{a} holds a {sa.family} model, {b} a {sb.family} model")
     rep = VerifyReport(str(a), str(b), str(sa.layout), str(sb.layout))
-    ga, gb = Gatherer(sa), Gatherer(sb)
+    limit = stream.Budget(max_memory, parts=6).block
+    ga, gb = Gatherer(sa, release=True), Gatherer(sb, release=True)
     names_a, names_b = set(sa.plan.arrays), set(sb.plan.arrays)
     for name in sorted(names_a - names_b):
         rep.differences.append(Difference(name.removeprefix("model/"), f"only in {a}"))
@@ -169,17 +258,33 @@ def verify(a: Path, b: Path, true_vocab: int | None = None) -> VerifyReport:
         rep.differences.append(Difference(name.removeprefix("model/"), f"only in {b}"))
     for name in _ordered(sa, names_a & names_b):
         rep.tensors += 1
-        ta, pa = ga.gather(name)
-        tb, pb = gb.gather(name)
-        for p in pa + pb:
-            rep.differences.append(p)
-        compare_arrays(name, ta, tb, sa.plan.arrays[name].get("vocab", False), rep)
-        del ta, tb
+        replicas: dict[str, Difference] = {}
+        compare_regions(name, _reader(ga, name, replicas), _reader(gb, name, replicas), _spec(sa, name), _spec(sb, name),
+                        sa.plan.arrays[name].get("vocab", False), rep, limit)
+        rep.differences.extend(replicas.values())
     from ckptctl import optim
     optim.verify_optimizer(sa, sb, rep)
     _compare_state(sa, sb, rep)
     rep.seconds = round(time.monotonic() - t0, 3)
     return rep
+
+
+def _spec(src: Source, name: str) -> tuple:
+    spec = src.plan.arrays[name]
+    return tuple(spec["shape"]), torch_dtype(spec["dtype"])
+
+
+def _reader(g: Gatherer, name: str, replicas: dict):
+    """box -> that box of the global array; replica differences merge over boxes (one per replica)."""
+    def read(box: Box) -> torch.Tensor:
+        t, problems = g.region(name, box)
+        for p in problems:
+            seen = replicas.setdefault(f"{id(g)}:{p.where}", p)
+            if seen is not p:
+                seen.count += p.count
+                seen.first_index = min(seen.first_index, p.first_index)
+        return t
+    return read
 
 
 def _ordered(src: Source, names: set[str]) -> list[str]:

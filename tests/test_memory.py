@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import subprocess
 import sys
 import time
@@ -75,22 +76,24 @@ def test_parse_size():
     assert parse_size("4096") == 4096
 
 
-def _worker_peaks(proc: subprocess.Popen) -> dict[int, int]:
+def _peaks(proc: subprocess.Popen) -> dict[int, tuple[str, int]]:
+    """pid -> (role, peak RSS) of the process and its descendants; role "worker" for a forked worker
+    (named ckptctl-wN by launch.py), else "main". Polled until the process ends (VmHWM is a high-water mark)."""
     psutil = pytest.importorskip("psutil")
     root, peaks = psutil.Process(proc.pid), {}
     while proc.poll() is None:
         try:
-            procs = root.children(recursive=True)
+            procs = [root] + root.children(recursive=True)
         except psutil.Error:
             procs = []
         for q in procs:
             try:
                 with open(f"/proc/{q.pid}/comm") as f:
-                    worker = f.read().startswith("ckptctl-w")     # the name launch.py's forked workers take
-                if worker:
-                    with open(f"/proc/{q.pid}/status") as f:
-                        hwm = next(int(x.split()[1]) << 10 for x in f if x.startswith("VmHWM"))
-                    peaks[q.pid] = max(peaks.get(q.pid, 0), hwm)
+                    role = "worker" if f.read().startswith("ckptctl-w") else "main"
+                with open(f"/proc/{q.pid}/status") as f:
+                    hwm = next(int(x.split()[1]) << 10 for x in f if x.startswith("VmHWM"))
+                old = peaks.get(q.pid, ("main", 0))
+                peaks[q.pid] = ("worker" if "worker" in (role, old[0]) else "main", max(old[1], hwm))
             except (psutil.Error, OSError, StopIteration):
                 pass
         time.sleep(0.02)
@@ -110,11 +113,44 @@ def test_workers_stay_under_the_budget_with_a_tensor_larger_than_it(tmp_path, cl
     proc = subprocess.Popen([sys.executable, "-m", "ckptctl", "convert", str(src), str(dst), "--to", "tp1pp1",
                              "--nproc", "2", "--max-memory", str(budget), "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    peaks = _worker_peaks(proc)
+    peaks = _peaks(proc)
     out, err = proc.communicate()
     assert proc.returncode == 0, err.decode()[-800:]
-    assert len(peaks) == 2, peaks
-    for pid, peak in peaks.items():
-        assert peak <= budget * (1 + margin), f"worker {pid} peaked at {peak >> 20} MiB > {budget >> 20} MiB + 10 %"
-    v = cli("verify", src, dst)
-    assert v.code == 0, v.out
+    assert sorted(role for role, _ in peaks.values()) == ["main", "worker", "worker"], peaks
+    for pid, (role, peak) in peaks.items():   # the CLI holds no tensor data: it is under the budget too
+        assert peak <= budget * (1 + margin), f"{role} {pid} peaked at {peak >> 20} MiB > {budget >> 20} MiB + 10 %"
+    # verify compares the two global embeddings (411 MB each side) box by box under the same budget
+    proc = subprocess.Popen([sys.executable, "-m", "ckptctl", "verify", str(src), str(dst), "--max-memory", str(budget),
+                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    peaks = _peaks(proc)
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err.decode()[-800:]
+    rep = json.loads(out)
+    assert rep["ok"] and rep["bytes_compared"] >= emb
+    ((role, peak),) = peaks.values()
+    assert peak <= budget * (1 + margin), f"verify peaked at {peak >> 20} MiB > {budget >> 20} MiB + 10 %"
+
+
+def test_verify_in_boxes_finds_the_same_first_difference(tmp_path):
+    """compare_regions with boxes of a few elements reports what one whole-tensor comparison reports."""
+    from ckptctl.verify import VerifyReport, compare_arrays, compare_regions
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(7, 5, 3, generator=g).to(torch.bfloat16)
+    b = a.clone()
+    b[3, 2, 1] = -b[3, 2, 1] if float(b[3, 2, 1]) != 0 else 1.0
+    b[6, 4, 2] += 1
+    whole, boxed = VerifyReport("a", "b", "x", "y"), VerifyReport("a", "b", "x", "y")
+    compare_arrays("model/w", a, b, False, whole)
+    compare_regions("model/w", lambda bx: a[bx.slices], lambda bx: b[bx.slices], (a.shape, a.dtype),
+                    (b.shape, b.dtype), False, boxed, limit=4)   # 4 bytes: two elements per box
+    assert whole.differences == boxed.differences
+    d = boxed.differences[0]
+    assert (d.count, d.first_nd_index, d.first_index) == (2, [3, 2, 1], 3 * 15 + 2 * 3 + 1)
+    # vocab rows: the target's extra rows must be zero, checked box by box as well
+    v = torch.zeros(6, 4, dtype=torch.float16)
+    vb = torch.zeros(8, 4, dtype=torch.float16)
+    vb[7, 3] = 1
+    rep = VerifyReport("a", "b", "x", "y")
+    compare_regions("model/e", lambda bx: v[bx.slices], lambda bx: vb[bx.slices], (v.shape, v.dtype),
+                    (vb.shape, vb.dtype), True, rep, limit=8)
+    assert [x.reason for x in rep.differences] == ["padding rows added by the target are not zero"]
