@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import zlib
@@ -26,6 +25,7 @@ import zlib
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cpu import compare_state, gather, legacy_file, save_legacy, write_result  # noqa: E402
 
 IT = 10
 H, HEADS, FFN, SEQ, B = 32, 4, 64, 16, 2
@@ -137,10 +137,8 @@ def forward_runs(o: dict) -> bool:
 
 
 def file_of(root: str, tp: int, pp: int) -> str:
-    from megatron.core import parallel_state as ps
-    t, p = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    return os.path.join(root, f"iter_{IT:07d}", f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else ""),
-                        "model_optim_rng.pt")
+    """This rank's legacy file (megatron-core's parallel state is at (tp, pp))."""
+    return legacy_file(root, IT)
 
 
 def dist_meta():
@@ -150,27 +148,21 @@ def dist_meta():
 
 def save(root: str) -> None:
     from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state as ps
     rank = torch.distributed.get_rank()
     for name, (fam, (tp, pp), _, o) in CASES.items():
         m = build(fam, o, tp, pp, seed=1234, perturb=True)
         d = os.path.join(root, name)
-        if ps.get_data_parallel_rank() == 0:
-            sd = {"args": args_of(fam, o, tp, pp), "checkpoint_version": 3.0, "iteration": IT,
-                  "model": m.state_dict_for_save_checkpoint(),
-                  "opt_param_scheduler": {"max_lr": 3e-4, "num_steps": 20},
-                  "rng_state": [{"random_rng_state": (3, tuple(range(5)), None),
-                                 "torch_rng_state": torch.zeros(16, dtype=torch.uint8), "rng_tracker_states": {}}],
-                  "num_floating_point_operations_so_far": 1.0e12}
-            path = file_of(os.path.join(d, "a"), tp, pp)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.save(sd, path)
+        save_legacy(os.path.join(d, "a"), IT, lambda: {
+            "args": args_of(fam, o, tp, pp), "checkpoint_version": 3.0, "iteration": IT,
+            "model": m.state_dict_for_save_checkpoint(), "opt_param_scheduler": {"max_lr": 3e-4, "num_steps": 20},
+            "rng_state": [{"random_rng_state": (3, tuple(range(5)), None),
+                           "torch_rng_state": torch.zeros(16, dtype=torch.uint8), "rng_tracker_states": {}}],
+            "num_floating_point_operations_so_far": 1.0e12})
         it = os.path.join(d, "dist", f"iter_{IT:07d}")
         if rank == 0:
             os.makedirs(it, exist_ok=True)
-            for sub in ("a", "dist"):
-                with open(os.path.join(d, sub, "latest_checkpointed_iteration.txt"), "w") as f:
-                    f.write(str(IT))
+            with open(os.path.join(d, "dist", "latest_checkpointed_iteration.txt"), "w") as f:
+                f.write(str(IT))
         torch.distributed.barrier()
         dist_checkpointing.save({"model": m.sharded_state_dict(metadata=dist_meta())}, it,
                                 content_metadata={"singleton_local_shards": False})
@@ -179,11 +171,6 @@ def save(root: str) -> None:
             if rank == 0:
                 torch.save(out, os.path.join(d, "logits_a.pt"))
         torch.distributed.barrier()
-
-
-def raw(t: torch.Tensor) -> bytes:
-    t = t.detach().contiguous()
-    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
 def dist_load(fam, o, tp, pp, path):
@@ -196,7 +183,6 @@ def dist_load(fam, o, tp, pp, path):
 
 
 def load(root: str) -> None:
-    rank = torch.distributed.get_rank()
     results = {}
     for name, (fam, (tpa, ppa), (tp, pp), o) in CASES.items():
         d = os.path.join(root, name)
@@ -211,16 +197,11 @@ def load(root: str) -> None:
             m.load_state_dict(sd, strict=True)
         except RuntimeError as e:
             res["mismatch"].append(f"strict load: {str(e)[:300]}")
-        e_sd, g_sd = exp.state_dict(), m.state_dict()
-        for k, v in e_sd.items():
-            if torch.is_tensor(v):
-                res["tensors"] += 1
-                if k not in g_sd or v.dtype != g_sd[k].dtype or v.shape != g_sd[k].shape or raw(v) != raw(g_sd[k]):
-                    res["mismatch"].append(f"{k}: differs from megatron-core's reshard")
+        e_sd = exp.state_dict()
+        res["tensors"] = sum(torch.is_tensor(v) for v in e_sd.values())
+        res["mismatch"] += [f"{b} (vs megatron-core's reshard)" for b in compare_state(m.state_dict(), e_sd)[0]]
         if not forward_runs(o):
-            gathered = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, res)
-            results[name] = gathered
+            results[name] = gather(res)
             continue
         out = logits(fam, o, m)
         ref_path = os.path.join(d, "logits_a.pt")
@@ -231,12 +212,8 @@ def load(root: str) -> None:
         res["logits_max_diff"] = float((out - ref).abs().max())
         if res["logits_max_diff"] > 1e-4:
             res["mismatch"].append(f"logits differ by {res['logits_max_diff']}")
-        gathered = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, res)
-        results[name] = gathered
-    if rank == 0:
-        with open(os.path.join(root, "result.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        results[name] = gather(res)
+    write_result(os.path.join(root, "result.json"), results)
 
 
 def main() -> None:

@@ -1,10 +1,13 @@
-"""Run megatron-core 0.19.2 on a CPU-only torch with gloo (see shared/MCORE_ON_CPU.md).
+"""Run megatron-core 0.19.2 on a CPU-only torch with gloo (see shared/MCORE_ON_CPU.md), and the pieces
+every oracle harness shares: Megatron-LM's legacy save tail, raw-byte comparison, the result writer.
 
 Call `patch_cuda_for_cpu()` in torchrun worker processes only (never in the pytest process), then
 `init_parallel(...)`.
 """
 from __future__ import annotations
 
+import copy
+import json
 import os
 import warnings
 
@@ -30,7 +33,23 @@ def patch_cuda_for_cpu() -> None:
         return torch.empty(tuple(tensor_shape), dtype=dtype)
 
     utils.GlobalMemoryBuffer.get_tensor = get_tensor
+
+    # TP>1 with EP>1 forces sequence parallelism; the torch norm refuses it only because it cannot tag
+    # grads for the SP all-reduce (irrelevant here): give the norm a config copy with it off.
+    from megatron.core.transformer import torch_norm
+    norm_new = torch_norm.WrappedTorchNorm.__new__
+
+    def new(cls, config, *a, **k):
+        if config.sequence_parallel:
+            config = copy.copy(config)
+            config.sequence_parallel = False
+        return norm_new(cls, config, *a, **k)
+
+    torch_norm.WrappedTorchNorm.__new__ = new
     _PATCHED = True
+
+
+cpu_patches = patch_cuda_for_cpu      # the name tests/mcore/moe.py and torch_dist.py used
 
 
 def init_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, ep: int = 1, etp: int | None = None,
@@ -49,3 +68,87 @@ def init_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, ep: int = 1,
         virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
         expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
     model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True)
+
+
+# ----------------------------------------------------------------------------- Megatron-LM legacy files
+
+def rank_dirname() -> str:
+    """Megatron-LM's get_checkpoint_name directory for this rank: mp_rank_TT[_PPP][_EEE]."""
+    from megatron.core import parallel_state as ps
+    name = f"mp_rank_{ps.get_tensor_model_parallel_rank():02d}"
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        name += f"_{ps.get_pipeline_model_parallel_rank():03d}"
+    if ps.get_expert_model_parallel_world_size() > 1:
+        name += f"_{ps.get_expert_model_parallel_rank():03d}"
+    return name
+
+
+def legacy_file(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}", rank_dirname(), "model_optim_rng.pt")
+
+
+def is_legacy_writer() -> bool:
+    """Megatron-LM core_v0.19.0 save_checkpoint: DP rank 0 or expert-DP rank 0 writes its rank file."""
+    from megatron.core import parallel_state as ps
+    return ps.get_data_parallel_rank() == 0 or ps.get_expert_data_parallel_rank() == 0
+
+
+def save_legacy(root: str, iteration: int, state) -> None:
+    """Megatron-LM's legacy save tail; every rank calls it. `state`: this rank's file contents (a dict, or a
+    callable giving it, so that non-writers build nothing), written only where `is_legacy_writer()`; then
+    rank 0 writes the tracker."""
+    if is_legacy_writer():
+        path = legacy_file(root, iteration)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(state() if callable(state) else state, path)
+    torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:
+        with open(os.path.join(root, "latest_checkpointed_iteration.txt"), "w") as f:
+            f.write(str(iteration))
+    torch.distributed.barrier()
+
+
+# ----------------------------------------------------------------------------- comparing and reporting
+
+def raw(t: torch.Tensor) -> bytes:
+    t = t.detach().contiguous().reshape(-1)
+    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def compare_state(got: dict, exp: dict) -> tuple[list, list]:
+    """(mismatching keys with the reason, non-tensor keys) of two state dicts: dtype, shape, raw bytes."""
+    bad, other = [], []
+    for k in sorted(set(got) | set(exp)):
+        if k not in got or k not in exp:
+            bad.append(f"{k}: only in {'expected' if k in exp else 'got'}")
+            continue
+        g, e = got[k], exp[k]
+        if not (torch.is_tensor(g) and torch.is_tensor(e)):
+            if torch.is_tensor(g) or torch.is_tensor(e):
+                bad.append(f"{k}: tensor vs {type(e if torch.is_tensor(g) else g).__name__}")
+            else:
+                other.append(k)
+            continue
+        if g.dtype != e.dtype or tuple(g.shape) != tuple(e.shape):
+            bad.append(f"{k}: {g.dtype}{tuple(g.shape)} != expected {e.dtype}{tuple(e.shape)}")
+        elif raw(g) != raw(e):
+            bad.append(f"{k}: bytes differ")
+    return bad, other
+
+
+def gather(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def write_result(path: str, result, ok: bool = True, what: str = "") -> None:
+    """Rank 0 writes the (gathered) result as JSON; a failed check also says so on stderr."""
+    if torch.distributed.get_rank() != 0:
+        return
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    if not ok:
+        import sys
+        print(f"{what}: MISMATCH, see {path}", file=sys.stderr)

@@ -30,6 +30,7 @@ import zlib
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cpu import compare_state, gather, legacy_file, raw, save_legacy, write_result  # noqa: E402,F401
 
 ITERATION = 10
 LOGITS_TOL = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 5e-2}
@@ -278,8 +279,8 @@ def opt_param_scheduler_state() -> dict:
 
 
 def legacy_name(root: str, lay: dict, tp_rank: int, pp_rank: int) -> str:
-    d = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if lay["pp"] > 1 else "")
-    return os.path.join(root, f"iter_{ITERATION:07d}", d, "model_optim_rng.pt")
+    """This rank's file (megatron-core's parallel state is at `lay`: tp_rank, pp_rank are its ranks)."""
+    return legacy_file(root, ITERATION)
 
 
 def model_keys(n: int) -> list[str]:
@@ -303,20 +304,15 @@ def save(a, cfg: dict, lay: dict) -> None:
     chunks = build_chunks(cfg, lay, a.seed, perturb=True)
 
     # legacy torch format: DP-rank-0 (or expert-DP-rank-0) ranks write their (tp, pp) file
-    if ps.get_data_parallel_rank() == 0 or ps.get_expert_data_parallel_rank() == 0:
+    def legacy_state():
         sd = {"args": megatron_args(cfg, lay, "torch"), "checkpoint_version": 3.0, "iteration": ITERATION}
         for key, model in zip(model_keys(len(chunks)), chunks):
             sd[key] = model.state_dict_for_save_checkpoint()
         sd["opt_param_scheduler"] = opt_param_scheduler_state()
         sd["rng_state"] = rng_state(a.seed, tp_rank, pp_rank)
         sd["num_floating_point_operations_so_far"] = 1.25e12
-        path = legacy_name(a.out, lay, tp_rank, pp_rank)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save(sd, path)
-    torch.distributed.barrier()
-    if rank == 0:
-        with open(os.path.join(a.out, "latest_checkpointed_iteration.txt"), "w") as f:
-            f.write(str(ITERATION))
+        return sd
+    save_legacy(a.out, ITERATION, legacy_state)
 
     # torch_dist, as Megatron-LM lays it out (iter dir, tracker, common args)
     if a.dist_out:
@@ -355,32 +351,6 @@ def save(a, cfg: dict, lay: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- load and compare
-
-def raw(t: torch.Tensor) -> bytes:
-    t = t.detach().contiguous()
-    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-
-
-def compare_state(got: dict, exp: dict) -> tuple[list, list]:
-    """(mismatching tensor keys with the reason, non-tensor keys)."""
-    bad, other = [], []
-    for k in sorted(set(got) | set(exp)):
-        if k not in got or k not in exp:
-            bad.append(f"{k}: only in {'expected' if k in exp else 'legacy'}")
-            continue
-        g, e = got[k], exp[k]
-        if not (torch.is_tensor(g) and torch.is_tensor(e)):
-            if torch.is_tensor(g) or torch.is_tensor(e):
-                bad.append(f"{k}: tensor vs {type(e if torch.is_tensor(g) else g).__name__}")
-            else:
-                other.append(k)
-            continue
-        if g.dtype != e.dtype or tuple(g.shape) != tuple(e.shape):
-            bad.append(f"{k}: {g.dtype}{tuple(g.shape)} != expected {e.dtype}{tuple(e.shape)}")
-        elif raw(g) != raw(e):
-            bad.append(f"{k}: bytes differ")
-    return bad, other
-
 
 def load(a, cfg: dict, lay: dict) -> int:
     from megatron.core import dist_checkpointing
@@ -456,18 +426,12 @@ def load(a, cfg: dict, lay: dict) -> int:
             if not diff <= LOGITS_TOL[cfg["dtype"]]:
                 res["errors"].append(f"logits differ by {diff}")
 
-    gathered = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, res)
+    gathered = gather(res)
     ok = all(not (r["errors"] or r["mismatch"] or r["missing"] or r["unexpected"]) for r in gathered)
     ok = ok and any("logits_max_diff" in r for r in gathered)
-    if rank == 0 and not ok:
-        print(f"job.py load {a.layout}: MISMATCH, see {a.result}", file=sys.stderr)
-    if rank == 0:
-        diffs = [r["logits_max_diff"] for r in gathered if "logits_max_diff" in r]
-        summary = {"ok": ok, "layout": a.layout, "logits_max_diff": max(diffs) if diffs else None,
-                   "ranks": gathered}
-        with open(a.result, "w") as f:
-            json.dump(summary, f, indent=1, default=str)
+    diffs = [r["logits_max_diff"] for r in gathered if "logits_max_diff" in r]
+    write_result(a.result, {"ok": ok, "layout": a.layout, "logits_max_diff": max(diffs) if diffs else None,
+                            "ranks": gathered}, ok, f"job.py load {a.layout}")
     torch.distributed.barrier()
     return 0 if ok else 1
 

@@ -19,7 +19,6 @@ Uses none of ckptctl's sharding rules or file-set logic: the expectations come f
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -27,6 +26,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from cpu import compare_state, gather, rank_dirname, save_legacy, write_result  # noqa: E402
 HIDDEN, HEADS, FFN, VOCAB, SEQ = 64, 8, 128, 512, 16
 MAMBA = {"mamba_num_heads": 8, "mamba_head_dim": 8, "mamba_state_dim": 16}
 
@@ -153,22 +153,11 @@ def megatron_args(case: str, side: str) -> argparse.Namespace:
         params_dtype=torch.float32, bf16=False, fp16=False, use_distributed_optimizer=False, ckpt_format="torch")
 
 
-def dirname() -> str:
-    """Megatron-LM's get_checkpoint_name for this rank (EP = 1)."""
-    from megatron.core import parallel_state as ps
-    name = f"mp_rank_{ps.get_tensor_model_parallel_rank():02d}"
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        name += f"_{ps.get_pipeline_model_parallel_rank():03d}"
-    return name
-
-
-def raw(t: torch.Tensor) -> bytes:
-    return t.detach().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+dirname = rank_dirname      # Megatron-LM's get_checkpoint_name for this rank
 
 
 def save(work: str, cases: list[str]) -> None:
     from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state as ps
     rank = torch.distributed.get_rank()
     for case in cases:
         model = build(case, "A", seed=1234)
@@ -178,16 +167,9 @@ def save(work: str, cases: list[str]) -> None:
             os.makedirs(dist, exist_ok=True)
         torch.distributed.barrier()
         dist_checkpointing.save(model.sharded_state_dict(), dist)
-        if ps.get_data_parallel_rank() == 0:
-            d = os.path.join(root, "A", "iter_0000001", dirname())
-            os.makedirs(d, exist_ok=True)
-            torch.save({"args": megatron_args(case, "A"), "checkpoint_version": 3.0, "iteration": 1,
-                        "model": model.state_dict_for_save_checkpoint()}, os.path.join(d, "model_optim_rng.pt"))
-        torch.distributed.barrier()
-        if rank == 0:
-            with open(os.path.join(root, "A", "latest_checkpointed_iteration.txt"), "w") as f:
-                f.write("1")
-        torch.distributed.barrier()
+        save_legacy(os.path.join(root, "A"), 1, lambda: {
+            "args": megatron_args(case, "A"), "checkpoint_version": 3.0, "iteration": 1,
+            "model": model.state_dict_for_save_checkpoint()})
 
 
 def check(work: str, report: str, cases: list[str]) -> None:
@@ -207,23 +189,15 @@ def check(work: str, report: str, cases: list[str]) -> None:
         if list(ours) != list(expected):
             res["mismatch"].append(f"keys or order differ: {sorted(set(ours) ^ set(expected))[:4]}")
         res["tensors"] = sum(torch.is_tensor(v) for v in expected.values())
-        for k, v in expected.items():
-            if torch.is_tensor(v) and k in ours:
-                o = ours[k]
-                if not torch.is_tensor(o) or o.dtype != v.dtype or o.shape != v.shape or raw(o) != raw(v):
-                    res["mismatch"].append(f"{k}: differs")
+        res["mismatch"] += compare_state(ours, expected)[0]
         mine = build(case, "B", seed=7)
         try:
             mine.load_state_dict(ours, strict=True)
             res["strict_load"] = "ok"
         except Exception as e:  # noqa: BLE001 - reported, the test fails on it
             res["strict_load"] = str(e)[:300]
-        gathered = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, res)
-        results[case] = gathered
-    if torch.distributed.get_rank() == 0:
-        with open(report, "w") as f:
-            json.dump(results, f)
+        results[case] = gather(res)
+    write_result(report, results)
 
 
 def keys(pattern: str) -> None:

@@ -16,11 +16,13 @@ Uses none of ckptctl's sharding rules or file-set logic: the expectations come f
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cpu import compare_state, cpu_patches, gather, init_parallel, raw, rank_dirname, save_legacy, write_result  # noqa: E402,F401
 
 HIDDEN, HEADS, FFN, MOE_FFN, EXPERTS, LAYERS, VOCAB, SEQ = 32, 4, 64, 32, 4, 2, 512, 16
 
@@ -31,36 +33,8 @@ CASES = {
 }
 
 
-def cpu_patches() -> None:
-    """What megatron-core needs to run without CUDA (shared/MCORE_ON_CPU.md)."""
-    torch.cuda.current_device = lambda: torch.device("cpu")
-    torch.cuda.synchronize = lambda *a, **k: None
-    torch.Tensor.cuda = lambda self, *a, **k: self
-    from megatron.core import utils
-    from megatron.core.transformer import torch_norm
-
-    def get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
-        return torch.empty(tensor_shape, dtype=dtype)
-    utils.GlobalMemoryBuffer.get_tensor = get_tensor
-
-    # TP>1 with EP>1 forces sequence parallelism; the torch norm refuses it only because it cannot tag
-    # grads for the SP all-reduce (irrelevant here): give the norm a config copy with it off.
-    orig = torch_norm.WrappedTorchNorm.__new__
-
-    def norm_new(cls, config, *a, **k):
-        import copy
-        if config.sequence_parallel:
-            config = copy.copy(config)
-            config.sequence_parallel = False
-        return orig(cls, config, *a, **k)
-    torch_norm.WrappedTorchNorm.__new__ = norm_new
-
-
 def init(tp: int, ep: int, etp: int) -> None:
-    from megatron.core import parallel_state as ps
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    ps.initialize_model_parallel(tp, 1, expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
+    init_parallel(tp=tp, ep=ep, etp=etp)
 
 
 def build(tp: int, ep: int, etp: int, seed: int = 1234):
@@ -112,17 +86,7 @@ def megatron_args(tp: int, ep: int, etp: int) -> argparse.Namespace:
         bf16=False, fp16=False, use_distributed_optimizer=False, ckpt_format="torch")
 
 
-def dirname() -> str:
-    """Megatron-LM's get_checkpoint_name for this rank (PP = 1)."""
-    from megatron.core import parallel_state as ps
-    name = f"mp_rank_{ps.get_tensor_model_parallel_rank():02d}"
-    if ps.get_expert_model_parallel_world_size() > 1:
-        name += f"_{ps.get_expert_model_parallel_rank():03d}"
-    return name
-
-
-def raw(t: torch.Tensor) -> bytes:
-    return t.detach().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+dirname = rank_dirname      # Megatron-LM's get_checkpoint_name for this rank
 
 
 def logits(model) -> torch.Tensor:
@@ -135,7 +99,6 @@ def logits(model) -> torch.Tensor:
 
 def save(work: str, cases: list[str]) -> None:
     from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state as ps
     rank = torch.distributed.get_rank()
     for case in cases:
         (tp, ep, etp), _, _ = CASES[case]
@@ -150,17 +113,9 @@ def save(work: str, cases: list[str]) -> None:
         out = logits(model)
         if rank == 0:
             torch.save(out, os.path.join(root, "logits_A.pt"))
-        # Megatron-LM's legacy writers: DP rank 0 or expert-DP rank 0.
-        if ps.get_data_parallel_rank() == 0 or ps.get_expert_data_parallel_rank() == 0:
-            d = os.path.join(root, "A", "iter_0000001", dirname())
-            os.makedirs(d, exist_ok=True)
-            torch.save({"args": megatron_args(tp, ep, etp), "checkpoint_version": 3.0, "iteration": 1,
-                        "model": model.state_dict_for_save_checkpoint()}, os.path.join(d, "model_optim_rng.pt"))
-        torch.distributed.barrier()
-        if rank == 0:
-            with open(os.path.join(root, "A", "latest_checkpointed_iteration.txt"), "w") as f:
-                f.write("1")
-        torch.distributed.barrier()
+        save_legacy(os.path.join(root, "A"), 1, lambda: {
+            "args": megatron_args(tp, ep, etp), "checkpoint_version": 3.0, "iteration": 1,
+            "model": model.state_dict_for_save_checkpoint()})
 
 
 def check(work: str, report: str, cases: list[str]) -> None:
@@ -177,14 +132,8 @@ def check(work: str, report: str, cases: list[str]) -> None:
         res = {"rank": torch.distributed.get_rank(), "dir": dirname(), "mismatch": []}
         path = os.path.join(root, "B", "iter_0000001", dirname(), "model_optim_rng.pt")
         ours = torch.load(path, map_location="cpu", weights_only=False)["model"]
-        if set(ours) != set(expected):
-            res["mismatch"].append(f"keys differ: {sorted(set(ours) ^ set(expected))[:4]}")
+        res["mismatch"] += compare_state(ours, expected)[0]
         res["tensors"] = sum(torch.is_tensor(v) for v in expected.values())
-        for k, v in expected.items():
-            if torch.is_tensor(v) and k in ours:
-                o = ours[k]
-                if not torch.is_tensor(o) or o.dtype != v.dtype or o.shape != v.shape or raw(o) != raw(v):
-                    res["mismatch"].append(f"{k}: differs")
         mine = build(tp, ep, etp, seed=7)
         try:
             mine.load_state_dict(ours, strict=True)
@@ -194,12 +143,8 @@ def check(work: str, report: str, cases: list[str]) -> None:
         a = torch.load(os.path.join(root, "logits_A.pt"))
         res["logit_diff_ref"] = float((logits(ref) - a).abs().max())
         res["logit_diff_ours"] = float((logits(mine) - a).abs().max())
-        gathered = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, res)
-        results[case] = gathered
-    if torch.distributed.get_rank() == 0:
-        with open(report, "w") as f:
-            json.dump(results, f)
+        results[case] = gather(res)
+    write_result(report, results)
 
 
 def main(argv: list[str]) -> None:

@@ -25,7 +25,6 @@ Uses none of ckptctl's code. Writes OUT.json; exits 1 on any difference.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -33,6 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import cpu  # noqa: E402  (tests/mcore/cpu.py: CPU patches, legacy save tail, raw bytes, result writer)
 import job  # noqa: E402  (tests/mcore/job.py: config, model, Megatron-LM args)
 
 KINDS = ("distributed", "adam", "distributed-bf16", "adam-bf16")   # optimizer [-model dtype, default fp32]
@@ -197,9 +197,7 @@ def local_state(chunks, opt) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def raw(t: torch.Tensor) -> bytes:
-    t = t.detach().contiguous().reshape(-1)
-    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+raw = cpu.raw
 
 
 def compare(got, exp, tol: dict | None = None) -> tuple[list[str], dict, int]:
@@ -248,8 +246,8 @@ ITER = 1
 
 
 def legacy_path(root: str, lay: dict, tp: int, pp: int) -> str:
-    d = f"mp_rank_{tp:02d}" + (f"_{pp:03d}" if lay["pp"] > 1 else "")
-    return os.path.join(root, f"iter_{ITER:07d}", d, "model_optim_rng.pt")
+    """This rank's file (megatron-core's parallel state is at `lay`: tp, pp are its ranks)."""
+    return cpu.legacy_file(root, ITER)
 
 
 def save_legacy(root: str, chunks, opt, cfg: dict, lay: dict, kind: str, seed: int) -> None:
@@ -261,7 +259,8 @@ def save_legacy(root: str, chunks, opt, cfg: dict, lay: dict, kind: str, seed: i
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if kind == "distributed":
         opt.save_parameter_state(os.path.join(os.path.dirname(path), "distrib_optim.pt"))
-    if ps.get_data_parallel_rank() == 0:
+
+    def state():
         sd = {"args": megatron_args(cfg, lay, kind), "checkpoint_version": 3.0, "iteration": ITER}
         for key, m in zip(job.model_keys(len(chunks)), chunks):
             sd[key] = m.state_dict_for_save_checkpoint()
@@ -269,11 +268,8 @@ def save_legacy(root: str, chunks, opt, cfg: dict, lay: dict, kind: str, seed: i
         sd["opt_param_scheduler"] = job.opt_param_scheduler_state()
         sd["rng_state"] = job.rng_state(seed, tp, pp)
         sd["num_floating_point_operations_so_far"] = 1.0e9
-        torch.save(sd, path)
-    torch.distributed.barrier()
-    if torch.distributed.get_rank() == 0:
-        with open(os.path.join(root, "latest_checkpointed_iteration.txt"), "w") as f:
-            f.write(str(ITER))
+        return sd
+    cpu.save_legacy(root, ITER, state)
 
 
 def dist_meta() -> dict:
@@ -442,15 +438,9 @@ def cmd_check(a, base_cfg: dict) -> int:
             row["problems"] += [f"after step 2 (vs base layout {a.base}): {b}" for b in bad[:8]]
             rows.append(row)
             torch.distributed.barrier()
-    gathered = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, rows)
-    allrows = [r for rs in gathered for r in rs]
+    allrows = [r for rs in cpu.gather(rows) for r in rs]
     ok = bool(allrows) and not any(r["problems"] for r in allrows)
-    if rank == 0:
-        with open(a.result, "w") as f:
-            json.dump({"ok": ok, "rows": allrows}, f, indent=1, default=str)
-        if not ok:
-            print(f"optim.py check: MISMATCH, see {a.result}", file=sys.stderr)
+    cpu.write_result(a.result, {"ok": ok, "rows": allrows}, ok, "optim.py check")
     torch.distributed.barrier()
     return 0 if ok else 1
 

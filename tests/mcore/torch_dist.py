@@ -15,25 +15,15 @@ Uses none of ckptctl's sharding rules: the expectations come from megatron-core 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cpu import compare_state, cpu_patches, gather, write_result  # noqa: E402
+
 HIDDEN, HEADS, GROUPS, FFN, LAYERS, VOCAB, SEQ = 32, 8, 2, 64, 4, 250, 16
-
-
-def cpu_patches() -> None:
-    """What megatron-core needs to run without CUDA (shared/MCORE_ON_CPU.md)."""
-    torch.cuda.current_device = lambda: torch.device("cpu")
-    torch.cuda.synchronize = lambda *a, **k: None
-    torch.Tensor.cuda = lambda self, *a, **k: self
-    from megatron.core import utils
-
-    def get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
-        return torch.empty(tensor_shape, dtype=dtype)
-    utils.GlobalMemoryBuffer.get_tensor = get_tensor
 
 
 def parse_layout(text: str) -> tuple[int, int]:
@@ -111,10 +101,6 @@ def save(out: str, tp: int, pp: int, tied: bool) -> None:
             f.write("10")
 
 
-def raw(t: torch.Tensor) -> bytes:
-    return t.detach().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
-
-
 def logits(model) -> list:
     tokens = torch.arange(SEQ).remainder(VOCAB).unsqueeze(0)
     pos = torch.arange(SEQ).unsqueeze(0)
@@ -143,11 +129,7 @@ def check(report: str, tp: int, pp: int, tied: bool, ref: str, dists: list[str],
         if pp == 1:
             result.setdefault("logits", {})[name] = logits(model)
         got = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
-        if set(got) != set(expected):
-            result["mismatch"].append(f"{name}: keys differ {sorted(set(got) ^ set(expected))[:4]}")
-        for k, v in expected.items():
-            if k in got and raw(got[k]) != raw(v):
-                result["mismatch"].append(f"{name}: {k} bytes differ")
+        result["mismatch"] += [f"{name}: {b}" for b in compare_state(got, expected)[0]]
         result["loaded"].append(name)
 
     for d in dists:
@@ -164,11 +146,7 @@ def check(report: str, tp: int, pp: int, tied: bool, ref: str, dists: list[str],
         compare(d, m)
     if pp == 1:
         result.setdefault("logits", {})["ref"] = logits(ref_model)
-    gathered = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, result)
-    if torch.distributed.get_rank() == 0:
-        with open(report, "w") as f:
-            json.dump(gathered, f)
+    write_result(report, gather(result))
 
 
 def main(argv: list[str]) -> None:
