@@ -67,11 +67,15 @@ def example(
                                             "(default: distributed when the layout has DP > 1, else adam)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing folder."),
     fmt: str = typer.Option("legacy", "--format", help="Checkpoint format: legacy or torch_dist."),
+    optim_sharding: Optional[str] = typer.Option(None, "--optim-sharding", help="torch_dist target: distributed-optimizer "
+                                                 "state as dp_reshardable (default, as Megatron-LM saves) or fully_reshardable."),
     json_out: JsonOpt = False,
 ):
     """Write a small random checkpoint in Megatron's legacy (or torch_dist) format."""
+    extra = {}
     if fmt == "torch_dist":
         from ckptctl.formats.torch_dist import example as make
+        extra["optim_sharding"] = optim_sharding
     elif fmt == "legacy":
         from ckptctl.example import example as make
     else:
@@ -83,7 +87,8 @@ def example(
                 "moe_ffn": moe_ffn, "grouped": grouped or None, "shared_ffn": shared_ffn, "bias": bias,
                 "binary_head": binary_head, "tokentypes": tokentypes, "encoder_layers": encoder_layers,
                 "position": position, "pattern": pattern, "mamba_heads": mamba_heads, "mamba_groups": mamba_groups,
-                "mamba_state": mamba_state, "mamba_head_dim": mamba_head_dim}, seed=seed, overwrite=overwrite, optimizer=optimizer)
+                "mamba_state": mamba_state, "mamba_head_dim": mamba_head_dim}, seed=seed, overwrite=overwrite, optimizer=optimizer,
+               **extra)
     if json_out:
         output.emit_json(res)
     else:
@@ -114,6 +119,8 @@ def convert(
     master_addr: Optional[str] = typer.Option(None, "--master-addr", help="Node 0's address (multi-node)."),
     master_port: Optional[int] = typer.Option(None, "--master-port", help="A free port on node 0 (multi-node)."),
     to_format: Optional[str] = typer.Option(None, "--to-format", help="legacy or torch_dist (default: the source's format)."),
+    optim_sharding: Optional[str] = typer.Option(None, "--optim-sharding", help="torch_dist target: distributed-optimizer "
+                                                 "state as dp_reshardable (default, as Megatron-LM saves) or fully_reshardable."),
     json_out: JsonOpt = False,
 ):
     """Convert a checkpoint to another parallel layout (through torchrun workers and a Zarr store)."""
@@ -126,7 +133,7 @@ def convert(
         rep = run(src, dst, target, store=store, keep_store=keep_store, nproc=nproc, true_vocab=true_vocab,
                   rng=rng, overwrite=overwrite, progress=prog, optimizer=not no_optimizer,
                   max_memory=parse_size(max_memory), nodes=Nodes(nnodes, node_rank, master_addr, master_port),
-                  to_format=to_format)
+                  to_format=to_format, optim_sharding=optim_sharding)
     if json_out:
         output.emit_json(rep.to_json())
         return

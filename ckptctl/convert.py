@@ -161,7 +161,7 @@ def convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = Non
             nproc: int | None = None, true_vocab: int | None = None, rng: str = "auto",
             overwrite: bool = False, progress=None, optimizer: bool = True,
             max_memory: int | None = None, nodes: launch.Nodes | None = None,
-            to_format: str | None = None) -> ConvertReport:
+            to_format: str | None = None, optim_sharding: str | None = None) -> ConvertReport:
     src, dst = Path(src), Path(dst)
     nodes = nodes or launch.Nodes()
     nodes.check()
@@ -176,13 +176,17 @@ def convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = Non
     from_store = (src / "zarr.json").is_file()
     to_store = dst.suffix == ".zarr" and to is None
     if from_store:
-        return _store_to_legacy(src, dst, to, nproc, rng, progress, t0, max_memory, to_format)
+        return _store_to_legacy(src, dst, to, nproc, rng, progress, t0, max_memory, to_format, optim_sharding)
     source = inspect(src, true_vocab)
     out_fmt = _out_format(to_format, source.fmt)
     notes = []
-    if out_fmt == "torch_dist" and optimizer and source.optim:
-        optimizer = False
-        notes.append("optimizer state is not written in torch_dist by this version (weights and state only)")
+    if out_fmt == "torch_dist":
+        from ckptctl.formats import torch_dist_optim
+        optim_sharding = torch_dist_optim.check_sharding(optim_sharding)
+        note = torch_dist_optim.target_note(source.optim) if optimizer else None
+        if note:
+            optimizer = False
+            notes.append(note)
     if to is None and not to_store:
         raise BadInput("give a target layout with --to (or a destination ending in .zarr to write only the store)")
     if to is not None:
@@ -213,7 +217,7 @@ def convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = Non
                   src=str(src), src_layout=source.layout.to_json(), inventories=source.inventories,
                   out=str(work / "out"), dst_layout=to.to_json() if to else None, rng=rng,
                   iteration=source.ckpt.iteration, src_format=source.fmt, dist=source.dist, dst_format=out_fmt,
-                  optim=source.optim if optimizer else None, max_memory=max_memory,
+                  optim=source.optim if optimizer else None, max_memory=max_memory, optim_sharding=optim_sharding,
                   phases=("source",) if to_store else ("source", "target"))
         nbytes = source.nbytes
         n = min(nproc, max(len(source.plan.files), len(to.model_files) if to else 1)) if nproc > 0 else 0
@@ -250,7 +254,8 @@ def _out_format(to_format: str | None, source_format: str) -> str:
 
 
 def _store_to_legacy(src: Path, dst: Path, to: Layout | None, nproc: int, rng: str, progress, t0,
-                     max_memory: int | None = None, to_format: str | None = None) -> ConvertReport:
+                     max_memory: int | None = None, to_format: str | None = None,
+                     optim_sharding: str | None = None) -> ConvertReport:
     st = Store.open(src)
     attrs = st.attrs
     if not attrs.get("complete"):
@@ -265,7 +270,7 @@ def _store_to_legacy(src: Path, dst: Path, to: Layout | None, nproc: int, rng: s
     work.mkdir()
     try:
         job = Job(workdir=str(work), store=str(src), out=str(work / "out"), dst_layout=to.to_json(), rng=rng,
-                  phases=("target",), max_memory=max_memory,
+                  phases=("target",), max_memory=max_memory, optim_sharding=optim_sharding,
                   dst_format=_out_format(to_format, attrs.get("source_format", "legacy")))
         n = min(nproc, len(files)) if nproc > 0 else 0
         launch.run(job, n, nbytes, progress, label=f"store -> {to}")

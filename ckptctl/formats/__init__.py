@@ -34,3 +34,12 @@ def unit_opener(fmt: str, layout, inventories: list, dist: dict | None):
     from ckptctl.formats import legacy
     paths = {i["dirname"]: Path(i["path"]) for i in inventories}
     return lambda fp: legacy.LegacyUnit(legacy.load_pt(paths[fp.dirname]), fp.dirname)
+
+
+def optim_source(fmt: str, family, cfg, layout, info: dict, plan, dist: dict | None):
+    """The source phase's optimizer side: legacy rank files (`optim.SourceSide`) or torch_dist state."""
+    if fmt == TORCH_DIST:
+        from ckptctl.formats.torch_dist_optim import DistOptimSource
+        return DistOptimSource(family, cfg, layout, info, plan, dist)
+    from ckptctl import optim
+    return optim.SourceSide(family, cfg, layout, info, plan)

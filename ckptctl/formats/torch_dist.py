@@ -42,8 +42,9 @@ METADATA = ".metadata"
 COMMON_KEY = "common_state"
 COMMON_PT = "common.pt"
 RNG_KEY = "rng_state"
-# Optimizer state (`optimizer.state...`, old chained `chained_<i>.optimizer...`) is not converted from
-# torch_dist by this version; nor the per-rank state of an in-flight rerun (Megatron-LM's rerun machine).
+# Optimizer state (`optimizer.state...`, `optimizer.distributed...`) is not part of the weight plan: the
+# distributed optimizer's is converted by `torch_dist_optim`, other forms (chained `chained_<i>.`, the
+# non-distributed optimizer) are dropped and reported; so is the per-rank state of an in-flight rerun.
 DROPPED_PREFIXES = ("optimizer", "chained_", "rerun_state_machine_state")
 # megatron-core pops `output_layer._extra_state` from GPT's sharded state dict (it must be empty);
 # the legacy format keeps the key (None under local specs).
@@ -53,6 +54,12 @@ NOT_IN_DIST = ("output_layer._extra_state",)
 LOCAL_ALIASES = (("input_layernorm.", "self_attention.linear_qkv.layer_norm_"),
                  ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"))
 
+# Names megatron-core keeps in sharded state dicts for every spec: Mamba's conv1d parameters under
+# their pre-0.19 module names (the legacy files of 0.19.2 say `conv1d_weight`).
+DIST_NAMES = (("mixer.conv1d_", "mixer.conv1d."),)
+# Routed experts: SequentialMLP and TEGroupedMLP save the same keys, experts on an axis after the layer
+# axis (mcore keeps the two interchangeable); one `_extra_state` object per (layer, expert).
+_DIST_EXPERT = re.compile(r"^mlp\.experts\.(?P<lin>linear_fc[12])\.(?P<p>weight|bias|_extra_state)$")
 _STACKED = re.compile(r"^(?P<stack>[a-z_]+)\.layers\.(?P<rest>[^\d].*)$")
 _SHARD = re.compile(r"^(?P<key>.+)/shard_(?P<offs>[\d.]*)_(?P<shape>[\d.]*)$")
 
@@ -288,6 +295,9 @@ def spec_of(args: dict) -> str:
 
 def to_store_rest(rest: str, spec: str) -> str:
     """A DCP layer-key rest -> the name legacy files of `spec` use (the store keeps those)."""
+    for legacy_name, dist_name in DIST_NAMES:
+        if rest.startswith(dist_name):
+            return legacy_name + rest[len(dist_name):]
     if spec == "local":
         for local, te in LOCAL_ALIASES:
             if rest.startswith(te):
@@ -300,6 +310,47 @@ def to_dist_rest(rest: str) -> str:
         if rest.startswith(local):
             return te + rest[len(local):]
     return rest
+
+
+def dist_rest(rest: str) -> str:
+    """A legacy layer-key rest (expert-free) -> megatron-core's sharded name."""
+    for legacy_name, dist_name in DIST_NAMES:
+        if rest.startswith(legacy_name):
+            return dist_name + rest[len(legacy_name):]
+    return to_dist_rest(rest)
+
+
+def expert_keys(gkey: str, cfg: ModelConfig) -> list[str] | None:
+    """The legacy global keys of experts 0..E-1 behind a DCP expert key at one layer, or None.
+
+    The legacy kind follows `args.moe_grouped_gemm`: SequentialMLP `local_experts.<g>.linear_fc1.weight`,
+    TEGroupedMLP `linear_fc1.weight<g>` (and its single `linear_fc1._extra_state`)."""
+    m = re.match(r"^(?P<pre>[a-z_]+\.layers\.\d+\.)(?P<rest>.+)$", gkey)
+    e = _DIST_EXPERT.match(m["rest"]) if m else None
+    if e is None:
+        return None
+    lin, p, n = e["lin"], e["p"], cfg.num_experts
+    if cfg.extra.get("moe_grouped_gemm"):
+        return [m["pre"] + (f"mlp.experts.{lin}.{p}" + ("" if p == EXTRA_STATE else str(g))) for g in range(n)]
+    return [m["pre"] + f"mlp.experts.local_experts.{g}.{lin}.{p}" for g in range(n)]
+
+
+def segment_of(family: Family, cfg: ModelConfig, gkey: str) -> tuple[str, str]:
+    """(legacy key, array suffix) of a DCP key naming one segment of a segmented tensor (Mamba's
+    `in_proj.weight.z`, mcore's ShardedTensorFactory split); (gkey, "") for any other key."""
+    from ckptctl.errors import UnknownKey
+    from ckptctl.models.rules import SEGMENTS
+    base, dot, name = gkey.rpartition(".")
+    if not dot or not base.count("."):
+        return gkey, ""
+    try:
+        loc = family.locate(base)
+        rule = family.rule(_strip_expert(family, loc), cfg)
+    except (UnknownKey, BadInput):
+        return gkey, ""
+    if rule.kind == SEGMENTS and "." + name in {sfx for sfx, _ in rule.segments}:
+        return base, "." + name
+    return gkey, ""
 
 
 def split_fqn(fqn: str) -> tuple[str | None, str]:
@@ -372,24 +423,30 @@ def plan_source(family: Family, cfg: ModelConfig, layout: Layout, index: dict, s
             if not shape or shape[0] != stacks[stack]:
                 raise BadInput(f"torch_dist key {fqn!r}: layer axis {shape[:1]} but the model has "
                                f"{stacks[stack]} {stack} layers")
-            layers, ashape = list(range(shape[0])), shape[1:]
+            # only the layers that hold this key (MoE layers under moe_layer_freq) have chunks
+            layers = sorted({lay for off, sizes, *_ in t["chunks"] for lay in range(off[0], off[0] + sizes[0])})
+            ashape = shape[1:]
         else:
             layers, ashape = [None], shape
         names = {}
         for lay in layers:
             gkey = store_key(fqn, lay, spec)
+            gkeys = expert_keys(gkey, cfg)
+            if gkeys is not None and (not ashape or ashape[0] != cfg.num_experts):
+                raise BadInput(f"torch_dist key {fqn!r}: expert axis {ashape[:1]} but the model has "
+                               f"{cfg.num_experts} experts")
+            gkey, suffix = segment_of(family, cfg, gkey if gkeys is None else gkeys[0])
             loc = family.locate(gkey)
-            if family.expert_of(loc.rest) is not None or ".experts." in gkey:
-                raise BadInput(f"torch_dist key {fqn!r}: expert tensors are not supported from torch_dist yet")
             family.rule(_strip_expert(family, loc), cfg)       # unknown names are refused here
             if gkey in copies:
                 continue
-            base, _ = namer.array_of(loc)
+            base = namer.array_of(loc)[0] + suffix
             names[lay] = base
             arrays[base] = {"shape": list(ashape), "dtype": dtype,
                             "vocab": family.rule(loc, cfg).kind == VOCAB}
             boxes[base] = []
-            note(gkey, loc, "tensor", position[fqn], dtype)
+            for k in gkeys or [gkey]:
+                note(k, family.locate(k), "tensor", position[fqn], dtype)
         if not names:
             continue
         for off, sizes, fname, boff, blen in t["chunks"]:
@@ -429,6 +486,13 @@ def plan_source(family: Family, cfg: ModelConfig, layout: Layout, index: dict, s
             raise BadInput(f"torch_dist object {name!r}: unknown (no policy carries it)")
         stack, _ = split_fqn(key)
         gkey = store_key(key, offs[0] if stack is not None else None, spec)
+        gkeys = expert_keys(gkey, cfg)
+        if gkeys is not None:
+            gkey = gkeys[offs[1 if stack is not None else 0]]
+            if cfg.extra.get("moe_grouped_gemm"):
+                # TEGroupedMLP's one state per linear is not mcore's per-expert split: not carried
+                note(gkey, family.locate(gkey), "object", position[key])
+                continue
         loc = family.locate(gkey)
         slot = f"{gkey}|{FORMAT}|0"
         units[0].items.append(ObjectItem(name, name, gkey, slot))
@@ -559,7 +623,9 @@ def inspect(src: Path, true_vocab: int | None = None, family: str | None = None)
     for k in dropped_keys(ck.index):
         policies[k] = "optimizer" if k == "optimizer" else "dropped"
     dist = {"iter_dir": str(ck.iter_dir), "spec": spec, "index": ck.index}
-    return Source(ck, fam_name, cfg, [], plan, policies, fmt=FORMAT, dist=dist)
+    from ckptctl.formats import torch_dist_optim
+    info = torch_dist_optim.inspect_info(ck, cfg, ck.layout)
+    return Source(ck, fam_name, cfg, [], plan, policies, fmt=FORMAT, dist=dist, optim=info)
 
 
 # --- target planning (pure) ---------------------------------------------------------------------
@@ -585,6 +651,18 @@ class DistChunk:
         for s in self.sizes:
             v *= s
         return v * _itemsize(self.dtype)
+
+    def tensor(self, store) -> torch.Tensor:
+        """The chunk's bytes, read from the store (zeros where no part covers it)."""
+        from ckptctl.store import torch_dtype
+        vol = 1
+        for s in self.sizes:
+            vol *= s
+        covered = sum(p.local.volume for p in self.parts)
+        t = (torch.empty if covered == vol else torch.zeros)(self.sizes, dtype=torch_dtype(self.dtype))
+        for p in self.parts:
+            t[p.local.slices] = store.read(p.array, p.gbox).reshape(p.local.sizes)
+        return t
 
 
 @dataclass
@@ -615,51 +693,64 @@ def plan_target(family: Family, cfg: ModelConfig, layout: Layout, manifest: list
     objects: dict[str, tuple[str, str, str]] = {}
     local_names = False
     order: dict[str, None] = {}
+    experts = cfg.num_experts
     for fp in files:
         for item in fp.items:
             loc = family.locate(item.gkey)
-            if family.expert_of(loc.rest) is not None:
-                raise BadInput(f"tensor {item.gkey!r}: writing expert tensors to torch_dist is not supported yet")
-            rest = loc.rest
+            ex = family.expert_of(loc.rest)
+            rest = _strip_expert(family, loc).rest
             if loc.section == "layer":
                 local_names |= to_dist_rest(rest) != rest
-                fqn = f"{loc.stack}.layers.{to_dist_rest(rest)}"
-                pre_off, pre_shape = (loc.layer,), (stacks[loc.stack],)
+                if family.dist_stacked:
+                    fqn = f"{loc.stack}.layers.{dist_rest(rest)}"
+                    pre_off, pre_shape = (loc.layer,), (stacks[loc.stack],)
+                else:
+                    fqn, pre_off, pre_shape = f"{loc.stack}.layers.{loc.layer}.{dist_rest(rest)}", (), ()
             else:
                 fqn, pre_off, pre_shape = rest, (), ()
+            if ex is not None:                              # the expert axis follows the layer axis
+                pre_off, pre_shape = pre_off + (ex[1],), pre_shape + (experts,)
             if isinstance(item, ObjectItem):
                 if item.gkey in NOT_IN_DIST:
                     continue
-                name = f"{fqn}/shard_{'.'.join(map(str, pre_off)) or 0}_{'.'.join(map(str, pre_shape)) or 1}"
-                if name not in objects:                     # mcore keeps TP rank 0's extra state
-                    objects[name] = (name, item.gkey, item.slot)
-                    order.setdefault(name)
+                # TEGroupedMLP's one state per linear: mcore splits it per expert; written empty
+                grouped = ex is None and loc.section == "layer" and _DIST_EXPERT.match(rest)
+                per = experts // layout.ep if grouped else 0
+                for g in (range(fp.coord.ep * per, (fp.coord.ep + 1) * per) if grouped else [None]):
+                    off, shp = (pre_off, pre_shape) if g is None else (pre_off + (g,), pre_shape + (experts,))
+                    name = f"{fqn}/shard_{'.'.join(map(str, off)) or 0}_{'.'.join(map(str, shp)) or 1}"
+                    if name not in objects:                 # mcore keeps (E)TP rank 0's extra state
+                        objects[name] = (name, item.gkey, None if grouped else item.slot)
+                        order.setdefault(name)
                 continue
             if item.gkey in copies:
                 continue
-            order.setdefault(fqn)
             rule = family.rule(_strip_expert(family, loc), cfg)
             n, r = namer.split(rule, fp.coord)
             shape = tuple(item.shape)
             if rule.kind == SEGMENTS:
-                boxes = [(p.gbox, (Piece(Box.full(p.gbox.sizes), p.array, p.gbox),)) for p in item.pieces]
-                gshape = list(shape)
-                gshape[rule.dim] *= n
+                # one DCP key per array (Mamba's `.z` ... `.dt`), GLU's two row blocks in one key
+                base, elead = namer.array_of(loc)[0], 1 if ex is not None else 0
+                boxes = []
+                for p in item.pieces:
+                    gbox = Box(p.gbox.offsets[elead:], p.gbox.sizes[elead:])
+                    boxes.append((fqn + p.array[len(base):], tuple(arrays[p.array]["shape"][elead:]), gbox,
+                                  (Piece(Box.full(gbox.sizes), p.array, p.gbox),)))
             else:
                 offs, gshape = [0] * len(shape), list(shape)
                 if n > 1:
                     offs[rule.dim] = r * shape[rule.dim]
                     gshape[rule.dim] *= n
-                boxes = [(Box(tuple(offs), shape), item.pieces)]
-            for box, parts in boxes:
-                key = (fqn, pre_off + box.offsets)
-                if key in seen:
+                boxes = [(fqn, tuple(gshape), Box(tuple(offs), shape), item.pieces)]
+            for key, gshape, box, parts in boxes:
+                order.setdefault(key)
+                if (key, pre_off + box.offsets) in seen:
                     continue
-                seen.add(key)
+                seen.add((key, pre_off + box.offsets))
                 lead = len(pre_off)
                 parts = tuple(Piece(Box((0,) * lead + p.local.offsets, (1,) * lead + p.local.sizes), p.array, p.gbox)
                               for p in parts)
-                chunks.append(DistChunk(fqn, pre_shape + tuple(gshape), pre_off + box.offsets,
+                chunks.append(DistChunk(key, pre_shape + gshape, pre_off + box.offsets,
                                         (1,) * lead + box.sizes, item.dtype, parts))
     return DistTarget(chunks, list(objects.values()), local_names, list(order))
 
@@ -687,11 +778,14 @@ def _blob(value) -> bytes:
 def target_phase(job, comm, progress) -> dict:
     """Write the torch_dist checkpoint: per-worker .distcp files, then (rank 0) .metadata, metadata.json."""
     from ckptctl.reshard.comm import assign
+    from ckptctl.formats import torch_dist_optim
     from ckptctl.reshard.run import COMMON, empty_like_encoding, get_object, open_target, rng_for
-    from ckptctl.store import torch_dtype
 
     store, attrs, family, cfg, src_layout, dst, encs = open_target(job)
     plan = plan_target(family, cfg, dst, attrs["manifest"], attrs["arrays"], set(encs))
+    extra = torch_dist_optim.target_additions(job, store, attrs, family, cfg, dst, encs, plan.chunks)
+    if extra is not None:
+        plan.chunks += extra.chunks
     iteration = attrs.get("iteration", "release")
     it_dir = Path(job.out) / legacy.iter_dirname(iteration)
     it_dir.mkdir(parents=True, exist_ok=True)
@@ -705,13 +799,7 @@ def target_phase(job, comm, progress) -> dict:
 
         for i in mine:
             c = plan.chunks[i]
-            vol = 1
-            for s in c.sizes:
-                vol *= s
-            covered = sum(p.local.volume for p in c.parts)
-            t = (torch.empty if covered == vol else torch.zeros)(c.sizes, dtype=torch_dtype(c.dtype))
-            for p in c.parts:
-                t[p.local.slices] = store.read(p.array, p.gbox).reshape(p.local.sizes)
+            t = c.tensor(store)
             buf = io.BytesIO()
             torch.save(t, buf)
             put(c.fqn, list(c.offsets), buf.getvalue())
@@ -735,6 +823,10 @@ def target_phase(job, comm, progress) -> dict:
             common = get_object(store, COMMON, encs.get(COMMON, "none")) or {}
             padded = cfg.vocab_for_tp(dst.tp) if cfg.true_vocab is not None else cfg.padded_vocab
             common = target_common(common, dst, padded, cfg.num_layers, plan.local_names)
+            if extra is not None:
+                for name, value in extra.objects:
+                    put(name, None, _blob([value]))
+                common = extra.common(common)
             put(f"{COMMON_KEY}/shard_0_1", None, _blob([common]))
         f.flush()
         import os
@@ -806,14 +898,15 @@ def example(family: str, layout: Layout, out: Path, opts: dict | None = None, se
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise BadInput(f"destination {out} exists and is not empty (use --overwrite)")
     if "optimizer" in pyinspect.signature(legacy_example).parameters:
-        kw["optimizer"] = kw.get("optimizer") or "none"      # not written in torch_dist by this version
+        kw["optimizer"] = kw.get("optimizer") or "none"      # distributed: written (torch_dist_optim)
     else:
         kw.pop("optimizer", None)
+    optim_sharding = kw.pop("optim_sharding", None)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.legacy-{uuid.uuid4().hex[:8]}")
     try:
         res = legacy_example(family, layout, tmp, opts, seed=seed, **kw)
-        rep = convert(tmp, out, layout, nproc=0, overwrite=overwrite, to_format=FORMAT)
+        rep = convert(tmp, out, layout, nproc=0, overwrite=overwrite, to_format=FORMAT, optim_sharding=optim_sharding)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     files = len(list((out / legacy.iter_dirname(rep_iteration(out))).glob("*.distcp")))

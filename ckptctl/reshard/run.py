@@ -51,6 +51,7 @@ class Job:
     dst_format: str = "legacy"
     optim: dict | None = None                  # ckptctl.optim: the source's optimizer variant (None: not converted)
     max_memory: int | None = None              # per-worker RSS budget in bytes (ckptctl.reshard.stream)
+    optim_sharding: str | None = None          # torch_dist target: distributed-optimizer sharding type
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.__dict__))
@@ -124,7 +125,8 @@ def source_phase(job: Job, comm: Comm, progress: Progress) -> dict:
     layout = Layout.from_json(job.src_layout)
     plan = formats.source_plan(job.src_format, family, cfg, layout, job.inventories, job.dist)
     open_unit = formats.unit_opener(job.src_format, layout, job.inventories, job.dist)
-    oside = optim.SourceSide(family, cfg, layout, job.optim, plan) if job.optim else None
+    oside = formats.optim_source(job.src_format, family, cfg, layout, job.optim, plan, job.dist) if job.optim else None
+    own_units = getattr(oside, "run", None)       # torch_dist: decodes per model-parallel rank, not per unit
     if comm.rank == 0:
         Store.create(Path(job.store), {}, {"format": FORMAT, "complete": False})
     comm.barrier()
@@ -153,7 +155,7 @@ def source_phase(job: Job, comm: Comm, progress: Progress) -> dict:
                 encodings[o.slot] = put_object(store, o.slot, sd.object(o))
         for slot, value in sd.rng().items():
             encodings[slot] = put_object(store, slot, value)
-        if oside is not None:
+        if oside is not None and own_units is None:
             st = oside.write_file(store, i, fp, sd.sd, Path(job.inventories[i]["path"]), progress)
             if i == 0:
                 encodings[OPTIM_COMMON] = put_object(store, OPTIM_COMMON, st.common)
@@ -161,6 +163,8 @@ def source_phase(job: Job, comm: Comm, progress: Progress) -> dict:
             encodings[COMMON] = put_object(store, COMMON, sd.common())
             encodings["__dropped__"] = ",".join(k for k in sd.dropped() if not (oside and k == "optimizer"))
         del sd
+    if own_units is not None:
+        encodings.update(own_units(store, comm, progress))
     progress.add(0, force=True)
     gathered = comm.all_gather_object(encodings)
     if comm.rank == 0:

@@ -1,0 +1,455 @@
+"""Distributed-optimizer state in megatron-core's `torch_dist` format (DESIGN §6.3), read and written.
+
+megatron-core 0.19.2 `DistributedOptimizer.sharded_state_dict` saves the state in one of two ways,
+chosen by `content_metadata["distrib_optim_sharding_type"]` (Megatron-LM core_v0.19.0 passes
+`dp_reshardable` unless `--dist-ckpt-optim-fully-reshardable`):
+
+* `fully_reshardable` (model space): `optimizer.state.{param,exp_avg,exp_avg_sq}.<model key>`, each
+  shaped and chunked exactly like the model tensor (main replicas only); `param` is the fp32 master.
+  The param groups (with `step`) sit in the common state under `optimizer.optimizer`.
+* `dp_reshardable` (bucket space): per model-parallel rank `g = tp + TP*pp` (`dp_group_idx_<g>`), per
+  buffer and bucket, one 1-D tensor per state component
+  `optimizer.distributed.dp_group_idx_<g>.gbuf_idx_<i>.dtype_(<param dtype>, <grad dtype>).bucket_idx_<b>.<comp>`
+  of the bucket's unpadded size; every DP rank saves one chunk per parameter slice it owns and one per
+  alignment gap (bucket end padding is not saved). Objects `...dp_group_idx_<g>.optimizer` (param
+  groups), `.grad_scaler` (when there is one), `.per_bucket_numel`, `.per_bucket_numel_unpadded`.
+  Concatenating a buffer's buckets gives exactly the flat tensor of a legacy `distrib_optim.pt`, so it is
+  decoded with the same layout code (`ckptctl.optim`).
+
+Reading fills the store's per-parameter `optim/{param,exp_avg,exp_avg_sq}/<array>` (the arrays the legacy
+reader fills), per source model-parallel rank, through the legacy plan of the source layout; so either
+form goes to legacy `distrib_optim.pt` or to torch_dist at any other TP/PP/DP. Writing produces the
+chunks and objects megatron-core saves for the target layout. One sub-optimizer only (dense models).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from ckptctl import optim
+from ckptctl.box import Box
+from ckptctl.errors import BadInput
+
+SHARDING_TYPES = ("dp_reshardable", "fully_reshardable")
+DEFAULT_SHARDING = "dp_reshardable"          # Megatron-LM core_v0.19.0 without --dist-ckpt-optim-fully-reshardable
+# Types megatron-core 0.19.2 knows but ckptctl does not convert: their state is dropped and reported.
+OTHER_TYPES = ("dp_zero_gather_scatter", "fully_sharded_model_space", "fully_sharded_bucket_space", "fsdp_dtensor")
+STATE = "optimizer.state."
+DIST = "optimizer.distributed."
+
+
+def check_sharding(name: str | None) -> str:
+    """The target sharding type (`--optim-sharding`); default dp_reshardable, as Megatron-LM saves."""
+    name = name or DEFAULT_SHARDING
+    if name not in SHARDING_TYPES:
+        raise BadInput(f"--optim-sharding: expected one of {', '.join(SHARDING_TYPES)}, got {name!r}")
+    return name
+
+
+def group_index(layout, coord) -> int:
+    """megatron-core's `data_parallel_group_idx`: the rank in the model-parallel (TP x PP) group."""
+    return coord.tp + layout.tp * coord.pp
+
+
+def _dtype_tag(dtypes: tuple[str, str]) -> str:
+    return f"dtype_(torch.{dtypes[0]}, torch.{dtypes[1]})"
+
+
+def bucket_key(g: int, gbuf: int, dtypes: tuple[str, str], b: int, comp: str) -> str:
+    return f"{DIST}dp_group_idx_{g}.gbuf_idx_{gbuf}.{_dtype_tag(dtypes)}.bucket_idx_{b}.{comp}"
+
+
+def object_key(g: int, what: str) -> str:
+    return f"{DIST}dp_group_idx_{g}.{what}/shard_0_1"
+
+
+# --- inspect ------------------------------------------------------------------------------------
+
+def sharding_of(common: dict) -> str | None:
+    cm = common.get("content_metadata") or {}
+    st = cm.get("distrib_optim_sharding_type")
+    opt = common.get("optimizer")
+    if st is None and isinstance(opt, dict):
+        st = opt.get("param_state_sharding_type")
+    return st
+
+
+def inspect_info(ck, cfg, layout) -> dict | None:
+    """The optimizer variant of a torch_dist checkpoint (as `optim.inspect_info` gives for legacy), or
+    None when there is none ckptctl converts (non-distributed or chained state: dropped and reported).
+    An unknown sharding type is refused, naming it."""
+    names = ck.index["order"]
+    if not any(n.startswith(("optimizer", "chained_")) for n in names):
+        return None
+    st = sharding_of(ck.common)
+    if st is None:
+        return None
+    if st not in SHARDING_TYPES + OTHER_TYPES:
+        raise BadInput(f"{ck.iter_dir}: unknown distributed-optimizer sharding type {st!r} "
+                       f"(content_metadata.distrib_optim_sharding_type; known: {', '.join(SHARDING_TYPES + OTHER_TYPES)})")
+    if st not in SHARDING_TYPES or any(n.startswith("chained_") for n in names):
+        return None
+    info = optim.inspect_info([{"kind": "distributed", "variant": "distributed", "subs": 1}], [ck.iter_dir],
+                              cfg, layout, ck.args)
+    prefix = STATE if st == "fully_reshardable" else DIST
+    comps = set()
+    for n in ck.index["tensors"]:
+        if n.startswith(prefix):
+            comps.add(n[len(STATE):].split(".", 1)[0] if st == "fully_reshardable" else n.rsplit(".", 1)[1])
+    if comps != set(info["comps"]):
+        raise BadInput(f"{ck.iter_dir}: optimizer state components {sorted(comps)}; only Adam's "
+                       f"{', '.join(info['comps'])} are supported")
+    return {**info, "sharding": st}
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+def legacy_files(family, cfg, layout, plan) -> list:
+    """The legacy rank-file plans of `layout` over the store arrays of `plan` (named_parameters order)."""
+    from ckptctl.reshard.plan import plan_target
+    return plan_target(family, cfg, layout, plan.manifest, plan.arrays, set(plan.slots))
+
+
+class ModelSpace:
+    """`fully_reshardable` tensors as a reader of store-array regions: read(optim/<comp>/<array>, box)."""
+
+    def __init__(self, family, cfg, layout, dist: dict):
+        from ckptctl.formats import torch_dist
+        index, self.iter_dir = dist["index"], Path(dist["iter_dir"])
+        self.pieces: dict[str, list] = {}
+        for comp in optim.ADAM_KEYS + ("param",):
+            pre = f"{STATE}{comp}."
+            real = {n[len(pre):]: n for n in index["order"] if n in index["tensors"] and n.startswith(pre)}
+            if not real:
+                continue
+            sub = {"tensors": {k: index["tensors"][v] for k, v in real.items()}, "objects": {}, "order": list(real)}
+            sp = torch_dist.plan_source(family, cfg, layout, sub, dist["spec"])
+            for fp in sp.files:
+                for t in fp.tensors:
+                    item = dataclasses.replace(t, chunk=real[t.chunk])
+                    for p in t.pieces:
+                        self.pieces.setdefault(optim.optim_array(p.array, comp), []).append((item, p))
+        self.unit = torch_dist.DistUnit(self.iter_dir, index, layout, None)
+
+    def read(self, name: str, box: Box) -> torch.Tensor:
+        out = torch.empty(box.sizes, dtype=torch.float32)
+        got = 0
+        for item, p in self.pieces.get(name, ()):
+            hit = p.gbox.intersect(box)
+            if hit is None:
+                continue
+            x = self.unit.tensor(item)
+            src = hit.shift(tuple(lo - g for lo, g in zip(p.local.offsets, p.gbox.offsets)))
+            out[hit.shift(tuple(-o for o in box.offsets)).slices] = x[src.slices]
+            got += hit.volume
+        if got != box.volume:
+            raise BadInput(f"{self.iter_dir}: the fully_reshardable chunks of {name!r} cover {got} of the "
+                           f"{box.volume} elements a rank needs")
+        return out
+
+
+class BucketSpace:
+    """`dp_reshardable` tensors of one model-parallel rank, reassembled into the legacy flat buffers."""
+
+    def __init__(self, dist: dict):
+        self.iter_dir, self.index = Path(dist["iter_dir"]), dist["index"]
+
+    def flat(self, key: str) -> torch.Tensor:
+        from ckptctl.formats import torch_dist
+        t = self.index["tensors"][key]
+        (n,) = t["shape"]
+        out = torch.empty(n, dtype=torch.float32)
+        got = 0
+        for off, sizes, *ref in t["chunks"]:
+            x = torch_dist.load_tensor(self.iter_dir, ref, key)
+            if tuple(x.shape) != tuple(sizes) or x.dtype != torch.float32:
+                raise BadInput(f"{self.iter_dir / ref[0]}: chunk {off} of {key!r} holds {x.dtype} {tuple(x.shape)}")
+            out[off[0]:off[0] + sizes[0]] = x
+            got += sizes[0]
+        if got != n:
+            raise BadInput(f"{self.iter_dir}: the chunks of {key!r} cover {got} of its {n} elements")
+        return out
+
+    def state(self, g: int, bufs: list, comps, expected: list[list[int]], where: str) -> dict:
+        """The `distrib_optim.pt` dict of rank g: each buffer's buckets concatenated."""
+        state: dict = {"buckets_coalesced": True}
+        for gi, (buf, sizes) in enumerate(zip(bufs, expected)):
+            e = {}
+            for c in comps:
+                parts = []
+                for b, size in enumerate(sizes):
+                    key = bucket_key(g, gi, buf.dtypes, b, c)
+                    t = self.index["tensors"].get(key)
+                    if t is None:
+                        raise BadInput(f"{where}: no {key!r} (the model layout gives {len(sizes)} bucket(s) in "
+                                       f"buffer {gi}; different bucket settings?)")
+                    if t["shape"] != [size]:
+                        raise BadInput(f"{where}: {key!r} has {t['shape']} elements, the model layout gives [{size}]")
+                    parts.append(self.flat(key))
+                extra = bucket_key(g, gi, buf.dtypes, len(sizes), c)
+                if extra in self.index["tensors"]:
+                    raise BadInput(f"{where}: {extra!r} is beyond the {len(sizes)} bucket(s) the model layout gives")
+                e[c] = torch.cat(parts)
+            e["numel_unpadded"] = sum(sizes)
+            state[gi] = {tuple(getattr(torch, d) for d in buf.dtypes): e}
+        return state
+
+
+def bucket_layouts(ctx, fp, bufs: list, pp_rank: int) -> list[tuple[list, list]]:
+    """Per buffer, `optim.buffer_layout` (param ranges and buckets) under the context's DDP settings."""
+    total = sum(p.numel for b in bufs for p in b.params)
+    dp = ctx.layout.dp * ctx.layout.cp
+    out = []
+    for buf in bufs:
+        bs = optim.bucket_size_of(ctx.args, ctx.layout, pp_rank, buf.chunk_index, total)
+        out.append(optim.buffer_layout([p.numel for p in buf.params], [p.shared for p in buf.params], bs, dp,
+                                       bool(ctx.args.get("ddp_pad_buckets_for_high_nccl_busbw"))))
+    return out
+
+
+class Decoder:
+    """Per source model-parallel rank: the decoded `optim.FileState` of its parameters."""
+
+    def __init__(self, family, cfg, layout, info: dict, plan, dist: dict):
+        self.info, self.dist, self.layout = info, dist, layout
+        self.files = legacy_files(family, cfg, layout, plan)
+        self.ctx = optim.Context(family, cfg, layout, info.get("args", {}), info)
+        self.model = ModelSpace(family, cfg, layout, dist) if info["sharding"] == "fully_reshardable" else None
+        self.buckets = BucketSpace(dist) if self.model is None else None
+        self.iter_dir = Path(dist["iter_dir"])
+
+    def common(self, g: int) -> dict:
+        """The legacy `optimizer` key (param groups with step, grad scaler) of rank g."""
+        from ckptctl.formats import torch_dist
+        if self.model is not None:
+            ref = self.dist["index"]["objects"].get(f"{torch_dist.COMMON_KEY}/shard_0_1")
+            common = (torch_dist.load_object(self.iter_dir, ref, torch_dist.COMMON_KEY) if ref else
+                      torch_dist.legacy.load_pt(self.iter_dir / torch_dist.COMMON_PT, mmap=False))
+            opt = common.get("optimizer") or {}
+            out = {k: v for k, v in opt.items() if k in ("optimizer", "grad_scaler")}
+        else:
+            out = {}
+            for what in ("optimizer", "grad_scaler"):
+                ref = self.dist["index"]["objects"].get(object_key(g, what))
+                if ref is not None:
+                    out[what] = torch_dist.load_object(self.iter_dir, ref, object_key(g, what))
+        if not isinstance(out.get("optimizer"), dict) or "param_groups" not in out["optimizer"]:
+            raise BadInput(f"{self.iter_dir}: no optimizer param groups for model-parallel rank {g}")
+        return out
+
+    def decode(self, i: int) -> optim.FileState:
+        fp = self.files[i]
+        g = group_index(self.layout, fp.coord)
+        params = self.ctx.params(fp)
+        comps = self.info["comps"]
+        common = self.common(g)
+        steps = {pg.get("step") for pg in common["optimizer"]["param_groups"]}
+        step = next(iter(steps)) if len(steps) == 1 else None
+        if self.model is not None:
+            return optim.FileState(optim.fill_tensors(self.model, fp, params, comps), common, step)
+        subs, bufs = self.ctx.layout_of(fp, params)
+        sizes = [[b[2] for b in lay[1]] for lay in bucket_layouts(self.ctx, fp, bufs[0], fp.coord.pp)]
+        where = f"{self.iter_dir} (dp_group_idx_{g}, {fp.dirname})"
+        state = self.buckets.state(g, bufs[0], comps, sizes, where)
+        return optim.FileState(optim.decode_distributed(state, subs, bufs, where), common, step)
+
+
+class DistOptimSource:
+    """Source phase: every worker decodes its share of the source model-parallel ranks and writes the
+    store regions each owns (the first rank holding a region, as for legacy files)."""
+
+    def __init__(self, family, cfg, layout, info: dict, plan, dist: dict):
+        self.info, self.plan = info, plan
+        self.dec = Decoder(family, cfg, layout, info, plan, dist)
+        files = self.dec.files
+        self.owned = optim.owned_pieces(self.dec.ctx, SimpleNamespace(files=files),
+                                        [{p.index for p in self.dec.ctx.params(fp)} for fp in files])
+
+    def arrays(self) -> dict[str, dict]:
+        return optim.plan_arrays(self.plan, self.info["comps"])
+
+    def run(self, store, comm, progress) -> dict:
+        """Decode and write this worker's ranks; returns the object encodings to record (rank 0: common)."""
+        from ckptctl.reshard.comm import assign
+        from ckptctl.reshard.run import OPTIM_COMMON, put_object
+        files = self.dec.files
+        sizes = [sum(p.numel for p in self.dec.ctx.params(fp)) + 1 for fp in files]
+        encodings = {}
+        for i in assign(sizes, comm.world)[comm.rank]:
+            fp = files[i]
+            st = self.dec.decode(i)
+            for idx, flags in self.owned[i].items():
+                for piece, owned in zip(fp.tensors[idx].pieces, flags):
+                    if not owned:
+                        continue
+                    for c in self.info["comps"]:
+                        q = optim.optim_piece(piece, c)
+                        part = st.tensors[idx][c][q.local.slices]
+                        store.write(q.array, q.gbox, part.contiguous())
+                        progress.add(part.numel() * 4)
+            if i == 0:
+                encodings[OPTIM_COMMON] = put_object(store, OPTIM_COMMON, st.common)
+        return encodings
+
+
+class Gather(optim.Gather):
+    """verify's gather of a torch_dist checkpoint's optimizer state (rank by rank, never the store)."""
+
+    def __init__(self, src):
+        from ckptctl.models import get_family
+        self.dec = Decoder(get_family(src.family), src.cfg, src.layout, src.optim, src.plan, src.dist)
+        proxy = SimpleNamespace(family=src.family, cfg=src.cfg, layout=src.layout, optim=src.optim, inventories=[],
+                                plan=SimpleNamespace(files=self.dec.files, arrays=src.plan.arrays))
+        super().__init__(proxy)
+
+    def state(self, fi: int) -> optim.FileState:
+        if fi not in self._states:
+            self._states[fi] = self.dec.decode(fi)
+        return self._states[fi]
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+def target_note(info: dict | None) -> str | None:
+    """Why a source's optimizer state cannot be written to torch_dist (None: it can)."""
+    if info is None or info["kind"] == "distributed":
+        return None
+    return ("optimizer state is not written in torch_dist for the non-distributed optimizer (Adam state "
+            "dict) by this version: dropped (weights and training state convert)")
+
+
+@dataclasses.dataclass
+class Additions:
+    """What the torch_dist writer adds for the optimizer: chunks, objects and common-state entries."""
+
+    chunks: list
+    objects: list                       # (DCP object name, value)
+    sharding: str
+    optimizer_common: dict
+
+    def common(self, common: dict) -> dict:
+        out = dict(common)
+        if self.sharding == "fully_reshardable":
+            out["optimizer"] = {**self.optimizer_common, "param_state_sharding_type": self.sharding}
+        else:
+            out["optimizer"] = {"param_state_sharding_type": self.sharding}
+        meta = dict(out.get("content_metadata") or {}, distrib_optim_sharding_type=self.sharding)
+        if self.sharding == "fully_reshardable":
+            meta["distrib_optim_fully_reshardable_mem_efficient"] = False
+        out["content_metadata"] = meta
+        if "args" in out:
+            import argparse
+            a = dict(vars(out["args"]))
+            a["use_distributed_optimizer"] = True
+            a["dist_ckpt_optim_fully_reshardable"] = self.sharding == "fully_reshardable"
+            out["args"] = argparse.Namespace(**a)
+        return out
+
+
+def target_additions(job, store, attrs, family, cfg, dst, encs, model_chunks: list) -> Additions | None:
+    """The optimizer part of a torch_dist target (None when the store has no distributed-optimizer state)."""
+    from ckptctl.reshard.plan import plan_target
+    from ckptctl.reshard.run import OPTIM_COMMON, get_object
+    info = attrs.get("optimizer")
+    if not info or info["kind"] != "distributed" or OPTIM_COMMON not in encs:
+        return None
+    sharding = check_sharding(getattr(job, "optim_sharding", None))
+    tside = optim.TargetSide(family, cfg, dst, info, None)          # refuses a sub-optimizer count change
+    ocommon = get_object(store, OPTIM_COMMON, encs[OPTIM_COMMON])
+    files = plan_target(family, cfg, dst, attrs["manifest"], attrs["arrays"], set(encs))
+    if sharding == "fully_reshardable":
+        chunks = model_space_chunks(tside.ctx, files, model_chunks, info["comps"])
+        return Additions(chunks, [], sharding, ocommon)
+    chunks, objects = [], []
+    for fp in files:
+        c, o = bucket_space(tside.ctx, fp, info["comps"], ocommon)
+        chunks += c
+        objects += o
+    return Additions(chunks, objects, sharding, ocommon)
+
+
+def model_space_chunks(ctx, files: list, model_chunks: list, comps) -> list:
+    """`fully_reshardable`: the model's chunks again, per state component, read from the optim arrays."""
+    stateful = {p.array for fp in files for prm in ctx.params(fp) for p in fp.tensors[prm.index].pieces}
+    out = []
+    for comp in comps:
+        for c in model_chunks:
+            if not c.parts or any(p.array not in stateful for p in c.parts):
+                continue
+            out.append(dataclasses.replace(c, fqn=f"{STATE}{comp}.{c.fqn}", dtype="float32",
+                                           parts=tuple(optim.optim_piece(p, comp) for p in c.parts)))
+    return out
+
+
+def _flat_chunk_class():
+    from ckptctl.formats.torch_dist import DistChunk
+
+    @dataclasses.dataclass(frozen=True)
+    class FlatChunk(DistChunk):
+        """A `dp_reshardable` chunk: elements [lo, hi) of one parameter's flattened local state (or zeros
+        for an alignment gap when `param` is None)."""
+
+        fp: object = None
+        param: object = None
+        comp: str = ""
+        lo: int = 0
+        hi: int = 0
+
+        def tensor(self, store) -> torch.Tensor:
+            if self.param is None:
+                return torch.zeros(self.sizes, dtype=torch.float32)
+            t = optim.fill_tensors(store, self.fp, [self.param], [self.comp])[self.param.index][self.comp]
+            return t.reshape(-1)[self.lo:self.hi].clone()
+
+    return FlatChunk
+
+
+def bucket_space(ctx, fp, comps, ocommon: dict) -> tuple[list, list]:
+    """`dp_reshardable` chunks and objects of one target model-parallel rank, as megatron-core saves them:
+    per bucket and DP rank, a chunk per parameter slice and per gap, up to the bucket's unpadded end."""
+    FlatChunk = _flat_chunk_class()
+    dp = ctx.layout.dp * ctx.layout.cp
+    g = group_index(ctx.layout, fp.coord)
+    params = ctx.params(fp)
+    subs, bufs = ctx.layout_of(fp, params)
+    chunks, numel, unpadded = [], [], []
+    for gi, (buf, (where, buckets)) in enumerate(zip(bufs[0], bucket_layouts(ctx, fp, bufs[0], fp.coord.pp))):
+        dkey = tuple(getattr(torch, d) for d in buf.dtypes)
+        numel.append({dkey: [end - start for start, end, _ in buckets]})
+        unpadded.append({dkey: [n for _, _, n in buckets]})
+        for b, (bstart, bend, n) in enumerate(buckets):
+            local = (bend - bstart) // dp
+            members = sorted((s - bstart, e - bstart, p) for (s, e, bi), p in zip(where, buf.params) if bi == b)
+            spans = []                      # (bucket offset, length, param or None, start inside the param)
+            for r in range(dp):
+                lo, hi = r * local, (r + 1) * local
+                mine = [(max(s, lo), min(e, hi), p, max(s, lo) - s) for s, e, p in members if min(e, hi) > max(s, lo)]
+                cur = lo
+                for s, e, p, off in mine + [(hi, hi, None, 0)]:
+                    if s > cur and cur < n:
+                        spans.append((cur, s - cur, None, 0))
+                    if p is not None:
+                        spans.append((s, e - s, p, off))
+                    cur = max(cur, e)
+            for comp in comps:
+                key = bucket_key(g, gi, buf.dtypes, b, comp)
+                for off, size, p, poff in spans:
+                    chunks.append(FlatChunk(key, (n,), (off,), (size,), "float32", (), fp, p, comp, poff, poff + size))
+    objects = [(object_key(g, "optimizer"), ocommon["optimizer"])]
+    if "grad_scaler" in ocommon:
+        objects.append((object_key(g, "grad_scaler"), ocommon["grad_scaler"]))
+    objects += [(object_key(g, "per_bucket_numel"), numel), (object_key(g, "per_bucket_numel_unpadded"), unpadded)]
+    return chunks, objects
+
+
+def policy_text(info: dict) -> str:
+    return (f"converted: distributed optimizer in torch_dist ({info['sharding']}); param, exp_avg, exp_avg_sq "
+            "decoded per parameter and resharded like its weight; step and param groups copied")
+
+
+def describe(info: dict | None) -> str:
+    return json.dumps(info, default=str)

@@ -1,0 +1,173 @@
+"""megatron-core oracle for distributed-optimizer state in torch_dist (run under torchrun, gloo, CPU).
+
+    torchrun --nproc-per-node 4 tests/mcore/torch_dist_optim.py WORK RESULT.json --a tp2pp1dp2 --b tp1pp1dp4
+
+One launch does everything:
+  1. at A: GPT + DDP + distributed optimizer (fp32, standard param groups), one step on fixed data;
+     `dist_checkpointing.save` of model + optimizer as Megatron-LM lays out a torch_dist checkpoint,
+     once `dp_reshardable` (Megatron-LM's default) -> WORK/A, once `fully_reshardable` -> WORK/A_fr;
+  2. rank 0 runs `ckptctl.convert.convert` in process (single-process mode) on WORK/A: legacy at B,
+     torch_dist `dp_reshardable` and `fully_reshardable` at B, and torch_dist `dp_reshardable` at A;
+  3. megatron-core loads: at A, ckptctl's A -> A dp_reshardable (expected: A's own state after the step);
+     at B, ckptctl's legacy files (as Megatron-LM loads them), its dp_reshardable and its fully_reshardable
+     output (`dist_checkpointing.load`), each against megatron-core's own reshard of WORK/A_fr at B.
+Every weight, fp32 master, exp_avg, exp_avg_sq and step is compared byte for byte. Rank 0 writes RESULT.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import job  # noqa: E402  (tests/mcore/job.py: config, Megatron-LM args, state-dict keys)
+import optim as mo  # noqa: E402  (tests/mcore/optim.py: GPT + DistOpt build, step, local state, legacy load)
+from cpu import init_parallel, patch_cuda_for_cpu  # noqa: E402
+
+CFG = dict(num_layers=2, hidden_size=64, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=128,
+           swiglu=True, vocab_size=128, seq_length=16, max_position_embeddings=16)
+KIND = "distributed"
+
+
+class sharding:
+    """Within the block, tests/mcore/optim.py's save/load use this distributed-optimizer sharding type."""
+
+    def __init__(self, name: str):
+        self.name, self.old = name, mo.dist_meta
+
+    def __enter__(self):
+        mo.dist_meta = lambda: dict(job.dist_metadata(), distrib_optim_sharding_type=self.name)
+
+    def __exit__(self, *exc):
+        mo.dist_meta = self.old
+
+
+def save_megatron(root: str, chunks, opt, cfg: dict, lay: dict, st: str) -> None:
+    """Megatron-LM core_v0.19.0 `save_checkpoint` with ckpt_format torch_dist (common args, iteration,
+    scheduler, content_metadata with the sharding type)."""
+    from megatron.core import dist_checkpointing
+
+    with sharding(st):
+        sd = mo.sharded(chunks, opt, False)
+        meta = {k: v for k, v in mo.dist_meta().items() if k != "dp_cp_group"}
+    args = mo.megatron_args(cfg, lay, KIND)
+    args.ckpt_format = "torch_dist"
+    args.dist_ckpt_optim_fully_reshardable = st == "fully_reshardable"
+    sd.update({"args": args, "checkpoint_version": 3.0, "iteration": mo.ITER,
+               "opt_param_scheduler": job.opt_param_scheduler_state(), "num_floating_point_operations_so_far": 1.0e9})
+    it = os.path.join(root, f"iter_{mo.ITER:07d}")
+    if torch.distributed.get_rank() == 0:
+        os.makedirs(it, exist_ok=True)
+    torch.distributed.barrier()
+    dist_checkpointing.save(sd, it, content_metadata=meta)
+    if torch.distributed.get_rank() == 0:
+        with open(os.path.join(root, "latest_checkpointed_iteration.txt"), "w") as f:
+            f.write(str(mo.ITER))
+    torch.distributed.barrier()
+
+
+def convert_all(work: str, a: str, b: str) -> list[str]:
+    """ckptctl, in this process as a single worker (no process group of its own)."""
+    from ckptctl.convert import convert
+    from ckptctl.layout import parse_layout
+
+    env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in os.environ}
+    done = []
+    try:
+        for name, to, fmt, st in (("B_legacy", b, "legacy", None), ("B_dp", b, "torch_dist", "dp_reshardable"),
+                                  ("B_fr", b, "torch_dist", "fully_reshardable"), ("A_dp", a, "torch_dist", None)):
+            convert(os.path.join(work, "A"), os.path.join(work, name), parse_layout(to), nproc=0, to_format=fmt,
+                    optim_sharding=st)
+            done.append(name)
+    finally:
+        os.environ.update(env)
+    return done
+
+
+def load_into(path: str, chunks, opt, cfg: dict, lay: dict, how: str) -> None:
+    if how == "legacy":
+        mo.load_legacy(path, chunks, opt, cfg, lay, KIND)
+        return
+    with sharding(how):
+        mo.load_dist(os.path.join(path, f"iter_{mo.ITER:07d}"), chunks, opt)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("work")
+    p.add_argument("result")
+    p.add_argument("--a", default="tp2pp1dp2")
+    p.add_argument("--b", default="tp1pp1dp4")
+    p.add_argument("--seed", type=int, default=1234)
+    a = p.parse_args(argv)
+    patch_cuda_for_cpu()
+    mo.patch_optimizer_for_cpu()
+    cfg = job.load_cfg(json.dumps(CFG))
+    la, lb = job.parse_layout(a.a), job.parse_layout(a.b)
+    init_parallel(la["tp"], la["pp"], seed=a.seed)
+    rank = torch.distributed.get_rank()
+    rows = []
+
+    chunks, models, opt = mo.build(cfg, la, KIND, a.seed, perturb=True)
+    mo.train_step(models, opt, cfg, la, 1)
+    save_megatron(os.path.join(a.work, "A"), chunks, opt, cfg, la, "dp_reshardable")
+    save_megatron(os.path.join(a.work, "A_fr"), chunks, opt, cfg, la, "fully_reshardable")
+    at_a = mo.local_state(chunks, opt)
+    err = None
+    if rank == 0:
+        try:
+            convert_all(a.work, a.a, a.b)
+        except Exception as e:  # noqa: BLE001 - reported, every rank stops below
+            err = f"convert failed: {type(e).__name__}: {str(e)[:600]}"
+    box = [err]
+    torch.distributed.broadcast_object_list(box, src=0)
+    if box[0]:
+        rows.append({"rank": rank, "case": "convert", "problems": [box[0]]})
+    else:
+        cases = [(a.a, "A_dp", "dp_reshardable", None)] + [(a.b, n, how, "A_fr") for n, how in
+                                                            (("B_legacy", "legacy"), ("B_dp", "dp_reshardable"),
+                                                             ("B_fr", "fully_reshardable"))]
+        ref_state: dict = {}
+        for layout, name, how, ref in cases:
+            lay = job.parse_layout(layout)
+            init_parallel(lay["tp"], lay["pp"], seed=a.seed)
+            row = {"rank": rank, "case": name, "layout": layout, "load": how, "problems": []}
+            c, _, o = mo.build(cfg, lay, KIND, a.seed + 1, perturb=False)
+            try:
+                load_into(os.path.join(a.work, name), c, o, cfg, lay, how)
+            except Exception as e:  # noqa: BLE001
+                row["problems"].append(f"megatron-core load failed: {type(e).__name__}: {str(e)[:600]}")
+                rows.append(row)
+                continue
+            if ref is None:
+                exp = at_a
+            else:      # megatron-core's own reshard, once per layout
+                if ref_state.get(layout) is None:
+                    rc, _, ro = mo.build(cfg, lay, KIND, a.seed + 2, perturb=False)
+                    load_into(os.path.join(a.work, ref), rc, ro, cfg, lay, "fully_reshardable")
+                    ref_state[layout] = mo.local_state(rc, ro)
+                exp = ref_state[layout]
+            bad, _, n = mo.compare(mo.local_state(c, o), exp)
+            row["tensors"] = n
+            row["optimizer_tensors"] = sum(1 for k, _ in exp if k.startswith("opt"))
+            row["problems"] += bad[:8]
+            rows.append(row)
+            torch.distributed.barrier()
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, rows)
+    allrows = [r for rs in out for r in rs]
+    ok = bool(allrows) and not any(r["problems"] for r in allrows)
+    if rank == 0:
+        with open(a.result, "w") as f:
+            json.dump({"ok": ok, "rows": allrows}, f, indent=1, default=str)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
