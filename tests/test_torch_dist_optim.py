@@ -150,7 +150,6 @@ def test_missing_bucket_is_bad_input(pair, tmp_path, cli):
     import pickle
     md = td.load_metadata(bad / "iter_0000010" / ".metadata")
     key = f"optimizer.distributed.dp_group_idx_0.gbuf_idx_0.{F32}.bucket_idx_0.exp_avg"
-    from torch.distributed.checkpoint.metadata import Metadata  # noqa: F401  (real classes for re-pickling)
     real = pickle.loads((bad / "iter_0000010" / ".metadata").read_bytes())
     del real.state_dict_metadata[key]
     real.storage_data = {k: v for k, v in real.storage_data.items() if k.fqn != key}
@@ -159,3 +158,14 @@ def test_missing_bucket_is_bad_input(pair, tmp_path, cli):
     r = cli("convert", bad, tmp_path / "o", "--to", "tp2pp2dp2", "--to-format", "legacy", "--nproc", "0")
     assert r.code == 2, r.err
     assert "dp_group_idx_0" in r.err
+
+
+def test_vocab_rows_the_target_adds(pair, cli, tmp_path):
+    """tp2 -> tp4 pads the vocab 256 -> 512: the chunks of ranks holding only new rows are written (zeros)
+    for the optimizer keys too, so every key is fully covered and verify finds the common rows equal."""
+    r = cli("convert", pair / "leg", tmp_path / "t4", "--to", "tp4pp2dp1", "--to-format", "torch_dist",
+            "--optim-sharding", "fully_reshardable", "--nproc", "0")
+    assert r.code == 0, r.err
+    t = td.open_dist(tmp_path / "t4").index["tensors"]["optimizer.state.exp_avg.embedding.word_embeddings.weight"]
+    assert t["shape"][0] == 512 and len(t["chunks"]) == 4
+    assert cli("verify", pair / "leg", tmp_path / "t4").code == 0

@@ -24,7 +24,6 @@ chunks and objects megatron-core saves for the target layout. One sub-optimizer 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -225,11 +224,13 @@ class Decoder:
     def common(self, g: int) -> dict:
         """The legacy `optimizer` key (param groups with step, grad scaler) of rank g."""
         from ckptctl.formats import torch_dist
-        if self.model is not None:
-            ref = self.dist["index"]["objects"].get(f"{torch_dist.COMMON_KEY}/shard_0_1")
-            common = (torch_dist.load_object(self.iter_dir, ref, torch_dist.COMMON_KEY) if ref else
-                      torch_dist.legacy.load_pt(self.iter_dir / torch_dist.COMMON_PT, mmap=False))
-            opt = common.get("optimizer") or {}
+        if self.model is not None:        # the common state's `optimizer` entry, the same for every rank
+            if getattr(self, "_common", None) is None:
+                from ckptctl.formats import legacy
+                ref = self.dist["index"]["objects"].get(f"{torch_dist.COMMON_KEY}/shard_0_1")
+                self._common = (torch_dist.load_object(self.iter_dir, ref, torch_dist.COMMON_KEY) if ref else
+                                legacy.load_pt(self.iter_dir / torch_dist.COMMON_PT, mmap=False))
+            opt = self._common.get("optimizer") or {}
             out = {k: v for k, v in opt.items() if k in ("optimizer", "grad_scaler")}
         else:
             out = {}
@@ -375,10 +376,13 @@ def target_additions(job, store, attrs, family, cfg, dst, encs, model_chunks: li
 def model_space_chunks(ctx, files: list, model_chunks: list, comps) -> list:
     """`fully_reshardable`: the model's chunks again, per state component, read from the optim arrays."""
     stateful = {p.array for fp in files for prm in ctx.params(fp) for p in fp.tensors[prm.index].pieces}
+    # a key is stateful when its chunks read stateful arrays; chunks without parts (vocab rows the target
+    # adds) are zeros, in the optimizer state too
+    keys = {c.fqn for c in model_chunks if c.parts and all(p.array in stateful for p in c.parts)}
     out = []
     for comp in comps:
         for c in model_chunks:
-            if not c.parts or any(p.array not in stateful for p in c.parts):
+            if c.fqn not in keys:
                 continue
             out.append(dataclasses.replace(c, fqn=f"{STATE}{comp}.{c.fqn}", dtype="float32",
                                            parts=tuple(optim.optim_piece(p, comp) for p in c.parts)))
@@ -444,12 +448,3 @@ def bucket_space(ctx, fp, comps, ocommon: dict) -> tuple[list, list]:
         objects.append((object_key(g, "grad_scaler"), ocommon["grad_scaler"]))
     objects += [(object_key(g, "per_bucket_numel"), numel), (object_key(g, "per_bucket_numel_unpadded"), unpadded)]
     return chunks, objects
-
-
-def policy_text(info: dict) -> str:
-    return (f"converted: distributed optimizer in torch_dist ({info['sharding']}); param, exp_avg, exp_avg_sq "
-            "decoded per parameter and resharded like its weight; step and param groups copied")
-
-
-def describe(info: dict | None) -> str:
-    return json.dumps(info, default=str)

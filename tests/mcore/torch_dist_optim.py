@@ -107,7 +107,7 @@ def main(argv: list[str]) -> int:
     patch_cuda_for_cpu()
     mo.patch_optimizer_for_cpu()
     cfg = job.load_cfg(json.dumps(CFG))
-    la, lb = job.parse_layout(a.a), job.parse_layout(a.b)
+    la = job.parse_layout(a.a)
     init_parallel(la["tp"], la["pp"], seed=a.seed)
     rank = torch.distributed.get_rank()
     rows = []
