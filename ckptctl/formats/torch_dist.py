@@ -312,12 +312,19 @@ def to_dist_rest(rest: str) -> str:
     return rest
 
 
-def dist_rest(rest: str) -> str:
-    """A legacy layer-key rest (expert-free) -> megatron-core's sharded name."""
+def dist_rest(rest: str, local: bool) -> str:
+    """A legacy layer-key rest (expert-free) -> megatron-core's sharded name (`local`: a local-spec model,
+    whose norms all take the fused TE names, those of MoE layers included)."""
     for legacy_name, dist_name in DIST_NAMES:
         if rest.startswith(legacy_name):
             return dist_name + rest[len(legacy_name):]
-    return to_dist_rest(rest)
+    return to_dist_rest(rest) if local else rest
+
+
+def is_local_spec(gkeys) -> bool:
+    """Whether legacy keys come from a local (non-TE) spec: its attention has a separate input norm. A TE
+    spec fuses it into `linear_qkv` and keeps MoE layers' `pre_mlp_layernorm` under its own name."""
+    return any(re.search(r"\.layers\.\d+\.input_layernorm\.", k) for k in gkeys)
 
 
 def expert_keys(gkey: str, cfg: ModelConfig) -> list[str] | None:
@@ -443,7 +450,7 @@ def plan_source(family: Family, cfg: ModelConfig, layout: Layout, index: dict, s
             base = namer.array_of(loc)[0] + suffix
             names[lay] = base
             arrays[base] = {"shape": list(ashape), "dtype": dtype,
-                            "vocab": family.rule(loc, cfg).kind == VOCAB}
+                            "vocab": family.rule(_strip_expert(family, loc), cfg).kind == VOCAB}
             boxes[base] = []
             for k in gkeys or [gkey]:
                 note(k, family.locate(k), "tensor", position[fqn], dtype)
@@ -691,21 +698,20 @@ def plan_target(family: Family, cfg: ModelConfig, layout: Layout, manifest: list
     seen: set[tuple] = set()
     chunks: list[DistChunk] = []
     objects: dict[str, tuple[str, str, str]] = {}
-    local_names = False
     order: dict[str, None] = {}
     experts = cfg.num_experts
+    local_names = is_local_spec(e["gkey"] for e in manifest)
     for fp in files:
         for item in fp.items:
             loc = family.locate(item.gkey)
             ex = family.expert_of(loc.rest)
             rest = _strip_expert(family, loc).rest
             if loc.section == "layer":
-                local_names |= to_dist_rest(rest) != rest
                 if family.dist_stacked:
-                    fqn = f"{loc.stack}.layers.{dist_rest(rest)}"
+                    fqn = f"{loc.stack}.layers.{dist_rest(rest, local_names)}"
                     pre_off, pre_shape = (loc.layer,), (stacks[loc.stack],)
                 else:
-                    fqn, pre_off, pre_shape = f"{loc.stack}.layers.{loc.layer}.{dist_rest(rest)}", (), ()
+                    fqn, pre_off, pre_shape = f"{loc.stack}.layers.{loc.layer}.{dist_rest(rest, local_names)}", (), ()
             else:
                 fqn, pre_off, pre_shape = rest, (), ()
             if ex is not None:                              # the expert axis follows the layer axis

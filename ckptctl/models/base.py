@@ -54,6 +54,9 @@ class Family:
     name = "base"
     post_prefixes: tuple[str, ...] = ()
     stacks: tuple[str, ...] = ("decoder",)
+    # torch_dist: megatron-core's TransformerBlock stacks a block's layers on a leading axis
+    # (`decoder.layers.<rest>`); HybridStack keeps numbered keys (`decoder.layers.<i>.<rest>`).
+    dist_stacked = True
 
     def locate(self, key: str) -> KeyLoc:
         return parse_key(key, self.post_prefixes)

@@ -149,6 +149,7 @@ class Mamba(MoE):
     name = "mamba"
     post_prefixes = ("decoder.final_layernorm", "decoder.final_norm", "output_layer")
     layer_rules = MAMBA_RULES
+    dist_stacked = False
 
     def rule(self, loc: KeyLoc, cfg: ModelConfig) -> Rule:
         if loc.section == "layer":
