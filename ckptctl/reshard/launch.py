@@ -106,9 +106,12 @@ def run(job: Job, nproc: int, total_bytes: int, progress=None, label: str = "con
 
 
 def _can_fork() -> bool:
+    """Fork unless asked not to, not possible, or this process is itself in a process group (a
+    forked child would inherit that group's state instead of joining its own)."""
     import multiprocessing
+    import torch.distributed as dist
     return os.environ.get("CKPTCTL_LAUNCHER", "fork") != "torchrun" and \
-        "fork" in multiprocessing.get_all_start_methods()
+        "fork" in multiprocessing.get_all_start_methods() and not (dist.is_available() and dist.is_initialized())
 
 
 class _Proc:
