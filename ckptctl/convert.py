@@ -124,9 +124,16 @@ def _commit(tmp: Path, dst: Path) -> None:
         tmp.rename(dst)
 
 
-def policy_report(src: Source, dst_layout: Layout | None, rng: str, optimizer: bool = True) -> dict:
+def policy_report(src: Source, dst_layout: Layout | None, rng: str, optimizer: bool = True,
+                  dst_format: str = "legacy", optim_sharding: str | None = None) -> dict:
     """What happens to each piece of non-weight state (DESIGN §3, §6): printed by convert, in --json."""
     from ckptctl import optim
+    from ckptctl.formats import torch_dist_optim
+    forms = {}
+    if src.optim and src.fmt == "torch_dist":
+        forms["src_form"] = torch_dist_optim.form_text(src.optim, src.optim.get("sharding"))
+    if src.optim and dst_format == "torch_dist":
+        forms["dst_form"] = torch_dist_optim.form_text(src.optim, optim_sharding)
     out = {}
     for k, p in sorted(src.policies.items()):
         if p == "copy":
@@ -141,9 +148,9 @@ def policy_report(src: Source, dst_layout: Layout | None, rng: str, optimizer: b
         elif p == "dropped":
             out[k] = "dropped (per-rank state that cannot follow a layout change)"
         elif p == "optimizer":
-            out[k] = (optim.policy_text(src.optim, src.layout, dst_layout) if optimizer and src.optim else
+            out[k] = (optim.policy_text(src.optim, src.layout, dst_layout, **forms) if optimizer and src.optim else
                       "dropped (--no-optimizer)" if src.optim else "DROPPED: not a recognised optimizer state")
-    if src.optim and src.optim["kind"] == "distributed":
+    if src.optim and src.optim["kind"] == "distributed" and dst_format != "torch_dist":
         out[optim.DIST_FILE] = ("re-encoded per target model directory (flat buffers for the target's bucket "
                                 "layout and DP size)" if optimizer else "dropped (--no-optimizer)")
     if "iteration" in src.policies:
@@ -183,7 +190,7 @@ def convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = Non
     if out_fmt == "torch_dist":
         from ckptctl.formats import torch_dist_optim
         optim_sharding = torch_dist_optim.check_sharding(optim_sharding)
-        note = torch_dist_optim.target_note(source.optim) if optimizer else None
+        note = torch_dist_optim.target_note(source.optim, source.cfg, to) if optimizer and to else None
         if note:
             optimizer = False
             notes.append(note)
@@ -239,7 +246,7 @@ def convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = Non
         return ConvertReport(str(src), str(dst), source.family, str(source.layout), str(to) if to else None,
                              len(source.plan.files), files_out, nbytes, round(time.monotonic() - t0, 3), n,
                              str(dst if to_store else (store or (dst.with_name(dst.name + ".zarr") if keep_store else None))),
-                             policy_report(source, to, rng, optimizer), notes)
+                             policy_report(source, to, rng, optimizer, out_fmt, optim_sharding), notes)
     finally:
         if nodes.node_rank == 0:
             shutil.rmtree(work, ignore_errors=True)

@@ -773,12 +773,23 @@ class TargetSide:
         return write_target(self.ctx, reader, fp, sd, out_dir, self.common)
 
 
-def policy_text(info: dict | None, src_layout, dst_layout) -> str:
+def form_text(info: dict) -> str:
+    """What a legacy checkpoint holds of this optimizer state."""
+    return ("distributed optimizer (distrib_optim.pt flat buffers + param groups)" if info["kind"] == "distributed"
+            else f"Adam state dict ({'fp32' if info['variant'] == 'fp32' else 'mixed precision, fp32 masters'})")
+
+
+def policy_text(info: dict | None, src_layout, dst_layout, src_form: str | None = None,
+                dst_form: str | None = None) -> str:
+    """`src_form` / `dst_form`: the optimizer state's form in a torch_dist source / target (None: legacy)."""
     if info is None:
         return "absent in the source: none written"
     comps = ", ".join(info["comps"])
-    what = ("distributed optimizer (distrib_optim.pt flat buffers + param groups)" if info["kind"] == "distributed"
-            else f"Adam state dict ({'fp32' if info['variant'] == 'fp32' else 'mixed precision, fp32 masters'})")
+    what = src_form or form_text(info)
+    if dst_form is not None:
+        what += f", written as {dst_form}"
+    elif src_form is not None:
+        what += f", written as {form_text(info)}"
     dp = "" if dst_layout is None else f"; re-encoded for {dst_layout} (DP={dst_layout.dp})"
     n = info["subs"] if dst_layout is None else subs_for(bool(info.get("experts")), dst_layout)
     subs = "" if n == info["subs"] else (
@@ -788,7 +799,7 @@ def policy_text(info: dict | None, src_layout, dst_layout) -> str:
                                                        "dense and expert sub-optimizers whose params it held"))
     return (f"converted: {what}; {comps} resharded per parameter like its weight (vocab padding rows "
             f"follow the weight rows, rows the target adds are zero); step and param-group "
-            f"hyperparameters copied, param indices rebuilt{dp}{subs}")
+            f"hyperparameters copied{'' if dst_form else ', param indices rebuilt'}{dp}{subs}")
 
 
 # --- verify ------------------------------------------------------------------------------------

@@ -169,3 +169,125 @@ def test_vocab_rows_the_target_adds(pair, cli, tmp_path):
     t = td.open_dist(tmp_path / "t4").index["tensors"]["optimizer.state.exp_avg.embedding.word_embeddings.weight"]
     assert t["shape"][0] == 512 and len(t["chunks"]) == 4
     assert cli("verify", pair / "leg", tmp_path / "t4").code == 0
+
+
+# --- the non-distributed optimizer (FP32Optimizer / mixed precision with fp32 masters) -----------------
+
+ADAM_OPTS = ["--swiglu", "--groups", "2", "--layers", "2", "--optimizer", "adam"]
+ADAM_DTYPES = ("float32", "float16")          # float16: mixed precision with fp32 masters and a grad scaler
+
+
+@pytest.fixture(scope="module")
+def adam(tmp_path_factory):
+    """legacy tp2pp2 (Adam state dict) -> torch_dist tp1pp2 -> legacy tp2pp2, per model dtype."""
+    from conftest import run_cli
+    d = tmp_path_factory.mktemp("tdo_adam")
+    for dt in ADAM_DTYPES:
+        assert run_cli("example", "gpt", "--layout", "tp2pp2", "--dtype", dt, "--out", d / dt, *ADAM_OPTS).code == 0
+        r = run_cli("convert", d / dt, d / f"{dt}_td", "--to", "tp1pp2", "--to-format", "torch_dist", "--nproc", "0",
+                    "--json")
+        assert r.code == 0, r.err
+        (d / f"{dt}_report.json").write_text(r.out)
+        r = run_cli("convert", d / f"{dt}_td", d / f"{dt}_back", "--to", "tp2pp2", "--to-format", "legacy",
+                    "--nproc", "0")
+        assert r.code == 0, r.err
+    return d
+
+
+@pytest.mark.parametrize("dt", ADAM_DTYPES)
+def test_adam_round_trip_is_byte_equal(adam, dt):
+    """The whole `optimizer` entry of every rank file (state tensors, step, param groups with their indices,
+    fp32 masters, grad scaler) comes back byte for byte."""
+    from ckptctl.optim import canon
+    files = sorted((adam / dt).glob("iter_*/*/model_optim_rng.pt"))
+    assert len(files) == 4
+    for f in files:
+        a = torch.load(f, weights_only=False)["optimizer"]
+        b = torch.load(adam / f"{dt}_back" / f.relative_to(adam / dt), weights_only=False)["optimizer"]
+        assert canon(a) == canon(b), f
+    sd = torch.load(files[-1], weights_only=False)["optimizer"]
+    assert ("grad_scaler" in sd) == (dt == "float16") and ("state" in sd) == (dt == "float32")
+
+
+def _legacy_state(path, dt):
+    """(state, param_groups, fp32 masters per group) of a legacy rank file's Adam state dict."""
+    sd = torch.load(path, weights_only=False)["optimizer"]
+    inner = sd if dt == "float32" else sd["optimizer"]
+    return inner["state"], inner["param_groups"], sd.get("fp32_from_fp16_params")
+
+
+@pytest.mark.parametrize("dt", ADAM_DTYPES)
+def test_adam_keys_and_chunks_independently(adam, dt):
+    """megatron-core's names: optimizer.state.{exp_avg,exp_avg_sq}.<model key> (+ fp32_param.<key> for half
+    params), chunked like the model tensor. output_layer.weight is the last weight-decayed parameter of the
+    last stage, so its state is index param_groups[0]["params"][-1] of mp_rank_0t_001 (fp32 master: the last
+    of fp32_from_fp16_params[0]); the TP1 tensor is the two TP shards stacked on the vocab axis, cut to the
+    true vocab."""
+    ck = td.open_dist(adam / f"{dt}_td")
+    ts = ck.index["tensors"]
+    model = {k for k in ts if not k.startswith("optimizer.")}
+    opt = {k for k in ts if k.startswith("optimizer.")}
+    names = ("exp_avg", "exp_avg_sq") + (("fp32_param",) if dt == "float16" else ())
+    assert opt == {f"optimizer.state.{n}.{k}" for n in names for k in model}      # every model tensor trains
+    for k in model:
+        for n in names:
+            o = ts[f"optimizer.state.{n}.{k}"]
+            assert o["shape"] == ts[k]["shape"] and o["dtype"] == "float32"
+            assert sorted(c[:2] for c in o["chunks"]) == sorted(c[:2] for c in ts[k]["chunks"])
+    it = next((adam / dt).glob("iter_*"))
+    shards = [_legacy_state(it / f"mp_rank_0{t}_001" / "model_optim_rng.pt", dt) for t in (0, 1)]
+    for n, pick in (("exp_avg", lambda s: s[0][s[1][0]["params"][-1]]["exp_avg"]),
+                    ("exp_avg_sq", lambda s: s[0][s[1][0]["params"][-1]]["exp_avg_sq"]),
+                    ("fp32_param", lambda s: s[2][0][-1])):
+        if n not in names:
+            continue
+        key = f"optimizer.state.{n}.output_layer.weight"
+        (off, sizes, *ref), = ts[key]["chunks"]
+        got = td.load_tensor(ck.iter_dir, ref, key)
+        assert got.shape[0] == 128          # the true vocab: TP1 pads none of it, TP2 pads to 256 (rank 1: padding)
+        assert raw(got) == raw(torch.cat([pick(s) for s in shards])[:128]), n
+    common = ck.common["optimizer"] if dt == "float32" else ck.common["optimizer"]["optimizer"]
+    assert set(common) == {"state", "param_groups"}
+    step = common["state"]["common_step"]
+    assert torch.is_tensor(step) and step.dtype == torch.float32 and float(step) == 10.0
+    assert [g["wd_mult"] for g in common["param_groups"]] == [1.0, 0.0]
+    assert all("params" not in g for g in common["param_groups"])
+    assert ("grad_scaler" in ck.common["optimizer"]) == (dt == "float16")
+    assert "distrib_optim_sharding_type" not in ck.common["content_metadata"]
+
+
+def test_adam_report_says_what_is_written(adam):
+    """The convert report names the torch_dist form written, not distrib_optim.pt or a state dict's indices."""
+    import json
+    pol = json.loads((adam / "float16_report.json").read_text())["policies"]
+    assert "distrib_optim.pt" not in pol
+    assert "optimizer.state.{fp32_param,exp_avg,exp_avg_sq}.<model key>" in pol["optimizer"]
+    assert "param indices rebuilt" not in pol["optimizer"]
+
+
+@pytest.mark.parametrize("dt", ADAM_DTYPES)
+def test_adam_verify_across_formats(adam, dt, cli):
+    v = cli("verify", adam / dt, adam / f"{dt}_td", "--json")
+    assert v.code == 0, v.out
+    rows = {r["key"] for r in v.json()["table"]}
+    assert "optim/exp_avg_sq/output_layer.weight" in rows
+    assert ("optim/param/output_layer.weight" in rows) == (dt == "float16")
+
+
+def test_adam_bad_input(adam):
+    """Non-Adam state components and an unrecognised common `optimizer` are refused, naming them."""
+    from ckptctl.layout import Layout
+    ck = td.open_dist(adam / "float32_td")
+    ts = ck.index["tensors"]
+    key = next(k for k in ts if k.startswith("optimizer.state.exp_avg_sq."))
+    ts[key.replace("exp_avg_sq", "momentum_buffer")] = ts.pop(key)
+    with pytest.raises(BadInput, match="momentum_buffer"):
+        tdo.inspect_info(ck, None, Layout())
+    ck = td.open_dist(adam / "float32_td")
+    ck.common["optimizer"] = {"param_groups": []}
+    with pytest.raises(BadInput, match="neither megatron-core's FP32Optimizer"):
+        tdo.inspect_info(ck, None, Layout())
+    ck = td.open_dist(adam / "float16_td")          # fp32_param in an fp32 optimizer's checkpoint
+    ck.common["optimizer"] = ck.common["optimizer"]["optimizer"]
+    with pytest.raises(BadInput, match="fp32_param"):
+        tdo.inspect_info(ck, None, Layout())

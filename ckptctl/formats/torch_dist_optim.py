@@ -20,6 +20,17 @@ Reading fills the store's per-parameter `optim/{param,exp_avg,exp_avg_sq}/<array
 reader fills), per source model-parallel rank, through the legacy plan of the source layout; so either
 form goes to legacy `distrib_optim.pt` or to torch_dist at any other TP/PP/DP. Writing produces the
 chunks and objects megatron-core saves for the target layout. One sub-optimizer only (dense models).
+
+The non-distributed optimizer (megatron-core 0.19.2 `FP32Optimizer` / `Float16OptimizerWithFloat16Params`
+`sharded_state_dict`; no `distrib_optim_sharding_type` in the content metadata) is model space too:
+`optimizer.state.{exp_avg,exp_avg_sq}.<model key>` and, mixed precision, `optimizer.state.fp32_param.<key>`
+for each half-precision parameter (an fp32 parameter is its own master), every one the model tensor's
+chunks and replica ids (`make_sharded_optimizer_tensor` replaces only key and data). The common state's
+`optimizer` holds torch's param groups without `params` and `state: {"common_step": step}` (the shared
+Adam step; absent at step 0): bare for FP32Optimizer, under `optimizer` (with `grad_scaler` when there is
+one) for the mixed-precision one; with several sub-optimizers (ChainedOptimizer, no prefix since
+`chained_optim_avoid_prefix`) a dict {index: that}. It fills and is filled from the store's arrays of the
+legacy Adam state dict (`optim/{param,exp_avg,exp_avg_sq}`).
 """
 from __future__ import annotations
 
@@ -39,6 +50,11 @@ DEFAULT_SHARDING = "dp_reshardable"          # Megatron-LM core_v0.19.0 without 
 OTHER_TYPES = ("dp_zero_gather_scatter", "fully_sharded_model_space", "fully_sharded_bucket_space", "fsdp_dtensor")
 STATE = "optimizer.state."
 DIST = "optimizer.distributed."
+# Store component -> the name in `optimizer.state.<name>.<model key>`: the distributed optimizer's
+# fully_reshardable form keeps the store names, the non-distributed one calls the master `fp32_param`.
+DIST_NAMES = {"param": "param", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
+ADAM_NAMES = {"param": "fp32_param", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
+COMMON_STEP = "common_step"
 
 
 def check_sharding(name: str | None) -> str:
@@ -86,7 +102,7 @@ def inspect_info(ck, cfg, layout) -> dict | None:
         return None
     st = sharding_of(ck.common)
     if st is None:
-        return None
+        return adam_info(ck, cfg, layout) if any(n.startswith(STATE) for n in ck.index["tensors"]) else None
     if st not in SHARDING_TYPES + OTHER_TYPES:
         raise BadInput(f"{ck.iter_dir}: unknown distributed-optimizer sharding type {st!r} "
                        f"(content_metadata.distrib_optim_sharding_type; known: {', '.join(SHARDING_TYPES + OTHER_TYPES)})")
@@ -105,6 +121,96 @@ def inspect_info(ck, cfg, layout) -> dict | None:
     return {**info, "sharding": st}
 
 
+def adam_subs(opt, where) -> list[dict]:
+    """The common state's `optimizer` of the non-distributed optimizer, one entry per sub-optimizer."""
+    if isinstance(opt, dict) and opt and all(isinstance(k, int) for k in opt):
+        if sorted(opt) != list(range(len(opt))):
+            raise BadInput(f"{where}: sub-optimizer indices {sorted(opt)} in the common state's 'optimizer'")
+        return [opt[k] for k in range(len(opt))]
+    return [opt]
+
+
+def adam_variant(sub, where) -> str:
+    """'fp32' (FP32Optimizer: {state, param_groups}) or 'float16' (mixed precision: {optimizer, [grad_scaler]})."""
+    if isinstance(sub, dict) and isinstance(sub.get("state"), dict) and isinstance(sub.get("param_groups"), list):
+        return "fp32"
+    inner = sub.get("optimizer") if isinstance(sub, dict) else None
+    if isinstance(inner, dict) and isinstance(inner.get("state"), dict) and isinstance(inner.get("param_groups"), list):
+        return "float16"
+    keys = sorted(map(str, sub)) if isinstance(sub, dict) else type(sub).__name__
+    raise BadInput(f"{where}: the common state's 'optimizer' ({keys}) is neither megatron-core's FP32Optimizer nor "
+                   "its mixed-precision optimizer state (and no distrib_optim_sharding_type is recorded)")
+
+
+def adam_info(ck, cfg, layout) -> dict:
+    """The non-distributed optimizer's variant (as `optim.inspect_info` gives it for a legacy Adam state dict)."""
+    where = str(ck.iter_dir)
+    subs = adam_subs(ck.common.get("optimizer"), where)
+    variants = {adam_variant(s, where) for s in subs}
+    if len(variants) > 1:
+        raise BadInput(f"{where}: sub-optimizers mix FP32 and mixed-precision optimizer state")
+    variant = variants.pop()
+    names = {n[len(STATE):].split(".", 1)[0] for n in ck.index["tensors"] if n.startswith(STATE)}
+    allowed = {ADAM_NAMES[c] for c in optim.comps_of("adam", variant)}
+    need = set(optim.ADAM_KEYS)
+    if not need <= names <= allowed:
+        raise BadInput(f"{where}: optimizer state components {sorted(names)}; only Adam's {', '.join(sorted(allowed))} "
+                       f"are supported ({'mixed precision' if variant == 'float16' else 'fp32'} optimizer)")
+    d = {"kind": "adam", "variant": variant, "subs": len(subs)}
+    if len(subs) > 1:       # whether they could be merged into one, checked before any output is written
+        try:
+            optim.merge_subs([adam_common_sub(s, variant) for s in subs], "adam", where)
+            d["merge"] = None
+        except BadInput as e:
+            d["merge"] = str(e)
+    info = optim.inspect_info([d], [ck.iter_dir], cfg, layout, ck.args)
+    return {**info, "sharding": None}
+
+
+def adam_common_sub(sub: dict, variant: str) -> dict:
+    """The layout-free part of one sub-optimizer (the store's form: param groups, grad scaler)."""
+    inner = sub if variant == "fp32" else sub["optimizer"]
+    out = {"param_groups": [{k: v for k, v in g.items() if k != "params"} for g in inner["param_groups"]]}
+    if variant == "float16" and "grad_scaler" in sub:
+        out["grad_scaler"] = sub["grad_scaler"]
+    return out
+
+
+def adam_common(opt, variant: str, where) -> dict:
+    """The store's `{"subs", "step"}` (as legacy Adam gives it) from the common state's `optimizer`."""
+    steps = set()
+    subs = []
+    for sub in adam_subs(opt, where):
+        inner = sub if variant == "fp32" else sub["optimizer"]
+        extra = set(inner["state"]) - {COMMON_STEP}
+        if extra:
+            raise BadInput(f"{where}: the common optimizer state holds {sorted(map(str, extra))[:4]} besides "
+                           f"{COMMON_STEP!r} (per-parameter steps are not supported)")
+        if COMMON_STEP in inner["state"]:
+            steps.add(float(inner["state"][COMMON_STEP]))
+        subs.append(adam_common_sub(sub, variant))
+    if len(steps) > 1:
+        raise BadInput(f"{where}: sub-optimizers have different Adam steps {sorted(steps)}")
+    return {"subs": subs, "step": steps.pop() if steps else None}
+
+
+def adam_dist_common(common: dict, variant: str):
+    """The common state's `optimizer` as megatron-core 0.19.2 saves the non-distributed optimizer."""
+    step = common.get("step")
+    out = []
+    for sub in common["subs"]:
+        state = {COMMON_STEP: torch.tensor(step, dtype=torch.float32)} if step else {}   # `if step:` as mcore
+        inner = {"state": state, "param_groups": [dict(g) for g in sub["param_groups"]]}
+        if variant == "fp32":
+            out.append(inner)
+            continue
+        sd = {"optimizer": inner}
+        if "grad_scaler" in sub:
+            sd["grad_scaler"] = sub["grad_scaler"]
+        out.append(sd)
+    return out[0] if len(out) == 1 else dict(enumerate(out))
+
+
 # --- reading ------------------------------------------------------------------------------------
 
 def legacy_files(family, cfg, layout, plan) -> list:
@@ -116,13 +222,19 @@ def legacy_files(family, cfg, layout, plan) -> list:
 class ModelSpace:
     """`fully_reshardable` tensors as a reader of store-array regions: read(optim/<comp>/<array>, box)."""
 
-    def __init__(self, family, cfg, layout, dist: dict):
+    def __init__(self, family, cfg, layout, dist: dict, names: dict = DIST_NAMES, own_master: bool = False):
+        """`names`: store component -> state name; `own_master`: an fp32 model tensor without a master
+        key is its own `param` (mixed-precision non-distributed optimizer)."""
         from ckptctl.formats import torch_dist
         index, self.iter_dir = dist["index"], Path(dist["iter_dir"])
         self.pieces: dict[str, list] = {}
         for comp in optim.ADAM_KEYS + ("param",):
-            pre = f"{STATE}{comp}."
-            real = {n[len(pre):]: n for n in index["order"] if n in index["tensors"] and n.startswith(pre)}
+            pre = f"{STATE}{names[comp]}."
+            tensors = index["tensors"]
+            real = {n[len(pre):]: n for n in index["order"] if n in tensors and n.startswith(pre)}
+            if comp == "param" and own_master:
+                real.update({n: n for n in index["order"] if n in tensors and n not in real
+                             and not n.startswith(("optimizer", "chained_")) and tensors[n].get("dtype") == "float32"})
             if not real:
                 continue
             sub = {"tensors": {k: index["tensors"][v] for k, v in real.items()}, "objects": {}, "order": list(real)}
@@ -217,20 +329,26 @@ class Decoder:
         self.info, self.dist, self.layout = info, dist, layout
         self.files = legacy_files(family, cfg, layout, plan)
         self.ctx = optim.Context(family, cfg, layout, info.get("args", {}), info)
-        self.model = ModelSpace(family, cfg, layout, dist) if info["sharding"] == "fully_reshardable" else None
+        self.adam = info["kind"] == "adam"
+        self.model = (ModelSpace(family, cfg, layout, dist, ADAM_NAMES, info["variant"] == "float16") if self.adam else
+                      ModelSpace(family, cfg, layout, dist) if info.get("sharding") == "fully_reshardable" else None)
         self.buckets = BucketSpace(dist) if self.model is None else None
         self.iter_dir = Path(dist["iter_dir"])
+
+    def whole_common(self) -> dict:
+        """The checkpoint's common state (read once)."""
+        from ckptctl.formats import legacy, torch_dist
+        if getattr(self, "_common", None) is None:
+            ref = self.dist["index"]["objects"].get(f"{torch_dist.COMMON_KEY}/shard_0_1")
+            self._common = (torch_dist.load_object(self.iter_dir, ref, torch_dist.COMMON_KEY) if ref else
+                            legacy.load_pt(self.iter_dir / torch_dist.COMMON_PT, mmap=False))
+        return self._common
 
     def common(self, g: int) -> dict:
         """The legacy `optimizer` key (param groups with step, grad scaler) of rank g."""
         from ckptctl.formats import torch_dist
         if self.model is not None:        # the common state's `optimizer` entry, the same for every rank
-            if getattr(self, "_common", None) is None:
-                from ckptctl.formats import legacy
-                ref = self.dist["index"]["objects"].get(f"{torch_dist.COMMON_KEY}/shard_0_1")
-                self._common = (torch_dist.load_object(self.iter_dir, ref, torch_dist.COMMON_KEY) if ref else
-                                legacy.load_pt(self.iter_dir / torch_dist.COMMON_PT, mmap=False))
-            opt = self._common.get("optimizer") or {}
+            opt = self.whole_common().get("optimizer") or {}
             out = {k: v for k, v in opt.items() if k in ("optimizer", "grad_scaler")}
         else:
             out = {}
@@ -244,9 +362,12 @@ class Decoder:
 
     def decode(self, i: int) -> optim.FileState:
         fp = self.files[i]
-        g = group_index(self.layout, fp.coord)
         params = self.ctx.params(fp)
         comps = self.info["comps"]
+        if self.adam:
+            common = adam_common(self.whole_common().get("optimizer"), self.info["variant"], self.iter_dir)
+            return optim.FileState(optim.fill_tensors(self.model, fp, params, comps), common, common["step"])
+        g = group_index(self.layout, fp.coord)
         common = self.common(g)
         steps = {pg.get("step") for pg in common["optimizer"]["param_groups"]}
         step = next(iter(steps)) if len(steps) == 1 else None
@@ -315,12 +436,28 @@ class Gather(optim.Gather):
 
 # --- writing ------------------------------------------------------------------------------------
 
-def target_note(info: dict | None) -> str | None:
-    """Why a source's optimizer state cannot be written to torch_dist (None: it can)."""
-    if info is None or info["kind"] == "distributed":
+def form_text(info: dict, sharding: str | None) -> str:
+    """What a torch_dist checkpoint holds of this optimizer state (`sharding`: the distributed optimizer's
+    form; the non-distributed optimizer has none)."""
+    if info["kind"] == "adam":
+        names = ",".join(ADAM_NAMES[c] for c in info["comps"])
+        kind = "fp32" if info["variant"] == "fp32" else "mixed precision, fp32 masters of half-precision params"
+        return (f"torch_dist non-distributed Adam ({kind}): optimizer.state.{{{names}}}.<model key> chunked like "
+                "the weights, common_step and param groups in the common state")
+    if sharding == "fully_reshardable":
+        return ("torch_dist fully_reshardable: optimizer.state.{param,exp_avg,exp_avg_sq}.<model key> chunked like "
+                "the weights, param groups in the common state")
+    return ("torch_dist dp_reshardable: optimizer.distributed.dp_group_idx_<g>.gbuf_idx_<i>.<dtypes>.bucket_idx_<b>"
+            ".{param,exp_avg,exp_avg_sq} per model-parallel rank, bucket and DP share, with its param groups and "
+            "bucket sizes")
+
+
+def target_note(info: dict | None, cfg, dst) -> str | None:
+    """Why a source's optimizer state cannot be written to torch_dist at `dst` (None: it can)."""
+    if info is None or info["kind"] != "distributed" or optim.n_subs(cfg, dst) == 1:
         return None
-    return ("optimizer state is not written in torch_dist for the non-distributed optimizer (Adam state "
-            "dict) by this version: dropped (weights and training state convert)")
+    return ("distributed-optimizer state with several sub-optimizers (experts with EP>1 or ETP!=TP) is not "
+            "written in torch_dist by this version: dropped (weights and training state convert)")
 
 
 @dataclasses.dataclass
@@ -329,11 +466,14 @@ class Additions:
 
     chunks: list
     objects: list                       # (DCP object name, value)
-    sharding: str
+    sharding: str | None                # None: the non-distributed optimizer
     optimizer_common: dict
 
     def common(self, common: dict) -> dict:
         out = dict(common)
+        if self.sharding is None:       # megatron-core's form already; no sharding type recorded
+            out["optimizer"] = self.optimizer_common
+            return out
         if self.sharding == "fully_reshardable":
             out["optimizer"] = {**self.optimizer_common, "param_state_sharding_type": self.sharding}
         else:
@@ -352,29 +492,37 @@ class Additions:
 
 
 def target_additions(job, store, attrs, family, cfg, dst, encs, model_chunks: list) -> Additions | None:
-    """The optimizer part of a torch_dist target (None when the store has no distributed-optimizer state)."""
+    """The optimizer part of a torch_dist target (None when the store has no optimizer state). The
+    sub-optimizer structure is rebuilt for the target first (`optim.TargetSide`), as for legacy output."""
     from ckptctl.reshard.plan import plan_target
     from ckptctl.reshard.run import OPTIM_COMMON, get_object
     info = attrs.get("optimizer")
-    if not info or info["kind"] != "distributed" or OPTIM_COMMON not in encs:
+    if not info or OPTIM_COMMON not in encs:
         return None
-    sharding = check_sharding(getattr(job, "optim_sharding", None))
-    tside = optim.TargetSide(family, cfg, dst, info, None)          # refuses a sub-optimizer count change
-    ocommon = get_object(store, OPTIM_COMMON, encs[OPTIM_COMMON])
     files = plan_target(family, cfg, dst, attrs["manifest"], attrs["arrays"], set(encs))
+    tside = optim.TargetSide(family, cfg, dst, info, get_object(store, OPTIM_COMMON, encs[OPTIM_COMMON]), files)
+    if info["kind"] == "adam":
+        chunks = model_space_chunks(tside.ctx, files, model_chunks, info["comps"], ADAM_NAMES, half_masters=True)
+        return Additions(chunks, [], None, adam_dist_common(tside.common, info["variant"]))
+    sharding = check_sharding(getattr(job, "optim_sharding", None))
+    if tside.ctx.info["subs"] != 1:     # convert drops it with a note (target_note) before any output
+        raise BadInput("torch_dist target: distributed-optimizer state with several sub-optimizers is not written")
     if sharding == "fully_reshardable":
         chunks = model_space_chunks(tside.ctx, files, model_chunks, info["comps"])
-        return Additions(chunks, [], sharding, ocommon)
+        return Additions(chunks, [], sharding, tside.common)
     chunks, objects = [], []
     for fp in files:
-        c, o = bucket_space(tside.ctx, fp, info["comps"], ocommon)
+        c, o = bucket_space(tside.ctx, fp, info["comps"], tside.common)
         chunks += c
         objects += o
-    return Additions(chunks, objects, sharding, ocommon)
+    return Additions(chunks, objects, sharding, tside.common)
 
 
-def model_space_chunks(ctx, files: list, model_chunks: list, comps) -> list:
-    """`fully_reshardable`: the model's chunks again, per state component, read from the optim arrays."""
+def model_space_chunks(ctx, files: list, model_chunks: list, comps, names: dict = DIST_NAMES,
+                       half_masters: bool = False) -> list:
+    """The model's chunks again, per state component (`optimizer.state.<names[comp]>.<key>`), read from the
+    optim arrays: `fully_reshardable`, and the non-distributed optimizer (whose fp32 parameters are their
+    own master: `half_masters`, no `fp32_param` for them)."""
     stateful = {p.array for fp in files for prm in ctx.params(fp) for p in fp.tensors[prm.index].pieces}
     # a key is stateful when its chunks read stateful arrays; chunks without parts (vocab rows the target
     # adds) are zeros, in the optimizer state too
@@ -382,9 +530,9 @@ def model_space_chunks(ctx, files: list, model_chunks: list, comps) -> list:
     out = []
     for comp in comps:
         for c in model_chunks:
-            if c.fqn not in keys:
+            if c.fqn not in keys or (half_masters and comp == "param" and c.dtype not in optim.HALF):
                 continue
-            out.append(dataclasses.replace(c, fqn=f"{STATE}{comp}.{c.fqn}", dtype="float32",
+            out.append(dataclasses.replace(c, fqn=f"{STATE}{names[comp]}.{c.fqn}", dtype="float32",
                                            parts=tuple(optim.optim_piece(p, comp) for p in c.parts)))
     return out
 
