@@ -6,7 +6,10 @@ A = tp2pp1dp2, takes a step and saves model + optimizer with `dist_checkpointing
 torch_dist dp_reshardable and fully_reshardable at B = tp1pp1dp4 (TP and DP change) and to dp_reshardable
 at A; megatron-core loads each and every weight, fp32 master, exp_avg, exp_avg_sq and step must equal,
 byte for byte, its own reshard of the fully_reshardable save (at A: its own state). Megatron-core itself
-cannot load a dp_reshardable checkpoint at another TP. ~40 s on 2 busy cores.
+cannot load a dp_reshardable checkpoint at another TP. The same launch covers the non-distributed optimizer
+(plain Adam, bf16 model with fp32 masters): megatron-core saves it at A, ckptctl converts it to torch_dist at
+B and at A; megatron-core loads B against its own reshard, and the A output has its keys and chunks.
+~40 s on 2 busy cores.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import raw_bytes
 
 pytestmark = pytest.mark.mcore
 
@@ -36,7 +40,7 @@ def oracle(tmp_path_factory):
     return work, json.loads((work / "r.json").read_text())
 
 
-@pytest.mark.parametrize("case", ["A_dp", "B_legacy", "B_dp", "B_fr"])
+@pytest.mark.parametrize("case", ["A_dp", "B_legacy", "B_dp", "B_fr", "B_adam"])
 def test_megatron_core_loads_bitwise(oracle, case):
     rows = [r for r in oracle[1]["rows"] if r.get("case") in (case, "convert")]
     assert len(rows) == 4, rows
@@ -79,3 +83,26 @@ def test_verify_across_formats(oracle):
     rep = verify(work / "A", work / "B_legacy")
     assert rep.ok, rep.differences[:4]
     assert any(r["key"].startswith("optim/exp_avg_sq/") for r in rep.table)
+
+
+def test_adam_keys_and_chunks_as_megatron_core_saves_them(oracle):
+    """A -> A, non-distributed optimizer: ckptctl's optimizer.state.{exp_avg,exp_avg_sq,fp32_param}.* keys, global
+    shapes, dtypes and chunk boxes are megatron-core's, the chunks byte-equal; so is the common `optimizer`
+    (common_step and param groups) and the content metadata (no sharding type)."""
+    from ckptctl.formats import torch_dist
+    from ckptctl.optim import canon
+    work = oracle[0]
+    ours, theirs = torch_dist.open_dist(work / "A_adam_td"), torch_dist.open_dist(work / "A_adam")
+    opt = lambda ix: {k: (v["shape"], v["dtype"], sorted((c[0], c[1]) for c in v["chunks"]))  # noqa: E731
+                      for k, v in ix["tensors"].items() if k.startswith("optimizer.")}
+    assert opt(ours.index) == opt(theirs.index)
+    assert {k.split(".")[2] for k in opt(ours.index)} == {"exp_avg", "exp_avg_sq", "fp32_param"}
+    for k, t in ours.index["tensors"].items():
+        if k.startswith("optimizer."):
+            mine = {tuple(c[0]): c[2:] for c in t["chunks"]}
+            for c in theirs.index["tensors"][k]["chunks"]:
+                a = torch_dist.load_tensor(ours.iter_dir, mine[tuple(c[0])], k)
+                b = torch_dist.load_tensor(theirs.iter_dir, c[2:], k)
+                assert a.dtype == b.dtype and raw_bytes(a) == raw_bytes(b), k
+    assert canon(ours.common["optimizer"]) == canon(theirs.common["optimizer"])
+    assert ours.common["content_metadata"] == theirs.common["content_metadata"]

@@ -11,6 +11,10 @@ One launch does everything:
   3. megatron-core loads: at A, ckptctl's A -> A dp_reshardable (expected: A's own state after the step);
      at B, ckptctl's legacy files (as Megatron-LM loads them), its dp_reshardable and its fully_reshardable
      output (`dist_checkpointing.load`), each against megatron-core's own reshard of WORK/A_fr at B.
+  4. the non-distributed optimizer (plain Adam, bf16 model with fp32 masters: Float16OptimizerWithFloat16Params)
+     at A takes a step and saves as Megatron-LM does (no sharding type) -> WORK/A_adam; ckptctl converts it to
+     torch_dist at B (B_adam) and at A (A_adam_td: keys and chunks against WORK/A_adam); megatron-core loads
+     B_adam against its own reshard of WORK/A_adam at B.
 Every weight, fp32 master, exp_avg, exp_avg_sq and step is compared byte for byte. Rank 0 writes RESULT.
 """
 from __future__ import annotations
@@ -31,30 +35,33 @@ from cpu import init_parallel, patch_cuda_for_cpu  # noqa: E402
 CFG = dict(num_layers=2, hidden_size=64, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=128,
            swiglu=True, vocab_size=128, seq_length=16, max_position_embeddings=16)
 KIND = "distributed"
+ADAM = "adam-bf16"      # tests/mcore/optim.py kind: plain Adam, bf16 model, fp32 masters
 
 
 class sharding:
-    """Within the block, tests/mcore/optim.py's save/load use this distributed-optimizer sharding type."""
+    """Within the block, tests/mcore/optim.py's save/load use this distributed-optimizer sharding type
+    (None: none recorded, as Megatron-LM saves the non-distributed optimizer)."""
 
     def __init__(self, name: str):
         self.name, self.old = name, mo.dist_meta
 
     def __enter__(self):
-        mo.dist_meta = lambda: dict(job.dist_metadata(), distrib_optim_sharding_type=self.name)
+        st = {"distrib_optim_sharding_type": self.name} if self.name else {}
+        mo.dist_meta = lambda: dict(job.dist_metadata(), **st)
 
     def __exit__(self, *exc):
         mo.dist_meta = self.old
 
 
-def save_megatron(root: str, chunks, opt, cfg: dict, lay: dict, st: str) -> None:
+def save_megatron(root: str, chunks, opt, cfg: dict, lay: dict, st: str | None, kind: str = KIND) -> None:
     """Megatron-LM core_v0.19.0 `save_checkpoint` with ckpt_format torch_dist (common args, iteration,
-    scheduler, content_metadata with the sharding type)."""
+    scheduler, content_metadata with the sharding type; none for the non-distributed optimizer, st None)."""
     from megatron.core import dist_checkpointing
 
     with sharding(st):
         sd = mo.sharded(chunks, opt, False)
         meta = {k: v for k, v in mo.dist_meta().items() if k != "dp_cp_group"}
-    args = mo.megatron_args(cfg, lay, KIND)
+    args = mo.megatron_args(cfg, lay, kind)
     args.ckpt_format = "torch_dist"
     args.dist_ckpt_optim_fully_reshardable = st == "fully_reshardable"
     sd.update({"args": args, "checkpoint_version": 3.0, "iteration": mo.ITER,
@@ -78,9 +85,13 @@ def convert_all(work: str, a: str, b: str) -> list[str]:
     env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in os.environ}
     done = []
     try:
-        for name, to, fmt, st in (("B_legacy", b, "legacy", None), ("B_dp", b, "torch_dist", "dp_reshardable"),
-                                  ("B_fr", b, "torch_dist", "fully_reshardable"), ("A_dp", a, "torch_dist", None)):
-            convert(os.path.join(work, "A"), os.path.join(work, name), parse_layout(to), nproc=0, to_format=fmt,
+        for src, name, to, fmt, st in (("A", "B_legacy", b, "legacy", None),
+                                       ("A", "B_dp", b, "torch_dist", "dp_reshardable"),
+                                       ("A", "B_fr", b, "torch_dist", "fully_reshardable"),
+                                       ("A", "A_dp", a, "torch_dist", None),
+                                       ("A_adam", "B_adam", b, "torch_dist", None),
+                                       ("A_adam", "A_adam_td", a, "torch_dist", None)):
+            convert(os.path.join(work, src), os.path.join(work, name), parse_layout(to), nproc=0, to_format=fmt,
                     optim_sharding=st)
             done.append(name)
     finally:
@@ -91,6 +102,9 @@ def convert_all(work: str, a: str, b: str) -> list[str]:
 def load_into(path: str, chunks, opt, cfg: dict, lay: dict, how: str) -> None:
     if how == "legacy":
         mo.load_legacy(path, chunks, opt, cfg, lay, KIND)
+        return
+    if how == "adam":
+        mo.load_dist(os.path.join(path, f"iter_{mo.ITER:07d}"), chunks, opt)
         return
     with sharding(how):
         mo.load_dist(os.path.join(path, f"iter_{mo.ITER:07d}"), chunks, opt)
@@ -117,6 +131,11 @@ def main(argv: list[str]) -> int:
     save_megatron(os.path.join(a.work, "A"), chunks, opt, cfg, la, "dp_reshardable")
     save_megatron(os.path.join(a.work, "A_fr"), chunks, opt, cfg, la, "fully_reshardable")
     at_a = mo.local_state(chunks, opt)
+    adam_kind, adam_cfg = mo.variant(ADAM, cfg)
+    ac, am, ao = mo.build(adam_cfg, la, adam_kind, a.seed, perturb=True)
+    mo.train_step(am, ao, adam_cfg, la, 1)
+    save_megatron(os.path.join(a.work, "A_adam"), ac, ao, adam_cfg, la, None, adam_kind)
+    del ac, am, ao
     err = None
     if rank == 0:
         try:
@@ -131,12 +150,14 @@ def main(argv: list[str]) -> int:
         cases = [(a.a, "A_dp", "dp_reshardable", None)] + [(a.b, n, how, "A_fr") for n, how in
                                                             (("B_legacy", "legacy"), ("B_dp", "dp_reshardable"),
                                                              ("B_fr", "fully_reshardable"))]
+        cases.append((a.b, "B_adam", "adam", "A_adam"))
         ref_state: dict = {}
         for layout, name, how, ref in cases:
             lay = job.parse_layout(layout)
             init_parallel(lay["tp"], lay["pp"], seed=a.seed)
             row = {"rank": rank, "case": name, "layout": layout, "load": how, "problems": []}
-            c, _, o = mo.build(cfg, lay, KIND, a.seed + 1, perturb=False)
+            ccfg, ckind = (adam_cfg, adam_kind) if how == "adam" else (cfg, KIND)
+            c, _, o = mo.build(ccfg, lay, ckind, a.seed + 1, perturb=False)
             try:
                 load_into(os.path.join(a.work, name), c, o, cfg, lay, how)
             except Exception as e:  # noqa: BLE001
@@ -146,11 +167,12 @@ def main(argv: list[str]) -> int:
             if ref is None:
                 exp = at_a
             else:      # megatron-core's own reshard, once per layout
-                if ref_state.get(layout) is None:
-                    rc, _, ro = mo.build(cfg, lay, KIND, a.seed + 2, perturb=False)
-                    load_into(os.path.join(a.work, ref), rc, ro, cfg, lay, "fully_reshardable")
-                    ref_state[layout] = mo.local_state(rc, ro)
-                exp = ref_state[layout]
+                if ref_state.get((layout, ref)) is None:
+                    rc, _, ro = mo.build(ccfg, lay, ckind, a.seed + 2, perturb=False)
+                    load_into(os.path.join(a.work, ref), rc, ro, ccfg, lay, "adam" if how == "adam" else
+                              "fully_reshardable")
+                    ref_state[layout, ref] = mo.local_state(rc, ro)
+                exp = ref_state[layout, ref]
             bad, _, n = mo.compare(mo.local_state(c, o), exp)
             row["tensors"] = n
             row["optimizer_tensors"] = sum(1 for k, _ in exp if k.startswith("opt"))
