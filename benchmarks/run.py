@@ -213,12 +213,12 @@ def table(res: dict) -> str:
         lines.append(f"\n{s['bytes'] / 1e9:.2f} GB {s['model']['dtype']} ({s['model']['layers']} layers, hidden "
                      f"{s['model']['hidden']}), {s['src_layout']} -> {s['dst_layout']}, {res['cpus']} cores, "
                      f"load avg at start {res['loadavg'][0]:.1f}")
-        lines.append(f"{'command':<22}{'seconds':>9}{'GB/s':>8}{'x cp':>7}{'x naive':>9}{'beyond start-up':>17}"
+        lines.append(f"{'command':<22}{'seconds':>9}{'GB/s':>8}{'x cp':>7}{'x naive':>9}{'beyond start-up':>22}"
                      f"{'peak RSS max/proc':>19}{'sum workers':>13}")
         for name, r in s["rows"].items():
             b = f"{r['beyond_startup_s']:.1f} s ({r['beyond_startup_x_cp']:.2f}x cp)" if "beyond_startup_s" in r else ""
             lines.append(f"{name:<22}{r['seconds']:>9.2f}{r['gbps']:>8.3f}{r['x_cp']:>7.2f}"
-                         f"{r.get('x_naive', float('nan')):>9.2f}{b:>17}{r['peak_rss_max'] / 2**20:>15.0f} MiB"
+                         f"{r.get('x_naive', float('nan')):>9.2f}{b:>22}{r['peak_rss_max'] / 2**20:>15.0f} MiB"
                          f"{r['peak_rss_workers_sum'] / 2**20:>9.0f} MiB")
     return "\n".join(lines)
 
