@@ -4,7 +4,7 @@ tensor byte-equal to megatron-core's own dist_checkpointing reshard (in_proj z/x
 segments, A_log, D, dt_bias, gated norm, out_proj, attention and MLP layers, '|' pattern segments).
 No forward comparison: the scan kernels need CUDA.
 
-Two torchrun launches for all cases (world 4): tests/mcore/mamba.py save ..., then check ...
+Two torchrun launches for all cases (world 4), both formats: tests/mcore/mamba.py save ..., then check ...
 """
 from __future__ import annotations
 
@@ -19,13 +19,16 @@ pytestmark = pytest.mark.mcore
 HARNESS = Path(__file__).parent / "mcore" / "mamba.py"
 sys.path.insert(0, str(HARNESS.parent))
 from mcore_launch import save_convert_check  # noqa: E402
-from mamba import CASES  # noqa: E402  (the harness's case table)
+from mamba import CASES, DIST_CASES  # noqa: E402  (the harness's case tables)
 
 
 @pytest.fixture(scope="module")
 def interop(tmp_path_factory):
+    def todo(case, b):
+        w = DIST_CASES.get(case)
+        return [("A", "B", b, None)] + ([("dist", "BD", b, "legacy"), ("A", "BT", w, "torch_dist")] if w else [])
     return save_convert_check(HARNESS, tmp_path_factory.mktemp("mamba_interop"),
-                              {case: spec[4] for case, spec in CASES.items()})
+                              {case: todo(case, spec[4]) for case, spec in CASES.items()})
 
 
 def test_megatron_writes_the_file_set_ckptctl_expects(interop):
@@ -51,3 +54,14 @@ def test_converted_files_load_strictly_with_megatron_bytes(interop, case):
     # megatron-core 0.19.2 writes the conv1d parameters under their legacy names
     assert any(k.endswith("mixer.conv1d_weight") for k in keys) and not any(".conv1d.weight" in k for k in keys)
     assert any(k.endswith("mixer.in_proj.weight") for k in keys)
+
+
+@pytest.mark.parametrize("case", sorted(DIST_CASES))
+def test_torch_dist_both_ways_with_megatron_bytes(interop, case):
+    """mcore's torch_dist (numbered hybrid keys, in_proj z/x/B/C/dt and conv1d x/B/C as separate keys) ->
+    ckptctl legacy at B, strict load; ckptctl's torch_dist at W -> dist_checkpointing.load at B: bytes."""
+    report, _ = interop
+    for r in report[case]:
+        for name in ("BD", "BT"):
+            assert r[name]["strict_load"] == "ok", (name, r[name])
+            assert r[name]["mismatch"] == [], (name, r[name])

@@ -237,3 +237,108 @@ def test_optimizer_and_rerun_entries_are_dropped_not_refused():
     plan = td.plan_source(GPT, cfg(), Layout(), idx, "te")
     assert list(plan.arrays) == ["model/embedding.word_embeddings.weight"]
     assert td.dropped_keys(idx) == ["optimizer", "rerun_state_machine_state"]
+
+
+# --- MoE experts and Mamba segments (hand-written chunk boxes as megatron-core 0.19.2 cuts them) ---------
+
+def moe_cfg(**o):
+    c = make_config("moe", {"layers": 2, "hidden": 4, "heads": 2, "ffn": 8, "vocab": 100, "experts": 4,
+                            "moe_ffn": 8, "swiglu": True, "bias": False, **o})
+    return ModelConfig(**{**c.__dict__, "padded_vocab": 128})
+
+
+def expert_index():
+    """TP1 EP1 save: one chunk per (layer, expert) and W/V block; extra state per (layer, expert)."""
+    fc1, fc2 = "decoder.layers.mlp.experts.experts.linear_fc1.weight", "decoder.layers.mlp.experts.experts.linear_fc2.weight"
+    ix = index({
+        fc1: {"shape": [2, 4, 16, 4], "dtype": "float32",
+              "chunks": [chunk([l, g, o, 0], [1, 1, 8, 4]) for l in (0, 1) for g in range(4) for o in (0, 8)]},
+        fc2: {"shape": [2, 4, 4, 8], "dtype": "float32",
+              "chunks": [chunk([l, g, 0, 0], [1, 1, 4, 8]) for l in (0, 1) for g in range(4)]},
+    }, [f"decoder.layers.mlp.experts.experts.linear_fc{i}._extra_state/shard_{l}.{g}_2.4"
+        for l in (0, 1) for g in range(4) for i in (1, 2)])
+    # the sharded state dict's order: each linear's weight, then its extra state
+    ix["order"] = [fc1] + ix["order"][2:3] + [fc2] + ix["order"][3:]
+    return ix
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_expert_chunks_map_to_stacked_expert_arrays(grouped):
+    moe = get_family("moe")
+    plan = td.plan_source(moe, moe_cfg(grouped=grouped), Layout(), expert_index(), "te")
+    a = "model/decoder.layers.1.mlp.experts.linear_fc1.weight"
+    assert plan.arrays[a]["shape"] == [4, 16, 4]
+    items = {(u.items[0].key, u.items[0].pieces) for u in plan.files[1:] if u.items[0].pieces[0].array == a}
+    # chunk (layer 1, expert 2, V rows 8..16) -> box (2, 8, 0) of the layer-1 array, one expert deep
+    assert (json.dumps([[1, 2, 8, 0], 0]), (Piece(Box((0, 0, 0), (1, 8, 4)), a, Box((2, 8, 0), (1, 8, 4))),)) in items
+    keys = [e["gkey"] for e in plan.manifest]
+    if grouped:   # TEGroupedMLP: weight0..3 per linear, one extra state (not carried: written empty)
+        assert keys[:5] == [f"decoder.layers.0.mlp.experts.linear_fc1.weight{g}" for g in range(4)] + [
+            "decoder.layers.0.mlp.experts.linear_fc1._extra_state"]
+        assert not plan.files[0].items
+    else:         # SequentialMLP: expert by expert, fc1 then fc2, each with its extra state
+        p = "decoder.layers.0.mlp.experts.local_experts"
+        assert keys[:4] == [f"{p}.0.linear_fc1.weight", f"{p}.0.linear_fc1._extra_state",
+                            f"{p}.0.linear_fc2.weight", f"{p}.0.linear_fc2._extra_state"]
+        assert len(plan.files[0].items) == 16
+
+
+def test_expert_target_chunks_as_mcore_saves_them():
+    # tp2 ep2 etp2: ETP rank r holds fc1 rows [rF/2, ..) of W and of V (two chunks), fc2 columns; the
+    # expert axis follows the layer axis; one extra-state object per (layer, expert).
+    moe, c = get_family("moe"), moe_cfg()
+    src = td.plan_source(moe, c, Layout(), expert_index(), "te")
+    plan = td.plan_target(moe, c, parse_layout("tp2pp1ep2etp2"), src.manifest, src.arrays, set())
+    got = {(ch.fqn, ch.offsets, ch.sizes, ch.gshape) for ch in plan.chunks}
+    fc1, fc2 = "decoder.layers.mlp.experts.experts.linear_fc1.weight", "decoder.layers.mlp.experts.experts.linear_fc2.weight"
+    assert {g for g in got if g[0] == fc1} == {(fc1, (l, e, o, 0), (1, 1, 4, 4), (2, 4, 16, 4))
+                                               for l in (0, 1) for e in range(4) for o in (0, 4, 8, 12)}
+    assert {g for g in got if g[0] == fc2} == {(fc2, (l, e, 0, o), (1, 1, 4, 4), (2, 4, 4, 8))
+                                               for l in (0, 1) for e in range(4) for o in (0, 4)}
+    assert sorted(n for n, _, _ in plan.objects) == sorted(
+        f"decoder.layers.mlp.experts.experts.linear_fc{i}._extra_state/shard_{l}.{e}_2.4"
+        for l in (0, 1) for e in range(4) for i in (1, 2))
+    v = next(ch for ch in plan.chunks if ch.fqn == fc1 and ch.offsets == (1, 3, 12, 0))   # V_1 of expert 3
+    assert v.parts == (Piece(Box((0, 0, 0, 0), (1, 1, 4, 4)), "model/decoder.layers.1.mlp.experts.linear_fc1.weight",
+                             Box((3, 12, 0), (1, 4, 4))),)
+
+
+def test_mamba_segments_are_numbered_keys_of_their_own():
+    # HybridStack: numbered layer keys; MambaMixer splits in_proj into z, x, B, C, dt and conv1d into x, B, C
+    # (ShardedTensorFactory), each TP-split on its own; conv1d keeps its DCP name `conv1d.weight`.
+    mamba = get_family("mamba")
+    c = make_config("mamba", {"layers": 1, "hidden": 4, "pattern": "M", "mamba_heads": 4, "mamba_head_dim": 2,
+                              "mamba_groups": 2, "mamba_state": 2, "vocab": 100})
+    c = ModelConfig(**{**c.__dict__, "padded_vocab": 128})
+    seg = {"z": 8, "x": 8, "B": 4, "C": 4, "dt": 4}
+    t = {f"decoder.layers.0.mixer.in_proj.weight.{s}": {"shape": [n, 4], "dtype": "float32",
+                                                        "chunks": [chunk([0, 0], [n, 4])]} for s, n in seg.items()}
+    t.update({f"decoder.layers.0.mixer.conv1d.weight.{s}": {"shape": [seg[s], 1, 4], "dtype": "float32",
+                                                           "chunks": [chunk([0, 0, 0], [seg[s], 1, 4])]} for s in "xBC"})
+    src = td.plan_source(mamba, c, Layout(), index(t), "te")
+    assert [e["gkey"] for e in src.manifest] == ["decoder.layers.0.mixer.in_proj.weight",
+                                                 "decoder.layers.0.mixer.conv1d_weight"]
+    assert src.arrays["model/decoder.layers.0.mixer.conv1d_weight.B"]["shape"] == [4, 1, 4]
+    plan = td.plan_target(mamba, c, parse_layout("tp2pp1"), src.manifest, src.arrays, set())
+    got = {(ch.fqn, ch.offsets, ch.sizes, ch.gshape) for ch in plan.chunks}
+    want = {(f"decoder.layers.0.mixer.in_proj.weight.{s}", (r * n // 2, 0), (n // 2, 4), (n, 4))
+            for s, n in seg.items() for r in (0, 1)}
+    want |= {(f"decoder.layers.0.mixer.conv1d.weight.{s}", (r * seg[s] // 2, 0, 0), (seg[s] // 2, 1, 4), (seg[s], 1, 4))
+             for s in "xBC" for r in (0, 1)}
+    assert got == want
+
+
+@pytest.mark.parametrize("family,layout,target,opts", [
+    ("moe", "tp2pp2ep2", "tp1pp1ep4", ["--grouped", "--swiglu"]),
+    ("mamba", "tp2pp1ep2", "tp1pp2", ["--pattern", "M*EM", "--layers", "4", "--experts", "4", "--moe-ffn", "32"]),
+])
+def test_expert_and_mamba_examples_round_trip_across_formats(tmp_path, cli, family, layout, target, opts):
+    o = ["--layout", layout, "--optimizer", "none", *opts]
+    assert cli("example", family, "--out", tmp_path / "leg", *o).code == 0
+    r = cli("example", family, "--out", tmp_path / "td", "--format", "torch_dist", *o)
+    assert r.code == 0, r.err
+    r = cli("convert", tmp_path / "td", tmp_path / "back", "--to", target, "--to-format", "legacy", "--nproc", "0")
+    assert r.code == 0, r.err
+    for a, b in (("leg", "td"), ("td", "back")):
+        v = cli("verify", tmp_path / a, tmp_path / b, "--json")
+        assert v.code == 0 and v.json()["equal"] == v.json()["tensors"] > 30, v.out

@@ -46,9 +46,6 @@ RNG_KEY = "rng_state"
 # distributed optimizer's is converted by `torch_dist_optim`, other forms (chained `chained_<i>.`, the
 # non-distributed optimizer) are dropped and reported; so is the per-rank state of an in-flight rerun.
 DROPPED_PREFIXES = ("optimizer", "chained_", "rerun_state_machine_state")
-# megatron-core pops `output_layer._extra_state` from GPT's sharded state dict (it must be empty);
-# the legacy format keeps the key (None under local specs).
-NOT_IN_DIST = ("output_layer._extra_state",)
 # Local (non-TE) specs rename their norms to the fused TE names in sharded state dicts (mcore's
 # `sharded_state_dict_keys_map`); the legacy files keep the local names.
 LOCAL_ALIASES = (("input_layernorm.", "self_attention.linear_qkv.layer_norm_"),
@@ -57,9 +54,11 @@ LOCAL_ALIASES = (("input_layernorm.", "self_attention.linear_qkv.layer_norm_"),
 # Names megatron-core keeps in sharded state dicts for every spec: Mamba's conv1d parameters under
 # their pre-0.19 module names (the legacy files of 0.19.2 say `conv1d_weight`).
 DIST_NAMES = (("mixer.conv1d_", "mixer.conv1d."),)
-# Routed experts: SequentialMLP and TEGroupedMLP save the same keys, experts on an axis after the layer
-# axis (mcore keeps the two interchangeable); one `_extra_state` object per (layer, expert).
-_DIST_EXPERT = re.compile(r"^mlp\.experts\.(?P<lin>linear_fc[12])\.(?P<p>weight|bias|_extra_state)$")
+# Routed experts: SequentialMLP and TEGroupedMLP save the same keys, `mlp.experts.experts.linear_fc1.weight`
+# (mcore keeps the two interchangeable), experts on an axis after the layer axis; one `_extra_state`
+# object per (layer, expert).
+_DIST_EXPERT = re.compile(r"^mlp\.experts\.experts\.(?P<lin>linear_fc[12])\.(?P<p>weight|bias|_extra_state)$")
+_EXPERT_ARRAY = re.compile(r"^mlp\.experts\.(?P<rest>linear_fc[12]\.(weight|bias|_extra_state))$")
 _STACKED = re.compile(r"^(?P<stack>[a-z_]+)\.layers\.(?P<rest>[^\d].*)$")
 _SHARD = re.compile(r"^(?P<key>.+)/shard_(?P<offs>[\d.]*)_(?P<shape>[\d.]*)$")
 
@@ -318,6 +317,9 @@ def dist_rest(rest: str, local: bool) -> str:
     for legacy_name, dist_name in DIST_NAMES:
         if rest.startswith(legacy_name):
             return dist_name + rest[len(legacy_name):]
+    m = _EXPERT_ARRAY.match(rest)
+    if m:
+        return "mlp.experts.experts." + m["rest"]
     return to_dist_rest(rest) if local else rest
 
 
@@ -506,7 +508,7 @@ def plan_source(family: Family, cfg: ModelConfig, layout: Layout, index: dict, s
         slots[slot] = 0
         note(gkey, loc, "object", position[key])
     # Objects the legacy format has and torch_dist leaves out (values: the encoding's empty value).
-    for key in NOT_IN_DIST:
+    for key in family.dist_absent:
         if key not in manifest and key in _fresh_objects(family, cfg):
             note(key, family.locate(key), "object", len(order))
     ordered = [manifest[k] for k in sorted(manifest, key=lambda k: sort[k])]
@@ -717,10 +719,10 @@ def plan_target(family: Family, cfg: ModelConfig, layout: Layout, manifest: list
             if ex is not None:                              # the expert axis follows the layer axis
                 pre_off, pre_shape = pre_off + (ex[1],), pre_shape + (experts,)
             if isinstance(item, ObjectItem):
-                if item.gkey in NOT_IN_DIST:
+                if item.gkey in family.dist_absent:
                     continue
                 # TEGroupedMLP's one state per linear: mcore splits it per expert; written empty
-                grouped = ex is None and loc.section == "layer" and _DIST_EXPERT.match(rest)
+                grouped = ex is None and loc.section == "layer" and _EXPERT_ARRAY.match(rest)
                 per = experts // layout.ep if grouped else 0
                 for g in (range(fp.coord.ep * per, (fp.coord.ep + 1) * per) if grouped else [None]):
                     off, shp = (pre_off, pre_shape) if g is None else (pre_off + (g,), pre_shape + (experts,))
@@ -824,7 +826,7 @@ def target_phase(job, comm, progress) -> dict:
                 for tp in range(dst.tp):
                     fc = FileCoord(tp=tp, pp=pp)
                     slot = rng_for(job.rng, src_layout, dst, FilePlan(fc, fc.dirname(dst), ()), encs)
-                    if slot is not None:
+                    if slot is not None and encs[slot] != "none":    # a source saved without RNG: none
                         put(f"{RNG_KEY}/shard_{pp}.{tp}_{dst.pp}.{dst.tp}", None, _blob([get_object(store, slot, encs[slot])]))
             common = get_object(store, COMMON, encs.get(COMMON, "none")) or {}
             padded = cfg.vocab_for_tp(dst.tp) if cfg.true_vocab is not None else cfg.padded_vocab

@@ -57,6 +57,8 @@ class Family:
     # torch_dist: megatron-core's TransformerBlock stacks a block's layers on a leading axis
     # (`decoder.layers.<rest>`); HybridStack keeps numbered keys (`decoder.layers.<i>.<rest>`).
     dist_stacked = True
+    # torch_dist: keys the legacy files have and megatron-core's sharded state dict leaves out
+    dist_absent: tuple[str, ...] = ()
 
     def locate(self, key: str) -> KeyLoc:
         return parse_key(key, self.post_prefixes)

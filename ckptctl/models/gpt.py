@@ -65,6 +65,7 @@ class GPT(Family):
     post_prefixes = ("decoder.final_layernorm", "decoder.final_norm", "output_layer")
     layer_rules = LAYER_RULES
     top_rules = TOP_RULES
+    dist_absent = ("output_layer._extra_state",)      # GPTModel.sharded_state_dict pops it (must be empty)
 
     def rule(self, loc: KeyLoc, cfg: ModelConfig) -> Rule:
         table = self.layer_rules if loc.section == "layer" else self.top_rules

@@ -152,3 +152,56 @@ def write_result(path: str, result, ok: bool = True, what: str = "") -> None:
     if not ok:
         import sys
         print(f"{what}: MISMATCH, see {path}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- Megatron-LM torch_dist files
+
+def dist_metadata() -> dict:
+    """The sharded-state-dict metadata Megatron-LM core_v0.19.0 passes (and saves, less the group)."""
+    from megatron.core import parallel_state as ps
+    return {"singleton_local_shards": False, "chained_optim_avoid_prefix": True,
+            "dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)}
+
+
+def save_dist(root: str, iteration: int, state: dict) -> None:
+    """Megatron-LM's torch_dist save: `state` ({"args", "iteration", "model": sharded state dict, ...})
+    into root/iter_XXXXXXX with the content metadata, then rank 0 writes the tracker. Every rank calls it."""
+    from megatron.core import dist_checkpointing
+    it = os.path.join(root, f"iter_{iteration:07d}")
+    if torch.distributed.get_rank() == 0:
+        os.makedirs(it, exist_ok=True)
+    torch.distributed.barrier()
+    dist_checkpointing.save(state, it, content_metadata={
+        k: v for k, v in dist_metadata().items() if k != "dp_cp_group"})
+    if torch.distributed.get_rank() == 0:
+        with open(os.path.join(root, "latest_checkpointed_iteration.txt"), "w") as f:
+            f.write(str(iteration))
+    torch.distributed.barrier()
+
+
+def load_dist(model, root: str, iteration: int) -> None:
+    """megatron-core's own load of a torch_dist checkpoint into `model` (every key requested and present,
+    then a strict load_state_dict)."""
+    from megatron.core import dist_checkpointing
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict(metadata=dist_metadata())},
+                                     os.path.join(root, f"iter_{iteration:07d}"), strict="raise_all")
+    model.load_state_dict(loaded["model"], strict=True)
+
+
+def check_converted(model, path: str, fmt: str, iteration: int, expected: dict) -> dict:
+    """Load ckptctl's output at `path` into `model` as Megatron-LM would (legacy: this rank's file with a
+    strict load_state_dict; torch_dist: `load_dist`) and compare its tensors' raw bytes with `expected`.
+    Returns {"mismatch": [...], "strict_load": "ok" or the error}."""
+    r = {"mismatch": []}
+    try:
+        if fmt == "legacy":
+            sd = torch.load(legacy_file(path, iteration), map_location="cpu", weights_only=False)["model"]
+            r["mismatch"] += compare_state(sd, expected)[0]
+            model.load_state_dict(sd, strict=True)
+        else:
+            load_dist(model, path, iteration)
+            r["mismatch"] += compare_state(model.state_dict_for_save_checkpoint(), expected)[0]
+        r["strict_load"] = "ok"
+    except Exception as e:  # noqa: BLE001 - reported, the test fails on it
+        r["strict_load"] = str(e)[:300]
+    return r

@@ -30,7 +30,7 @@ import zlib
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cpu import compare_state, gather, legacy_file, raw, save_legacy, write_result  # noqa: E402,F401
+from cpu import compare_state, dist_metadata, gather, legacy_file, raw, save_legacy, write_result  # noqa: E402,F401
 
 ITERATION = 10
 LOGITS_TOL = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 5e-2}
@@ -286,12 +286,6 @@ def legacy_name(root: str, lay: dict, tp_rank: int, pp_rank: int) -> str:
 def model_keys(n: int) -> list[str]:
     return ["model"] if n == 1 else [f"model{i}" for i in range(n)]
 
-
-def dist_metadata():
-    from megatron.core import parallel_state as ps
-
-    return {"singleton_local_shards": False, "chained_optim_avoid_prefix": True,
-            "dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)}
 
 
 def save(a, cfg: dict, lay: dict) -> None:

@@ -3,13 +3,16 @@
     torchrun --nproc-per-node 4 tests/mcore/mamba.py save WORK CASE...
         per case: build megatron-core's HybridModel at the case's layout A (the stand-in `mamba_ssm` in
         tests/mcore/standin makes the Mamba mixer buildable; local linears under TE key names); save it
-        with dist_checkpointing.save (WORK/CASE/dist) and as Megatron-LM's legacy files (WORK/CASE/A:
+        with dist_checkpointing.save as Megatron-LM lays out torch_dist (WORK/CASE/dist: tracker,
+        iter_0000001, common args) and as Megatron-LM's legacy files (WORK/CASE/A:
         DP-rank-0 ranks write mp_rank_TT[_PPP]/model_optim_rng.pt, the mixer's state dict as 0.19.2 writes
         it: `conv1d_weight`/`conv1d_bias`).
     torchrun --nproc-per-node 4 tests/mcore/mamba.py check WORK REPORT CASE...
         per case: build the model at layout B; fill one copy with dist_checkpointing.load(WORK/CASE/dist)
         (megatron-core reshards in_proj z/x/B/C/dt, conv1d x/B/C itself: the expected local tensors);
         load WORK/CASE/B (legacy, made by ckptctl) strictly into another; compare key sets and raw bytes.
+        Cases of DIST_CASES also load WORK/CASE/BD (legacy, ckptctl's conversion of mcore's torch_dist)
+        strictly and WORK/CASE/BT (torch_dist ckptctl wrote at layout W from A) with dist_checkpointing.load.
         Rank 0 writes REPORT (JSON). No forward: the scan kernels need CUDA.
     torchrun --nproc-per-node 1 tests/mcore/mamba.py keys PATTERN
         print the state-dict keys and shapes of a TP1PP1 model (to pin names and order).
@@ -26,10 +29,14 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from cpu import compare_state, gather, rank_dirname, save_legacy, write_result  # noqa: E402
+from cpu import (check_converted, compare_state, dist_metadata, gather, load_dist, rank_dirname, save_dist,  # noqa: E402
+                 save_legacy, write_result)
 HIDDEN, HEADS, FFN, VOCAB, SEQ = 64, 8, 128, 512, 16
 MAMBA = {"mamba_num_heads": 8, "mamba_head_dim": 8, "mamba_state_dim": 16}
 
+# case -> the layout W ckptctl writes torch_dist at (from A), loaded at B; ckptctl also converts mcore's
+# torch_dist at A to legacy at B (BD).
+DIST_CASES = {"tp2pp2_to_tp4pp1": "tp1pp2"}
 # case -> (layout A (tp, pp), pattern at A, layout B (tp, pp), pattern B must carry, ckptctl layout of B,
 #          mamba groups, D_has_hdim). World size 4 everywhere; DP fills the rest.
 CASES = {
@@ -134,7 +141,7 @@ def build(case: str, side: str, seed: int):
     return model
 
 
-def megatron_args(case: str, side: str) -> argparse.Namespace:
+def megatron_args(case: str, side: str, fmt: str = "torch") -> argparse.Namespace:
     (tpa, ppa), pat_a, (tpb, ppb), pat_b, _, groups, _ = CASES[case]
     tp, pp, pattern = (tpa, ppa, pat_a) if side == "A" else (tpb, ppb, pat_b)
     world = torch.distributed.get_world_size()
@@ -150,36 +157,30 @@ def megatron_args(case: str, side: str) -> argparse.Namespace:
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=None,
         expert_model_parallel_size=1, expert_tensor_parallel_size=tp, context_parallel_size=1,
         data_parallel_size=world // (tp * pp), world_size=world, sequence_parallel=False,
-        params_dtype=torch.float32, bf16=False, fp16=False, use_distributed_optimizer=False, ckpt_format="torch")
+        params_dtype=torch.float32, bf16=False, fp16=False, use_distributed_optimizer=False, ckpt_format=fmt)
 
 
 dirname = rank_dirname      # Megatron-LM's get_checkpoint_name for this rank
 
 
 def save(work: str, cases: list[str]) -> None:
-    from megatron.core import dist_checkpointing
-    rank = torch.distributed.get_rank()
     for case in cases:
         model = build(case, "A", seed=1234)
         root = os.path.join(work, case)
-        dist = os.path.join(root, "dist")
-        if rank == 0:
-            os.makedirs(dist, exist_ok=True)
-        torch.distributed.barrier()
-        dist_checkpointing.save(model.sharded_state_dict(), dist)
+        save_dist(os.path.join(root, "dist"), 1, {
+            "args": megatron_args(case, "A", "torch_dist"), "checkpoint_version": 3.0, "iteration": 1,
+            "model": model.sharded_state_dict(metadata=dist_metadata())})
         save_legacy(os.path.join(root, "A"), 1, lambda: {
             "args": megatron_args(case, "A"), "checkpoint_version": 3.0, "iteration": 1,
             "model": model.state_dict_for_save_checkpoint()})
 
 
 def check(work: str, report: str, cases: list[str]) -> None:
-    from megatron.core import dist_checkpointing
     results = {}
     for case in cases:
         root = os.path.join(work, case)
         ref = build(case, "B", seed=99)           # other values: every byte must come from the load
-        loaded = dist_checkpointing.load(ref.sharded_state_dict(), os.path.join(root, "dist"))
-        ref.load_state_dict(loaded, strict=True)
+        load_dist(ref, os.path.join(root, "dist"), 1)
         expected = ref.state_dict_for_save_checkpoint()
         res = {"rank": torch.distributed.get_rank(), "dir": dirname(), "mismatch": [], "keys": list(expected)}
         path = os.path.join(root, "B", "iter_0000001", dirname(), "model_optim_rng.pt")
@@ -196,6 +197,8 @@ def check(work: str, report: str, cases: list[str]) -> None:
             res["strict_load"] = "ok"
         except Exception as e:  # noqa: BLE001 - reported, the test fails on it
             res["strict_load"] = str(e)[:300]
+        for name, fmt in (("BD", "legacy"), ("BT", "torch_dist")) if case in DIST_CASES else ():
+            res[name] = check_converted(build(case, "B", seed=8), os.path.join(root, name), fmt, 1, expected)
         results[case] = gather(res)
     write_result(report, results)
 

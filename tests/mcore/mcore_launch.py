@@ -25,9 +25,12 @@ def torchrun(harness: Path, *args, nproc: int = 4, timeout: int = 400) -> None:
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
 
 
-def save_convert_check(harness: Path, work: Path, targets: dict[str, str]) -> tuple[dict, dict]:
-    """megatron-core saves every case at A; ckptctl converts each to its target layout B (in process);
-    megatron-core loads and checks every B. Returns (the check report, the rank dirs megatron-core wrote)."""
+def save_convert_check(harness: Path, work: Path, targets: dict) -> tuple[dict, dict]:
+    """megatron-core saves every case at A; ckptctl converts (in process); megatron-core loads and checks.
+
+    targets[case]: the layout of B (ckptctl converts CASE/A -> CASE/B), or a list of conversions
+    (source dir, destination dir, layout, target format or None for the source's), all below CASE/.
+    Returns (the check report, the rank dirs megatron-core wrote at A)."""
     from ckptctl.convert import convert
     from ckptctl.layout import parse_layout
 
@@ -36,7 +39,9 @@ def save_convert_check(harness: Path, work: Path, targets: dict[str, str]) -> tu
     dirs = {}
     for case in cases:
         dirs[case] = sorted(p.name for p in (work / case / "A" / "iter_0000001").iterdir())
-        convert(work / case / "A", work / case / "B", parse_layout(targets[case]), nproc=0)
+        todo = targets[case]
+        for src, dst, layout, fmt in ([("A", "B", todo, None)] if isinstance(todo, str) else todo):
+            convert(work / case / src, work / case / dst, parse_layout(layout), nproc=0, to_format=fmt)
     report = work / "report.json"
     torchrun(harness, "check", work, report, *cases)
     return json.loads(report.read_text()), dirs
