@@ -3,7 +3,9 @@
 megatron-core builds each model under layout A and writes it as Megatron-LM does (legacy files) and
 with dist_checkpointing; `ckptctl convert` takes the legacy files to layout B; megatron-core builds the
 model under B, loads ckptctl's files strictly, and compares every tensor byte for byte with its own
-resharding of the dist checkpoint, and the forward output with A's. Two torchrun launches in all.
+resharding of the dist checkpoint, and the forward output with A's; also ckptctl's torch_dist at B
+(`dist_checkpointing.load`, every key present), and ckptctl's reading of megatron-core's own torch_dist
+(verify against its legacy files). Two torchrun launches in all.
 """
 from __future__ import annotations
 
@@ -39,6 +41,12 @@ def test_megatron_core_loads_converted_bert_and_t5(tmp_path, cli):
         assert r.code == 0, r.out + r.err
         r = cli("verify", a, b, "--json")
         assert r.code == 0 and r.json()["ok"], r.out[-2000:]
+        # torch_dist: ckptctl reads megatron-core's (same tensors as its legacy files) and writes one at B
+        r = cli("verify", tmp_path / name / "dist", a, "--json")
+        assert r.code == 0 and r.json()["equal"] == r.json()["tensors"] > 20, r.out[-2000:]
+        r = cli("convert", a, tmp_path / name / "bt", "--to", f"tp{tp}pp{pp}", "--to-format", "torch_dist",
+                "--nproc", "0")
+        assert r.code == 0, r.out + r.err
     torchrun("load", str(tmp_path))
     result = json.loads((tmp_path / "result.json").read_text())
     assert set(result) == set(CASES)

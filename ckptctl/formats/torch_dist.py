@@ -731,7 +731,7 @@ def plan_target(family: Family, cfg: ModelConfig, layout: Layout, manifest: list
                         objects[name] = (name, item.gkey, None if grouped else item.slot)
                         order.setdefault(name)
                 continue
-            if item.gkey in copies:
+            if item.gkey in copies and not family.dist_saves_copies:
                 continue
             rule = family.rule(_strip_expert(family, loc), cfg)
             n, r = namer.split(rule, fp.coord)

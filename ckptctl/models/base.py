@@ -59,6 +59,9 @@ class Family:
     dist_stacked = True
     # torch_dist: keys the legacy files have and megatron-core's sharded state dict leaves out
     dist_absent: tuple[str, ...] = ()
+    # torch_dist: whether `tied_copies` are saved under their own keys (aliased modules, T5) rather than
+    # as replicas of the original's key (GPT's tied output layer)
+    dist_saves_copies = False
 
     def locate(self, key: str) -> KeyLoc:
         return parse_key(key, self.post_prefixes)

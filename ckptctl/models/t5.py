@@ -49,6 +49,7 @@ class T5(GPT):
     name = "t5"
     stacks = ("encoder", "decoder")
     dist_absent = ()
+    dist_saves_copies = True
     post_prefixes = ("encoder.final_layernorm", "decoder.final_layernorm", "lm_head.", "output_layer.")
     top_rules = T5_TOP_RULES
 
