@@ -190,10 +190,6 @@ def convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = Non
     if out_fmt == "torch_dist":
         from ckptctl.formats import torch_dist_optim
         optim_sharding = torch_dist_optim.check_sharding(optim_sharding)
-        note = torch_dist_optim.target_note(source.optim, source.cfg, to) if optimizer and to else None
-        if note:
-            optimizer = False
-            notes.append(note)
     if to is None and not to_store:
         raise BadInput("give a target layout with --to (or a destination ending in .zarr to write only the store)")
     if to is not None:

@@ -291,3 +291,91 @@ def test_adam_bad_input(adam):
     ck.common["optimizer"] = ck.common["optimizer"]["optimizer"]
     with pytest.raises(BadInput, match="fp32_param"):
         tdo.inspect_info(ck, None, Layout())
+
+
+# --- several sub-optimizers (MoE with EP>1: megatron-core's ChainedOptimizer, dense + expert) -------------
+
+MOE = ["--layout", "tp1ep2dp2", "--layers", "2", "--experts", "4"]
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    """legacy tp1ep2dp2 (2 sub-optimizers) -> dp_reshardable ep2 (`chained_<i>.`) and fully_reshardable ep2
+    ({0:, 1:} common) -> fully_reshardable ep1 (merged: one sub-optimizer) -> legacy ep2 (split again);
+    plain Adam ({0:, 1:} common): legacy ep2 -> torch_dist ep2 -> legacy ep2 (its sub-optimizer change goes
+    through the same `optim.TargetSide` as the distributed one's)."""
+    from conftest import run_cli
+    d = tmp_path_factory.mktemp("tdo_moe")
+    assert run_cli("example", "moe", *MOE, "--optimizer", "distributed", "--out", d / "leg").code == 0
+    assert run_cli("example", "moe", *MOE, "--optimizer", "adam", "--out", d / "adam").code == 0
+    steps = [("leg", "dp", "tp1ep2dp2", "torch_dist", "dp_reshardable"),
+             ("leg", "fr", "tp1ep2dp2", "torch_dist", "fully_reshardable"),
+             ("dp", "ep1", "tp1ep1dp4", "torch_dist", "fully_reshardable"),
+             ("ep1", "back", "tp1ep2dp2", "legacy", None),
+             ("adam", "adam_td", "tp1ep2dp2", "torch_dist", None),
+             ("adam_td", "adam_back", "tp1ep2dp2", "legacy", None)]
+    for src, dst, to, fmt, st in steps:
+        r = run_cli("convert", d / src, d / dst, "--to", to, "--to-format", fmt, "--nproc", "0",
+                    *(["--optim-sharding", st] if st else []))
+        assert r.code == 0, (dst, r.err)
+    return d
+
+
+@pytest.mark.parametrize("src,back", [("leg", "back"), ("adam", "adam_back")])
+def test_moe_round_trip_through_a_sub_optimizer_change_is_byte_equal(moe, src, back):
+    """Every rank file's optimizer entry (and distrib_optim.pt: per sub-optimizer flat buffers, None where
+    the rank writes none) comes back byte for byte through torch_dist (distributed: EP2 -> EP1 -> EP2)."""
+    from ckptctl.optim import canon
+    files = sorted((moe / src).glob("iter_*/*/*.pt"))
+    assert len(files) == (4 if src == "leg" else 2)
+    for f in files:
+        a = torch.load(f, weights_only=False)
+        b = torch.load(moe / back / f.relative_to(moe / src), weights_only=False)
+        if f.name == "model_optim_rng.pt":
+            a, b = a["optimizer"], b["optimizer"]
+        assert canon(a) == canon(b), f
+
+
+def test_moe_dp_reshardable_keys_independently(moe):
+    """tp1ep2dp2: the dense sub-optimizer (chained_0) has one model-parallel rank (dp_group_idx_0, sharded
+    over DP 2); the expert one (chained_1) one per EP rank (dp_group_idx_<ep>, expert DP 1: one chunk per
+    param). Expert rank 1's bucket is the expert flat buffer of legacy mp_rank_00_001 (its
+    distrib_optim.pt is [None, expert]: DP rank 0 of that file's ranks holds no dense state)."""
+    ck = td.open_dist(moe / "dp")
+    ts = ck.index["tensors"]
+    groups = {k.split(".gbuf_idx")[0] for k in ts if k.startswith("chained_")}
+    assert groups == {"chained_0.optimizer.distributed.dp_group_idx_0", "chained_1.optimizer.distributed.dp_group_idx_0",
+                      "chained_1.optimizer.distributed.dp_group_idx_1"}
+    assert not any(k.startswith("optimizer.") for k in ts)
+    leg = torch.load(next((moe / "leg").glob("iter_*")) / "mp_rank_00_001" / "distrib_optim.pt", weights_only=False)
+    assert leg[0] is None
+    ref = leg[1][0][(torch.float32, torch.float32)]
+    for c in ("param", "exp_avg", "exp_avg_sq"):
+        key = f"chained_1.optimizer.distributed.dp_group_idx_1.gbuf_idx_0.{F32}.bucket_idx_0.{c}"
+        t = ts[key]
+        assert t["shape"] == [ref["numel_unpadded"]]
+        whole = torch.zeros(t["shape"][0])
+        for off, sizes, *r in t["chunks"]:
+            whole[off[0]:off[0] + sizes[0]] = td.load_tensor(ck.iter_dir, r, key)
+        assert raw(whole) == raw(ref[c])
+    obj = lambda k: td.load_object(ck.iter_dir, ck.index["objects"][k + "/shard_0_1"], k)  # noqa: E731
+    groups1 = obj("chained_1.optimizer.distributed.dp_group_idx_1.optimizer")["param_groups"]
+    assert groups1 and all(g["is_expert_parallel"] for g in groups1)
+    assert not any(g["is_expert_parallel"] for g in obj("chained_0.optimizer.distributed.dp_group_idx_0.optimizer")["param_groups"])
+    assert ck.common["optimizer"] == {0: {"param_state_sharding_type": "dp_reshardable"},
+                                      1: {"param_state_sharding_type": "dp_reshardable"}}
+
+
+def test_moe_model_space_common_per_sub_optimizer(moe):
+    """fully_reshardable and plain Adam keep the model keys (no prefix) and index the common `optimizer` by
+    sub-optimizer; at EP1 (one sub-optimizer) the common state is a single entry again."""
+    for name, key in (("fr", "optimizer.state.param.decoder.layers.mlp.experts.experts.linear_fc1.weight"),
+                      ("adam_td", "optimizer.state.exp_avg.decoder.layers.mlp.experts.experts.linear_fc1.weight")):
+        ck = td.open_dist(moe / name)
+        assert key in ck.index["tensors"] and not any(k.startswith("chained_") for k in ck.index["tensors"])
+        opt = ck.common["optimizer"]
+        assert sorted(opt) == [0, 1], name
+        inner = lambda s: s["optimizer"] if "optimizer" in s else s  # noqa: E731
+        assert [all(g["is_expert_parallel"] for g in inner(opt[s])["param_groups"]) for s in (0, 1)] == [False, True]
+    opt = td.open_dist(moe / "ep1").common["optimizer"]
+    assert 0 not in opt and "optimizer" in opt and opt["param_state_sharding_type"] == "fully_reshardable"

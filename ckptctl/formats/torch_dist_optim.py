@@ -19,7 +19,10 @@ chosen by `content_metadata["distrib_optim_sharding_type"]` (Megatron-LM core_v0
 Reading fills the store's per-parameter `optim/{param,exp_avg,exp_avg_sq}/<array>` (the arrays the legacy
 reader fills), per source model-parallel rank, through the legacy plan of the source layout; so either
 form goes to legacy `distrib_optim.pt` or to torch_dist at any other TP/PP/DP. Writing produces the
-chunks and objects megatron-core saves for the target layout. One sub-optimizer only (dense models).
+chunks and objects megatron-core saves for the target layout. Several sub-optimizers (ChainedOptimizer:
+dense + expert with EP>1 or ETP!=TP): dp_reshardable keys and objects get a `chained_<i>.` prefix, the
+expert one indexed by its rank in the tp-ep-pp group and sharded over the expert DP group; fully_reshardable
+keeps the model keys (megatron-core adds no prefix there) and the common `optimizer` becomes {i: ...}.
 
 The non-distributed optimizer (megatron-core 0.19.2 `FP32Optimizer` / `Float16OptimizerWithFloat16Params`
 `sharded_state_dict`; no `distrib_optim_sharding_type` in the content metadata) is model space too:
@@ -35,6 +38,7 @@ legacy Adam state dict (`optim/{param,exp_avg,exp_avg_sq}`).
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -65,32 +69,64 @@ def check_sharding(name: str | None) -> str:
     return name
 
 
-def group_index(layout, coord) -> int:
-    """megatron-core's `data_parallel_group_idx`: the rank in the model-parallel (TP x PP) group."""
-    return coord.tp + layout.tp * coord.pp
+def group_index(layout, coord, sub: int = 0) -> int:
+    """megatron-core's `data_parallel_group_idx` of sub-optimizer `sub` at a rank file: dense, the rank in
+    the model-parallel (TP x PP) group; expert (sub 1), the rank in the tp-ep-pp group (ETP fastest)."""
+    if sub == 0:
+        return coord.tp + layout.tp * coord.pp
+    return coord.etp + layout.expert_tp * (coord.ep + layout.ep * coord.pp)
+
+
+def sub_dp(layout, sub: int) -> int:
+    """The data-parallel size a sub-optimizer shards its buckets over (expert: expert DP)."""
+    return layout.dp * layout.cp if sub == 0 else layout.edp
+
+
+def chained(sub: int, n: int) -> str:
+    """ChainedOptimizer's key prefix for dp_reshardable state of several sub-optimizers."""
+    return f"chained_{sub}." if n > 1 else ""
 
 
 def _dtype_tag(dtypes: tuple[str, str]) -> str:
     return f"dtype_(torch.{dtypes[0]}, torch.{dtypes[1]})"
 
 
-def bucket_key(g: int, gbuf: int, dtypes: tuple[str, str], b: int, comp: str) -> str:
-    return f"{DIST}dp_group_idx_{g}.gbuf_idx_{gbuf}.{_dtype_tag(dtypes)}.bucket_idx_{b}.{comp}"
+def bucket_key(g: int, gbuf: int, dtypes: tuple[str, str], b: int, comp: str, pre: str = "") -> str:
+    return f"{pre}{DIST}dp_group_idx_{g}.gbuf_idx_{gbuf}.{_dtype_tag(dtypes)}.bucket_idx_{b}.{comp}"
 
 
-def object_key(g: int, what: str) -> str:
-    return f"{DIST}dp_group_idx_{g}.{what}/shard_0_1"
+def object_key(g: int, what: str, pre: str = "") -> str:
+    return f"{pre}{DIST}dp_group_idx_{g}.{what}/shard_0_1"
 
 
 # --- inspect ------------------------------------------------------------------------------------
+
+def int_keyed(opt) -> bool:
+    """Several sub-optimizers' common state: {0: ..., 1: ...} (ChainedOptimizer)."""
+    return isinstance(opt, dict) and bool(opt) and all(isinstance(k, int) for k in opt)
+
 
 def sharding_of(common: dict) -> str | None:
     cm = common.get("content_metadata") or {}
     st = cm.get("distrib_optim_sharding_type")
     opt = common.get("optimizer")
+    if int_keyed(opt):
+        opt = opt[min(opt)]
     if st is None and isinstance(opt, dict):
         st = opt.get("param_state_sharding_type")
     return st
+
+
+def chained_subs(names, where) -> int:
+    """The number of `chained_<i>.` prefixes (dp_reshardable with several sub-optimizers; 1 without)."""
+    found = {int(m.group(1)) for n in names if (m := re.match(r"chained_(\d+)\.", n))}
+    if found and found != set(range(len(found))):
+        raise BadInput(f"{where}: sub-optimizer prefixes chained_{sorted(found)} are not 0..{len(found) - 1}")
+    return max(1, len(found))
+
+
+def strip_chained(name: str) -> str:
+    return re.sub(r"^chained_\d+\.", "", name)
 
 
 def inspect_info(ck, cfg, layout) -> dict | None:
@@ -106,24 +142,64 @@ def inspect_info(ck, cfg, layout) -> dict | None:
     if st not in SHARDING_TYPES + OTHER_TYPES:
         raise BadInput(f"{ck.iter_dir}: unknown distributed-optimizer sharding type {st!r} "
                        f"(content_metadata.distrib_optim_sharding_type; known: {', '.join(SHARDING_TYPES + OTHER_TYPES)})")
-    if st not in SHARDING_TYPES or any(n.startswith("chained_") for n in names):
+    if st not in SHARDING_TYPES:
         return None
-    info = optim.inspect_info([{"kind": "distributed", "variant": "distributed", "subs": 1}], [ck.iter_dir],
-                              cfg, layout, ck.args)
+    opt = ck.common.get("optimizer")
+    if st == "fully_reshardable":
+        if any(n.startswith("chained_") for n in names):    # chained_optim_avoid_prefix off: older saves
+            return None
+        n = len(opt) if int_keyed(opt) else 1
+    else:
+        n = chained_subs(names, ck.iter_dir)
+    d = {"kind": "distributed", "variant": "distributed", "subs": n}
+    if n > 1:               # whether they could be merged into one, checked before any output is written
+        try:
+            optim.merge_subs(dist_commons(ck.index, ck.iter_dir, opt, st, [0] * n), "distributed", str(ck.iter_dir))
+            d["merge"] = None
+        except BadInput as e:
+            d["merge"] = str(e)
+    info = optim.inspect_info([d], [ck.iter_dir], cfg, layout, ck.args)
     prefix = STATE if st == "fully_reshardable" else DIST
     comps = set()
-    for n in ck.index["tensors"]:
-        if n.startswith(prefix):
-            comps.add(n[len(STATE):].split(".", 1)[0] if st == "fully_reshardable" else n.rsplit(".", 1)[1])
+    for name in ck.index["tensors"]:
+        name = strip_chained(name)
+        if name.startswith(prefix):
+            comps.add(name[len(STATE):].split(".", 1)[0] if st == "fully_reshardable" else name.rsplit(".", 1)[1])
     if comps != set(info["comps"]):
         raise BadInput(f"{ck.iter_dir}: optimizer state components {sorted(comps)}; only Adam's "
                        f"{', '.join(info['comps'])} are supported")
     return {**info, "sharding": st}
 
 
+def dist_commons(index: dict, iter_dir: Path, opt, st: str, groups: list[int]) -> list[dict]:
+    """Per sub-optimizer {"optimizer": {"param_groups"}, ["grad_scaler"]} (the legacy `optimizer` entry):
+    from the common state's `optimizer` (fully_reshardable) or from the objects of model-parallel rank
+    `groups[s]` of each sub-optimizer s (dp_reshardable)."""
+    from ckptctl.formats import torch_dist
+    n = len(groups)
+    out = []
+    for s, g in enumerate(groups):
+        if st == "fully_reshardable":
+            sub = opt[s] if int_keyed(opt) else opt
+            out.append({k: v for k, v in (sub or {}).items() if k in ("optimizer", "grad_scaler")})
+            continue
+        e = {}
+        for what in ("optimizer", "grad_scaler"):
+            key = object_key(g, what, chained(s, n))
+            ref = index["objects"].get(key)
+            if ref is not None:
+                e[what] = torch_dist.load_object(iter_dir, ref, key)
+        out.append(e)
+    for s, e in enumerate(out):
+        if not isinstance(e.get("optimizer"), dict) or "param_groups" not in e["optimizer"]:
+            where = "" if st == "fully_reshardable" else f" (model-parallel rank {groups[s]})"
+            raise BadInput(f"{iter_dir}: no optimizer param groups for sub-optimizer {s}{where}")
+    return out
+
+
 def adam_subs(opt, where) -> list[dict]:
     """The common state's `optimizer` of the non-distributed optimizer, one entry per sub-optimizer."""
-    if isinstance(opt, dict) and opt and all(isinstance(k, int) for k in opt):
+    if int_keyed(opt):
         if sorted(opt) != list(range(len(opt))):
             raise BadInput(f"{where}: sub-optimizer indices {sorted(opt)} in the common state's 'optimizer'")
         return [opt[k] for k in range(len(opt))]
@@ -285,7 +361,7 @@ class BucketSpace:
             raise BadInput(f"{self.iter_dir}: the chunks of {key!r} cover {got} of its {n} elements")
         return out
 
-    def state(self, g: int, bufs: list, comps, expected: list[list[int]], where: str) -> dict:
+    def state(self, g: int, bufs: list, comps, expected: list[list[int]], where: str, pre: str = "") -> dict:
         """The `distrib_optim.pt` dict of rank g: each buffer's buckets concatenated."""
         state: dict = {"buckets_coalesced": True}
         for gi, (buf, sizes) in enumerate(zip(bufs, expected)):
@@ -293,7 +369,7 @@ class BucketSpace:
             for c in comps:
                 parts = []
                 for b, size in enumerate(sizes):
-                    key = bucket_key(g, gi, buf.dtypes, b, c)
+                    key = bucket_key(g, gi, buf.dtypes, b, c, pre)
                     t = self.index["tensors"].get(key)
                     if t is None:
                         raise BadInput(f"{where}: no {key!r} (the model layout gives {len(sizes)} bucket(s) in "
@@ -301,7 +377,7 @@ class BucketSpace:
                     if t["shape"] != [size]:
                         raise BadInput(f"{where}: {key!r} has {t['shape']} elements, the model layout gives [{size}]")
                     parts.append(self.flat(key))
-                extra = bucket_key(g, gi, buf.dtypes, len(sizes), c)
+                extra = bucket_key(g, gi, buf.dtypes, len(sizes), c, pre)
                 if extra in self.index["tensors"]:
                     raise BadInput(f"{where}: {extra!r} is beyond the {len(sizes)} bucket(s) the model layout gives")
                 e[c] = torch.cat(parts)
@@ -310,10 +386,10 @@ class BucketSpace:
         return state
 
 
-def bucket_layouts(ctx, fp, bufs: list, pp_rank: int) -> list[tuple[list, list]]:
-    """Per buffer, `optim.buffer_layout` (param ranges and buckets) under the context's DDP settings."""
-    total = sum(p.numel for b in bufs for p in b.params)
-    dp = ctx.layout.dp * ctx.layout.cp
+def bucket_layouts(ctx, fp, bufs: list, pp_rank: int, sub: int, total: int) -> list[tuple[list, list]]:
+    """Per buffer of sub-optimizer `sub`, `optim.buffer_layout` (param ranges and buckets) under the
+    context's DDP settings (`total`: the rank's parameter count, as `optim.Context.layout_of` takes it)."""
+    dp = sub_dp(ctx.layout, sub)
     out = []
     for buf in bufs:
         bs = optim.bucket_size_of(ctx.args, ctx.layout, pp_rank, buf.chunk_index, total)
@@ -344,21 +420,14 @@ class Decoder:
                             legacy.load_pt(self.iter_dir / torch_dist.COMMON_PT, mmap=False))
         return self._common
 
-    def common(self, g: int) -> dict:
-        """The legacy `optimizer` key (param groups with step, grad scaler) of rank g."""
-        from ckptctl.formats import torch_dist
-        if self.model is not None:        # the common state's `optimizer` entry, the same for every rank
-            opt = self.whole_common().get("optimizer") or {}
-            out = {k: v for k, v in opt.items() if k in ("optimizer", "grad_scaler")}
-        else:
-            out = {}
-            for what in ("optimizer", "grad_scaler"):
-                ref = self.dist["index"]["objects"].get(object_key(g, what))
-                if ref is not None:
-                    out[what] = torch_dist.load_object(self.iter_dir, ref, object_key(g, what))
-        if not isinstance(out.get("optimizer"), dict) or "param_groups" not in out["optimizer"]:
-            raise BadInput(f"{self.iter_dir}: no optimizer param groups for model-parallel rank {g}")
-        return out
+    def common(self, fp) -> object:
+        """The legacy `optimizer` key of a rank file: {"optimizer": param groups with step, ["grad_scaler"]},
+        a list of them with several sub-optimizers."""
+        n = self.info["subs"]
+        groups = [group_index(self.layout, fp.coord, s) for s in range(n)]
+        subs = dist_commons(self.dist["index"], self.iter_dir, self.whole_common().get("optimizer"),
+                            self.info["sharding"], groups)
+        return subs[0] if n == 1 else subs
 
     def decode(self, i: int) -> optim.FileState:
         fp = self.files[i]
@@ -367,16 +436,22 @@ class Decoder:
         if self.adam:
             common = adam_common(self.whole_common().get("optimizer"), self.info["variant"], self.iter_dir)
             return optim.FileState(optim.fill_tensors(self.model, fp, params, comps), common, common["step"])
-        g = group_index(self.layout, fp.coord)
-        common = self.common(g)
-        steps = {pg.get("step") for pg in common["optimizer"]["param_groups"]}
+        common = self.common(fp)
+        steps = {pg.get("step") for c in (common if isinstance(common, list) else [common])
+                 for pg in c["optimizer"]["param_groups"]}
         step = next(iter(steps)) if len(steps) == 1 else None
         if self.model is not None:
             return optim.FileState(optim.fill_tensors(self.model, fp, params, comps), common, step)
         subs, bufs = self.ctx.layout_of(fp, params)
-        sizes = [[b[2] for b in lay[1]] for lay in bucket_layouts(self.ctx, fp, bufs[0], fp.coord.pp)]
-        where = f"{self.iter_dir} (dp_group_idx_{g}, {fp.dirname})"
-        state = self.buckets.state(g, bufs[0], comps, sizes, where)
+        total = sum(p.numel for p in params)
+        states = []
+        for s, sub_bufs in enumerate(bufs):
+            g = group_index(self.layout, fp.coord, s)
+            sizes = [[b[2] for b in lay[1]] for lay in bucket_layouts(self.ctx, fp, sub_bufs, fp.coord.pp, s, total)]
+            where = f"{self.iter_dir} ({chained(s, len(bufs))}dp_group_idx_{g}, {fp.dirname})"
+            states.append(self.buckets.state(g, sub_bufs, comps, sizes, where, chained(s, len(bufs))))
+        where = f"{self.iter_dir} ({fp.dirname})"
+        state = states[0] if len(states) == 1 else states
         return optim.FileState(optim.decode_distributed(state, subs, bufs, where), common, step)
 
 
@@ -452,14 +527,6 @@ def form_text(info: dict, sharding: str | None) -> str:
             "bucket sizes")
 
 
-def target_note(info: dict | None, cfg, dst) -> str | None:
-    """Why a source's optimizer state cannot be written to torch_dist at `dst` (None: it can)."""
-    if info is None or info["kind"] != "distributed" or optim.n_subs(cfg, dst) == 1:
-        return None
-    return ("distributed-optimizer state with several sub-optimizers (experts with EP>1 or ETP!=TP) is not "
-            "written in torch_dist by this version: dropped (weights and training state convert)")
-
-
 @dataclasses.dataclass
 class Additions:
     """What the torch_dist writer adds for the optimizer: chunks, objects and common-state entries."""
@@ -467,17 +534,17 @@ class Additions:
     chunks: list
     objects: list                       # (DCP object name, value)
     sharding: str | None                # None: the non-distributed optimizer
-    optimizer_common: dict
+    optimizer_common: object            # distributed: the legacy `optimizer` entry (a list: sub-optimizers)
 
     def common(self, common: dict) -> dict:
         out = dict(common)
         if self.sharding is None:       # megatron-core's form already; no sharding type recorded
             out["optimizer"] = self.optimizer_common
             return out
-        if self.sharding == "fully_reshardable":
-            out["optimizer"] = {**self.optimizer_common, "param_state_sharding_type": self.sharding}
-        else:
-            out["optimizer"] = {"param_state_sharding_type": self.sharding}
+        subs = self.optimizer_common if isinstance(self.optimizer_common, list) else [self.optimizer_common]
+        per = [{**sub, "param_state_sharding_type": self.sharding} if self.sharding == "fully_reshardable"
+               else {"param_state_sharding_type": self.sharding} for sub in subs]
+        out["optimizer"] = per[0] if len(per) == 1 else dict(enumerate(per))
         meta = dict(out.get("content_metadata") or {}, distrib_optim_sharding_type=self.sharding)
         if self.sharding == "fully_reshardable":
             meta["distrib_optim_fully_reshardable_mem_efficient"] = False
@@ -505,8 +572,6 @@ def target_additions(job, store, attrs, family, cfg, dst, encs, model_chunks: li
         chunks = model_space_chunks(tside.ctx, files, model_chunks, info["comps"], ADAM_NAMES, half_masters=True)
         return Additions(chunks, [], None, adam_dist_common(tside.common, info["variant"]))
     sharding = check_sharding(getattr(job, "optim_sharding", None))
-    if tside.ctx.info["subs"] != 1:     # convert drops it with a note (target_note) before any output
-        raise BadInput("torch_dist target: distributed-optimizer state with several sub-optimizers is not written")
     if sharding == "fully_reshardable":
         chunks = model_space_chunks(tside.ctx, files, model_chunks, info["comps"])
         return Additions(chunks, [], sharding, tside.common)
@@ -560,16 +625,32 @@ def _flat_chunk_class():
     return FlatChunk
 
 
-def bucket_space(ctx, fp, comps, ocommon: dict) -> tuple[list, list]:
-    """`dp_reshardable` chunks and objects of one target model-parallel rank, as megatron-core saves them:
-    per bucket and DP rank, a chunk per parameter slice and per gap, up to the bucket's unpadded end."""
-    FlatChunk = _flat_chunk_class()
-    dp = ctx.layout.dp * ctx.layout.cp
-    g = group_index(ctx.layout, fp.coord)
+def bucket_space(ctx, fp, comps, ocommon) -> tuple[list, list]:
+    """`dp_reshardable` chunks and objects of one target rank file, as megatron-core saves them: per
+    sub-optimizer this file writes (`optim.writer_flags`: one file per model-parallel rank of each), per
+    bucket and DP rank, a chunk per parameter slice and per gap, up to the bucket's unpadded end; keys
+    prefixed `chained_<i>.` with several sub-optimizers."""
     params = ctx.params(fp)
     subs, bufs = ctx.layout_of(fp, params)
+    n = len(bufs)
+    flags = optim.writer_flags(ctx.layout, fp) if n > 1 else (True,)
+    commons = ocommon if isinstance(ocommon, list) else [ocommon]
+    total = sum(p.numel for p in params)
+    chunks, objects = [], []
+    for si, sub_bufs in enumerate(bufs):
+        if flags[si]:
+            c, o = _sub_bucket_space(ctx, fp, si, sub_bufs, comps, commons[si], chained(si, n), total)
+            chunks += c
+            objects += o
+    return chunks, objects
+
+
+def _sub_bucket_space(ctx, fp, si: int, bufs: list, comps, ocommon: dict, pre: str, total: int) -> tuple[list, list]:
+    FlatChunk = _flat_chunk_class()
+    dp = sub_dp(ctx.layout, si)
+    g = group_index(ctx.layout, fp.coord, si)
     chunks, numel, unpadded = [], [], []
-    for gi, (buf, (where, buckets)) in enumerate(zip(bufs[0], bucket_layouts(ctx, fp, bufs[0], fp.coord.pp))):
+    for gi, (buf, (where, buckets)) in enumerate(zip(bufs, bucket_layouts(ctx, fp, bufs, fp.coord.pp, si, total))):
         dkey = tuple(getattr(torch, d) for d in buf.dtypes)
         numel.append({dkey: [end - start for start, end, _ in buckets]})
         unpadded.append({dkey: [n for _, _, n in buckets]})
@@ -588,11 +669,12 @@ def bucket_space(ctx, fp, comps, ocommon: dict) -> tuple[list, list]:
                         spans.append((s, e - s, p, off))
                     cur = max(cur, e)
             for comp in comps:
-                key = bucket_key(g, gi, buf.dtypes, b, comp)
+                key = bucket_key(g, gi, buf.dtypes, b, comp, pre)
                 for off, size, p, poff in spans:
                     chunks.append(FlatChunk(key, (n,), (off,), (size,), "float32", (), fp, p, comp, poff, poff + size))
-    objects = [(object_key(g, "optimizer"), ocommon["optimizer"])]
+    objects = [(object_key(g, "optimizer", pre), ocommon["optimizer"])]
     if "grad_scaler" in ocommon:
-        objects.append((object_key(g, "grad_scaler"), ocommon["grad_scaler"]))
-    objects += [(object_key(g, "per_bucket_numel"), numel), (object_key(g, "per_bucket_numel_unpadded"), unpadded)]
+        objects.append((object_key(g, "grad_scaler", pre), ocommon["grad_scaler"]))
+    objects += [(object_key(g, "per_bucket_numel", pre), numel),
+                (object_key(g, "per_bucket_numel_unpadded", pre), unpadded)]
     return chunks, objects
