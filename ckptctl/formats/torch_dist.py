@@ -42,9 +42,9 @@ METADATA = ".metadata"
 COMMON_KEY = "common_state"
 COMMON_PT = "common.pt"
 RNG_KEY = "rng_state"
-# Optimizer state (`optimizer.state...`, `optimizer.distributed...`) is not part of the weight plan: the
-# distributed optimizer's is converted by `torch_dist_optim`, other forms (chained `chained_<i>.`, the
-# non-distributed optimizer) are dropped and reported; so is the per-rank state of an in-flight rerun.
+# Optimizer state (`optimizer.state...`, `optimizer.distributed...`, `chained_<i>.`) is not part of the
+# weight plan: `torch_dist_optim` converts it (forms it does not know are dropped and reported); the
+# per-rank state of an in-flight rerun is dropped and reported.
 DROPPED_PREFIXES = ("optimizer", "chained_", "rerun_state_machine_state")
 # Local (non-TE) specs rename their norms to the fused TE names in sharded state dicts (mcore's
 # `sharded_state_dict_keys_map`); the legacy files keep the local names.
