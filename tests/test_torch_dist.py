@@ -342,3 +342,21 @@ def test_expert_and_mamba_examples_round_trip_across_formats(tmp_path, cli, fami
     for a, b in (("leg", "td"), ("td", "back")):
         v = cli("verify", tmp_path / a, tmp_path / b, "--json")
         assert v.code == 0 and v.json()["equal"] == v.json()["tensors"] > 30, v.out
+
+
+def test_moe_layer_freq_makes_numbered_keys():
+    # TransformerBlock: moe_layer_freq > 1 (or a list) -> non-homogeneous layers -> `decoder.layers.<i>.` keys,
+    # the expert axis first; a stacked model with every layer MoE keeps the layer axis.
+    moe = get_family("moe")
+    assert moe.dist_stacked(moe_cfg()) and not moe.dist_stacked(moe_cfg(moe_layer_freq=[0, 1]))
+    c = moe_cfg(moe_layer_freq=[0, 1])
+    fc1 = "decoder.layers.1.mlp.experts.experts.linear_fc1.weight"
+    ix = index({fc1: {"shape": [4, 16, 4], "dtype": "float32",
+                      "chunks": [chunk([g, 0, 0], [1, 16, 4]) for g in range(4)]}},
+               [f"decoder.layers.1.mlp.experts.experts.linear_fc1._extra_state/shard_{g}_4" for g in range(4)])
+    src = td.plan_source(moe, c, Layout(), ix, "te")
+    assert src.arrays["model/decoder.layers.1.mlp.experts.linear_fc1.weight"]["shape"] == [4, 16, 4]
+    plan = td.plan_target(moe, c, parse_layout("tp1pp1ep2"), src.manifest, src.arrays, set())
+    assert {(ch.fqn, ch.offsets, ch.sizes, ch.gshape) for ch in plan.chunks} == {
+        (fc1, (g, o, 0), (1, 8, 4), (4, 16, 4)) for g in range(4) for o in (0, 8)}
+    assert sorted(n for n, _, _ in plan.objects) == [ix["order"][1 + g] for g in range(4)]

@@ -432,7 +432,7 @@ def plan_source(family: Family, cfg: ModelConfig, layout: Layout, index: dict, s
             if not shape or shape[0] != stacks[stack]:
                 raise BadInput(f"torch_dist key {fqn!r}: layer axis {shape[:1]} but the model has "
                                f"{stacks[stack]} {stack} layers")
-            # only the layers that hold this key (MoE layers under moe_layer_freq) have chunks
+            # only the layers that hold this key have chunks (a sparse stack)
             layers = sorted({lay for off, sizes, *_ in t["chunks"] for lay in range(off[0], off[0] + sizes[0])})
             ashape = shape[1:]
         else:
@@ -703,13 +703,14 @@ def plan_target(family: Family, cfg: ModelConfig, layout: Layout, manifest: list
     order: dict[str, None] = {}
     experts = cfg.num_experts
     local_names = is_local_spec(e["gkey"] for e in manifest)
+    stacked = family.dist_stacked(cfg)
     for fp in files:
         for item in fp.items:
             loc = family.locate(item.gkey)
             ex = family.expert_of(loc.rest)
             rest = _strip_expert(family, loc).rest
             if loc.section == "layer":
-                if family.dist_stacked:
+                if stacked:
                     fqn = f"{loc.stack}.layers.{dist_rest(rest, local_names)}"
                     pre_off, pre_shape = (loc.layer,), (stacks[loc.stack],)
                 else:

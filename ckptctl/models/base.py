@@ -54,9 +54,10 @@ class Family:
     name = "base"
     post_prefixes: tuple[str, ...] = ()
     stacks: tuple[str, ...] = ("decoder",)
-    # torch_dist: megatron-core's TransformerBlock stacks a block's layers on a leading axis
-    # (`decoder.layers.<rest>`); HybridStack keeps numbered keys (`decoder.layers.<i>.<rest>`).
-    dist_stacked = True
+    def dist_stacked(self, cfg: ModelConfig) -> bool:
+        """torch_dist: whether megatron-core stacks a block's layers on a leading axis (`decoder.layers.<rest>`,
+        TransformerBlock of like layers) or keeps numbered keys (`decoder.layers.<i>.<rest>`)."""
+        return True
     # torch_dist: keys the legacy files have and megatron-core's sharded state dict leaves out
     dist_absent: tuple[str, ...] = ()
     # torch_dist: whether `tied_copies` are saved under their own keys (aliased modules, T5) rather than

@@ -30,7 +30,7 @@ import zlib
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cpu import compare_state, dist_metadata, gather, legacy_file, raw, save_legacy, write_result  # noqa: E402,F401
+from cpu import compare_state, dist_metadata, gather, legacy_file, raw, save_dist, save_legacy, write_result  # noqa: E402,F401
 
 ITERATION = 10
 LOGITS_TOL = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 5e-2}
@@ -289,11 +289,9 @@ def model_keys(n: int) -> list[str]:
 
 
 def save(a, cfg: dict, lay: dict) -> None:
-    from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    rank = torch.distributed.get_rank()
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     chunks = build_chunks(cfg, lay, a.seed, perturb=True)
 
@@ -311,7 +309,6 @@ def save(a, cfg: dict, lay: dict) -> None:
     # torch_dist, as Megatron-LM lays it out (iter dir, tracker, common args)
     if a.dist_out:
         meta = dist_metadata()
-        it = os.path.join(a.dist_out, f"iter_{ITERATION:07d}")
         sd = {"args": megatron_args(cfg, lay, "torch_dist"), "checkpoint_version": 3.0,
               "iteration": ITERATION}
         for key, model in zip(model_keys(len(chunks)), chunks):
@@ -321,14 +318,7 @@ def save(a, cfg: dict, lay: dict) -> None:
                                         (pp_rank, tp_rank), replica_id=ps.get_data_parallel_rank(
                                             with_context_parallel=True))
         sd["num_floating_point_operations_so_far"] = 1.25e12
-        if rank == 0:
-            os.makedirs(it, exist_ok=True)
-        torch.distributed.barrier()
-        dist_checkpointing.save(sd, it, content_metadata={k: v for k, v in meta.items() if k != "dp_cp_group"})
-        torch.distributed.barrier()
-        if rank == 0:
-            with open(os.path.join(a.dist_out, "latest_checkpointed_iteration.txt"), "w") as f:
-                f.write(str(ITERATION))
+        save_dist(a.dist_out, ITERATION, sd)
 
     if a.logits:
         out = forward(chunks, cfg, lay)

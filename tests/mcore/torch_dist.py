@@ -21,7 +21,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cpu import compare_state, cpu_patches, gather, write_result  # noqa: E402
+from cpu import compare_state, cpu_patches, dist_metadata, gather, save_dist, write_result  # noqa: E402
 
 HIDDEN, HEADS, GROUPS, FFN, LAYERS, VOCAB, SEQ = 32, 8, 2, 64, 4, 250, 16
 
@@ -75,30 +75,20 @@ def megatron_args(tp: int, pp: int, tied: bool) -> argparse.Namespace:
 
 
 def save(out: str, tp: int, pp: int, tied: bool) -> None:
-    from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     model = build(tp, pp, tied)
-    meta = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
     g = torch.Generator().manual_seed(100 + torch.distributed.get_rank())
     rng = [{"random_rng_state": (3, tuple(range(5)), None), "torch_rng_state": torch.randint(0, 255, (16,), generator=g,
                                                                                        dtype=torch.uint8),
             "rng_tracker_states": {}}]
-    sd = {"args": megatron_args(tp, pp, tied), "checkpoint_version": 3.0, "iteration": 10,
-          "opt_param_scheduler": {"max_lr": 3e-4, "num_steps": 10}, "num_floating_point_operations_so_far": 5.0,
-          "model": model.sharded_state_dict(metadata=dict(meta, dp_cp_group=ps.get_data_parallel_group(
-              with_context_parallel=True))),
-          "rng_state": ShardedObject("rng_state", rng, (pp, tp), (ps.get_pipeline_model_parallel_rank(),
-                                                                  ps.get_tensor_model_parallel_rank()), replica_id=0)}
-    it = os.path.join(out, "iter_0000010")
-    if torch.distributed.get_rank() == 0:
-        os.makedirs(it, exist_ok=True)
-    torch.distributed.barrier()
-    dist_checkpointing.save(sd, it, content_metadata=meta)
-    if torch.distributed.get_rank() == 0:
-        with open(os.path.join(out, "latest_checkpointed_iteration.txt"), "w") as f:
-            f.write("10")
+    save_dist(out, 10, {
+        "args": megatron_args(tp, pp, tied), "checkpoint_version": 3.0, "iteration": 10,
+        "opt_param_scheduler": {"max_lr": 3e-4, "num_steps": 10}, "num_floating_point_operations_so_far": 5.0,
+        "model": model.sharded_state_dict(metadata=dist_metadata()),
+        "rng_state": ShardedObject("rng_state", rng, (pp, tp), (ps.get_pipeline_model_parallel_rank(),
+                                                                ps.get_tensor_model_parallel_rank()), replica_id=0)})
 
 
 def logits(model) -> list:
