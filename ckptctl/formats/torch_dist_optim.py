@@ -1,4 +1,5 @@
-"""Distributed-optimizer state in megatron-core's `torch_dist` format (DESIGN §6.3), read and written.
+"""Optimizer state in megatron-core's `torch_dist` format (DESIGN §6.3), read and written: the distributed
+optimizer's two reshardable forms and the non-distributed optimizer's.
 
 megatron-core 0.19.2 `DistributedOptimizer.sharded_state_dict` saves the state in one of two ways,
 chosen by `content_metadata["distrib_optim_sharding_type"]` (Megatron-LM core_v0.19.0 passes
