@@ -263,7 +263,7 @@ def _with_merge(d: dict, opt, model_path: Path) -> dict:
     """With several sub-optimizers: why they could not be merged into one (None: they can), checked
     before any output is written."""
     if d["subs"] > 1:
-        subs = opt if d["kind"] == "distributed" else [_strip_adam(s, d["variant"]) for s in opt]
+        subs = opt if d["kind"] == "distributed" else [strip_adam(s, d["variant"]) for s in opt]
         try:
             merge_subs(subs, d["kind"], str(model_path))
             d["merge"] = None
@@ -374,13 +374,13 @@ def decode_adam(obj, subs: list[list[Param]], variant: str, args: dict, where: s
                     if tuple(m.shape) != p.shape:
                         raise BadInput(f"{where}: fp32 master of {p.key!r} has shape {tuple(m.shape)}, expected {p.shape}")
                     out[p.index]["param"] = m
-        commons.append(_strip_adam(state, variant))
+        commons.append(strip_adam(state, variant))
     if len(steps) > 1:
         raise BadInput(f"{where}: parameters have different Adam steps {sorted(steps)}")
     return out, commons, (steps.pop() if steps else None)
 
 
-def _strip_adam(state: dict, variant: str) -> dict:
+def strip_adam(state: dict, variant: str) -> dict:
     """The layout-free part of a non-distributed optimizer state dict (param groups without indices)."""
     inner = state if variant == "fp32" else state["optimizer"]
     out = {"param_groups": [{k: v for k, v in g.items() if k != "params"} for g in inner["param_groups"]]}

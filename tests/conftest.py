@@ -59,3 +59,24 @@ def rank_files(root: Path) -> list[Path]:
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def flip_dist_chunk(root: Path, out: Path, key: str, index: int | tuple) -> tuple:
+    """Copy the torch_dist checkpoint `root` to `out` and flip one bit of the first chunk of `key`,
+    in place in its .distcp file (same blob size), at element `index` of the chunk's int32 view.
+    Returns the chunk's global offsets."""
+    import shutil
+    from ckptctl.formats import torch_dist as td
+    shutil.copytree(root, out)
+    ck = td.open_dist(out)
+    off, _, f, at, n = ck.index["tensors"][key]["chunks"][0]
+    t = td.load_tensor(ck.iter_dir, [f, at, n], key).clone()
+    v = t.view(torch.int32)
+    (v.reshape(-1) if isinstance(index, int) else v)[index] ^= 1
+    buf = io.BytesIO()
+    torch.save(t, buf)
+    assert len(buf.getvalue()) == n
+    with open(ck.iter_dir / f, "r+b") as fh:
+        fh.seek(at)
+        fh.write(buf.getvalue())
+    return off

@@ -3,10 +3,7 @@
 Expectations are written out by hand (chunk boxes of a tiny model), not computed by the code under test.
 The megatron-core oracle is in test_interop_torch_dist.py.
 """
-import io
 import json
-import pickle
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +16,7 @@ from ckptctl.layout import Layout, parse_layout
 from ckptctl.models import get_family
 from ckptctl.models.config import ModelConfig
 from ckptctl.models.rules import Piece
-from conftest import load, rank_files, raw_bytes
+from conftest import flip_dist_chunk, load, rank_files, raw_bytes
 
 GPT = get_family("gpt")
 
@@ -182,19 +179,8 @@ def test_verify_across_formats_and_back(dist_pair, tmp_path, cli):
 
 
 def test_flipped_chunk_is_found(dist_pair, tmp_path, cli):
-    import shutil
     bad = tmp_path / "bad"
-    shutil.copytree(dist_pair / "dist", bad)
-    ck = td.open_dist(bad)
-    off, sizes, f, at, n = ck.index["tensors"]["decoder.layers.mlp.linear_fc2.weight"]["chunks"][0]
-    t = td.load_tensor(ck.iter_dir, [f, at, n], "x").clone()
-    t.view(torch.int32)[0, 3, 5] ^= 1
-    buf = io.BytesIO()
-    torch.save(t, buf)
-    assert len(buf.getvalue()) == n
-    with open(ck.iter_dir / f, "r+b") as fh:
-        fh.seek(at)
-        fh.write(buf.getvalue())
+    off = flip_dist_chunk(dist_pair / "dist", bad, "decoder.layers.mlp.linear_fc2.weight", (0, 3, 5))
     v = cli("verify", dist_pair / "leg", bad, "--json")
     assert v.code == 1
     (d,) = v.json()["differences"]

@@ -236,21 +236,12 @@ def adam_info(ck, cfg, layout) -> dict:
     d = {"kind": "adam", "variant": variant, "subs": len(subs)}
     if len(subs) > 1:       # whether they could be merged into one, checked before any output is written
         try:
-            optim.merge_subs([adam_common_sub(s, variant) for s in subs], "adam", where)
+            optim.merge_subs([optim.strip_adam(s, variant) for s in subs], "adam", where)
             d["merge"] = None
         except BadInput as e:
             d["merge"] = str(e)
     info = optim.inspect_info([d], [ck.iter_dir], cfg, layout, ck.args)
     return {**info, "sharding": None}
-
-
-def adam_common_sub(sub: dict, variant: str) -> dict:
-    """The layout-free part of one sub-optimizer (the store's form: param groups, grad scaler)."""
-    inner = sub if variant == "fp32" else sub["optimizer"]
-    out = {"param_groups": [{k: v for k, v in g.items() if k != "params"} for g in inner["param_groups"]]}
-    if variant == "float16" and "grad_scaler" in sub:
-        out["grad_scaler"] = sub["grad_scaler"]
-    return out
 
 
 def adam_common(opt, variant: str, where) -> dict:
@@ -265,7 +256,7 @@ def adam_common(opt, variant: str, where) -> dict:
                            f"{COMMON_STEP!r} (per-parameter steps are not supported)")
         if COMMON_STEP in inner["state"]:
             steps.add(float(inner["state"][COMMON_STEP]))
-        subs.append(adam_common_sub(sub, variant))
+        subs.append(optim.strip_adam(sub, variant))
     if len(steps) > 1:
         raise BadInput(f"{where}: sub-optimizers have different Adam steps {sorted(steps)}")
     return {"subs": subs, "step": steps.pop() if steps else None}

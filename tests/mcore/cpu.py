@@ -205,3 +205,19 @@ def check_converted(model, path: str, fmt: str, iteration: int, expected: dict) 
     except Exception as e:  # noqa: BLE001 - reported, the test fails on it
         r["strict_load"] = str(e)[:300]
     return r
+
+
+def run_command(argv: list[str], commands: dict, setup=()) -> None:
+    """`<script> CMD ARGS...` under torchrun: the CPU patches and `setup` callables, one gloo group,
+    then commands[CMD](*ARGS); the group is torn down after a last barrier even when CMD fails."""
+    patch_cuda_for_cpu()
+    for f in setup:
+        f()
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    try:
+        commands[argv[0]](*argv[1:])
+        torch.distributed.barrier()      # no rank leaves while a peer still reads what it wrote
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

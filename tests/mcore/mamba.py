@@ -211,20 +211,10 @@ def keys(pattern: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-    from cpu import patch_cuda_for_cpu
-    patch_cuda_for_cpu()
-    standin()
-    torch.distributed.init_process_group("gloo")
-    try:
-        if argv[0] == "save":
-            save(argv[1], argv[2:])
-        elif argv[0] == "check":
-            check(argv[1], argv[2], argv[3:])
-        else:
-            keys(argv[1])
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    from cpu import run_command
+    run_command(argv, {"save": lambda out, *a: save(out, list(a)),
+                       "check": lambda root, report, *a: check(root, report, list(a)),
+                       "keys": keys}, setup=(standin,))
 
 
 if __name__ == "__main__":

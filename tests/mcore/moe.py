@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cpu import (check_converted, cpu_patches, dist_metadata, gather, init_parallel, load_dist,  # noqa: E402,F401
-                 rank_dirname, save_dist, save_legacy, write_result)
+                 rank_dirname, run_command, save_dist, save_legacy, write_result)
 
 HIDDEN, HEADS, FFN, MOE_FFN, EXPERTS, LAYERS, VOCAB, SEQ = 32, 4, 64, 32, 4, 2, 512, 16
 
@@ -148,15 +148,8 @@ def check(work: str, report: str, cases: list[str]) -> None:
 
 
 def main(argv: list[str]) -> None:
-    cpu_patches()
-    torch.distributed.init_process_group("gloo")
-    try:
-        if argv[0] == "save":
-            save(argv[1], argv[2:])
-        else:
-            check(argv[1], argv[2], argv[3:])
-    finally:
-        torch.distributed.destroy_process_group()
+    run_command(argv, {"save": lambda out, *a: save(out, list(a)),
+                       "check": lambda root, report, *a: check(root, report, list(a))})
 
 
 if __name__ == "__main__":

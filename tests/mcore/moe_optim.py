@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import job  # noqa: E402  (Megatron-LM's scheduler state)
 import moe  # noqa: E402  (the MoE model, its parallel init and Megatron-LM args, CPU patches)
 import optim  # noqa: E402  (optimizer CPU patches, local state listing, byte comparison, dist load)
+from cpu import run_command  # noqa: E402
 
 LAYOUTS = {"A": (1, 2, 1), "B": (1, 1, 1)}       # (tp, ep, etp), world 2: ckptctl tp1pp1ep2, tp1pp1dp2
 ITER, BATCH = 1, 4
@@ -241,18 +242,9 @@ def check(work: str, report: str, kinds: list[str]) -> None:
 
 
 def main(argv: list[str]) -> None:
-    moe.cpu_patches()
-    optim.patch_optimizer_for_cpu()
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")
-    try:
-        if argv[0] == "save":
-            save(argv[1], argv[2:])
-        else:
-            check(argv[1], argv[2], argv[3:])
-    finally:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    run_command(argv, {"save": lambda out, *a: save(out, list(a)),
+                       "check": lambda root, report, *a: check(root, report, list(a))},
+                setup=(optim.patch_optimizer_for_cpu,))
 
 
 if __name__ == "__main__":
