@@ -344,7 +344,7 @@ def _write_json(path: Path, doc: dict, exist_ok: bool = False) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=2))
+    tmp.write_text(json.dumps(doc))   # compact: the C encoder (indent=2 goes through pure Python)
     os.replace(tmp, path)   # atomic: workers creating the same parent group never see half a file
 
 
