@@ -280,7 +280,9 @@ class Store:
         if 0 not in box.sizes:
             for idx, box_sl, chunk_sl, full in _grid(a.shape, a.chunks, box.offsets, box.sizes):
                 dst = out[box_sl]
-                if full and dst.shape == a.chunks and dst.flags.c_contiguous:
+                # a small whole chunk is read into place; a large one (or part of one) is copied from a
+                # memory map (about twice as fast as read() from the page cache here)
+                if full and a.chunk_nbytes <= _MMAP_MIN and dst.shape == a.chunks and dst.flags.c_contiguous:
                     if not self._read_into(a, idx, dst):
                         dst[...] = 0
                     continue
@@ -303,7 +305,7 @@ class Store:
 
     def _chunk(self, a: ArrayInfo, idx: tuple, copy: bool) -> np.ndarray | None:
         """One chunk as an array of the chunk shape: read into memory when `copy` (zeros if absent),
-        else memory-mapped when large (None if absent: the fill value)."""
+        else memory-mapped when large (None if absent: the fill value); one chunk at a time."""
         path = a.chunk_path(idx)
         try:
             size = os.path.getsize(path)
@@ -320,7 +322,7 @@ class Store:
         return a.nchunks_initialized == a.nchunks
 
 
-_MMAP_MIN = 1 << 20   # a chunk the box needs only part of: memory-mapped above this size, read below
+_MMAP_MIN = 1 << 20   # chunks read through a memory map above this size, read() below
 
 
 def _check_box(a: ArrayInfo, box: Box) -> None:

@@ -9,6 +9,7 @@ import torch
 import zarr
 
 from ckptctl.box import Box
+import ckptctl.store as store_mod
 from ckptctl.store import Store, storage_dtype
 
 DTYPES = [torch.bfloat16, torch.float32, torch.int64, torch.bool, torch.float16, torch.uint8]
@@ -45,8 +46,10 @@ def case(seed):
     return shape, chunks, step, DTYPES[seed % len(DTYPES)]
 
 
+@pytest.mark.parametrize("mmap_min", [1 << 20, 0])   # 0: every chunk through a memory map
 @pytest.mark.parametrize("seed", range(12))
-def test_direct_write_matches_zarr(tmp_path, seed):
+def test_direct_write_matches_zarr(tmp_path, seed, mmap_min, monkeypatch):
+    monkeypatch.setattr(store_mod, "_MMAP_MIN", mmap_min)
     shape, chunks, step, dtype = case(seed)
     g = torch.Generator().manual_seed(seed)
     full = rand(shape, dtype, g)
