@@ -1,7 +1,8 @@
 """The Zarr pivot: one array per global tensor, bytes kept exactly, layout-free (DESIGN §5, §8).
 
 bf16 is stored as a uint16 view and fp8 as uint8, with the torch dtype in the array's attributes.
-No compression; `write_empty_chunks` so that every chunk exists once written.
+No compression; `write_empty_chunks` so that every chunk exists once written. Every chunk ends in its
+crc32c (Zarr v3's `crc32c` codec after `bytes`), checked on every read here and by any zarr client.
 """
 from __future__ import annotations
 
@@ -13,15 +14,18 @@ from math import prod
 from pathlib import Path
 from typing import Callable
 
+import google_crc32c   # what zarr's own crc32c codec uses (a zarr dependency): hardware CRC, ~10 GB/s
 import numpy as np
 import torch
 import zarr
+from zarr.codecs import Crc32cCodec
 
 from ckptctl.box import Box
 from ckptctl.errors import BadInput
 
 FORMAT = "ckptctl-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: every chunk carries a crc32c
+CRC = 4              # bytes of the crc32c that ends every chunk file (little-endian uint32, as zarr writes it)
 
 # torch dtype name -> (numpy storage dtype, torch view dtype used to move bytes)
 _BITVIEW = {
@@ -74,9 +78,10 @@ def configure(concurrency: int = 32, threads: int = 2) -> None:
 class ArrayInfo:
     """One array's Zarr v3 metadata, parsed once with json (`Store.array`).
 
-    `raw`: chunk files are the chunk's C-order bytes (one `bytes` codec, little-endian, fill value 0,
-    regular grid, default chunk keys), which `Store.read`/`Store.write` then move directly; any other
-    array goes through zarr-python (`.zarr`).
+    `raw`: chunk files are the chunk's C-order bytes (a `bytes` codec, little-endian, fill value 0,
+    regular grid, default chunk keys) followed by their crc32c when `crc` (codec chain bytes + crc32c,
+    what ckptctl writes), which `Store.read`/`Store.write` then move directly; any other array goes
+    through zarr-python (`.zarr`).
     """
     name: str
     path: Path
@@ -86,6 +91,7 @@ class ArrayInfo:
     attrs: dict
     raw: bool
     sep: str
+    crc: bool
     _open: Callable[[], zarr.Array]
     _zarr: zarr.Array | None = field(default=None, repr=False)
 
@@ -101,11 +107,12 @@ class ArrayInfo:
             dtype = np.dtype(meta["data_type"]).newbyteorder("<")
         except (TypeError, KeyError):
             dtype = None
+        crc = [c.get("name") for c in codecs[1:]] == ["crc32c"]
         raw = (dtype is not None and grid.get("name") == "regular" and keys.get("name") == "default"
-               and len(chunks) == len(shape) and len(codecs) == 1 and codecs[0].get("name") == "bytes"
+               and len(chunks) == len(shape) and len(codecs) == 1 + crc and codecs[0].get("name") == "bytes"
                and codecs[0].get("configuration", {}).get("endian", "little") == "little"
                and meta.get("fill_value") in (0, False) and not meta.get("storage_transformers"))
-        return cls(name, path, shape, chunks, dtype, meta.get("attributes", {}), raw, sep, opener)
+        return cls(name, path, shape, chunks, dtype, meta.get("attributes", {}), raw, sep, crc, opener)
 
     @property
     def zarr(self) -> zarr.Array:
@@ -130,6 +137,13 @@ class ArrayInfo:
     @property
     def chunk_nbytes(self) -> int:
         return prod(self.chunks) * self.dtype.itemsize
+
+    @property
+    def file_nbytes(self) -> int:
+        return self.chunk_nbytes + (CRC if self.crc else 0)
+
+    def where(self, idx: tuple) -> str:
+        return f"array {self.name!r} chunk {'.'.join(map(str, idx)) or '0'}"
 
 
 def _grid(shape, chunks, offsets, sizes):
@@ -195,7 +209,7 @@ class Store:
             key = (storage_dtype(spec["dtype"]), bool(shape))
             if key not in templates:
                 self.group.create_array(
-                    name, shape=shape, dtype=key[0], chunks=chunks, compressors=None, filters=None,
+                    name, shape=shape, dtype=key[0], chunks=chunks, compressors=Crc32cCodec(), filters=None,
                     fill_value=0, config={"write_empty_chunks": True}, attributes={"torch_dtype": spec["dtype"]})
                 meta = templates[key] = json.loads((self.path / name / "zarr.json").read_text())
             else:
@@ -261,15 +275,18 @@ class Store:
                 # an edge chunk is stored full-size, padded with the fill value; a chunk the box covers
                 # only partly is read, modified and written back (each chunk has one writer: the planner's
                 # chunk grid lies inside the writers' boxes, so the same write through zarr is no safer)
-                buf = np.zeros(a.chunks, a.dtype) if full else self._chunk(a, idx, copy=True)
+                buf = np.zeros(a.chunks, a.dtype) if full else self._chunk(a, idx, copy=True, missing_ok=True)
                 buf[chunk_sl] = part
             path = a.chunk_path(idx)
             parent = os.path.dirname(path)
             if parent not in self._dirs:
                 os.makedirs(parent, exist_ok=True)
                 self._dirs.add(parent)
+            data = buf.reshape(-1).view(np.uint8)
             with open(path, "wb") as f:
-                f.write(buf.reshape(-1).view(np.uint8))
+                f.write(data)
+                if a.crc:
+                    f.write(_crc(data))
 
     def read(self, name: str, box: Box) -> torch.Tensor:
         a = self.array(name)
@@ -283,39 +300,56 @@ class Store:
                 # a small whole chunk is read into place; a large one (or part of one) is copied from a
                 # memory map (about twice as fast as read() from the page cache here)
                 if full and a.chunk_nbytes <= _MMAP_MIN and dst.shape == a.chunks and dst.flags.c_contiguous:
-                    if not self._read_into(a, idx, dst):
-                        dst[...] = 0
+                    self._read_into(a, idx, dst)
                     continue
                 src = self._chunk(a, idx, copy=False)
-                dst[...] = src[chunk_sl] if src is not None else 0
+                dst[...] = src[chunk_sl]
                 del src
         return from_numpy(out, a.attrs["torch_dtype"])
 
-    def _read_into(self, a: ArrayInfo, idx: tuple, dst: np.ndarray) -> bool:
+    def _missing(self, a: ArrayInfo, idx: tuple) -> BadInput:
+        # a read only ever asks for chunks the source phase wrote: a missing one is damage, never zeros
+        return BadInput(f"{self.path}: {a.where(idx)} is missing ({a.chunk_path(idx)}); the store is damaged")
+
+    def _check(self, a: ArrayInfo, idx: tuple, data: np.ndarray, stored: bytes) -> None:
+        if a.crc and _crc(data) != stored:
+            raise BadInput(f"{self.path}: {a.where(idx)} fails its crc32c checksum ({a.chunk_path(idx)}); "
+                           "the store is damaged")
+
+    def _read_into(self, a: ArrayInfo, idx: tuple, dst: np.ndarray) -> None:
         path = a.chunk_path(idx)
         try:
             f = open(path, "rb", buffering=0)
         except FileNotFoundError:
-            return False
+            raise self._missing(a, idx) from None
         with f:
-            n = f.readinto(dst.reshape(-1).view(np.uint8))
-            if n != a.chunk_nbytes or f.read(1):
-                raise BadInput(f"{path}: chunk file is not {a.chunk_nbytes} bytes")
-        return True
+            data = dst.reshape(-1).view(np.uint8)
+            n = f.readinto(data)
+            tail = f.read(CRC + 1) if a.crc else f.read(1)
+            if n != a.chunk_nbytes or len(tail) != (CRC if a.crc else 0):
+                raise BadInput(f"{self.path}: {a.where(idx)}: chunk file {path} is not {a.file_nbytes} bytes")
+        self._check(a, idx, data, tail)
 
-    def _chunk(self, a: ArrayInfo, idx: tuple, copy: bool) -> np.ndarray | None:
-        """One chunk as an array of the chunk shape: read into memory when `copy` (zeros if absent),
-        else memory-mapped when large (None if absent: the fill value); one chunk at a time."""
+    def _chunk(self, a: ArrayInfo, idx: tuple, copy: bool, missing_ok: bool = False) -> np.ndarray | None:
+        """One chunk as an array of the chunk shape, its crc32c checked: read into memory when `copy`,
+        else memory-mapped when large; one chunk at a time. Absent: zeros with `missing_ok` (a writer
+        filling a chunk part by part), else an error."""
         path = a.chunk_path(idx)
         try:
             size = os.path.getsize(path)
         except FileNotFoundError:
-            return np.zeros(a.chunks, a.dtype) if copy else None
-        if size != a.chunk_nbytes:
-            raise BadInput(f"{path}: chunk file has {size} bytes, not {a.chunk_nbytes}")
+            if missing_ok:
+                return np.zeros(a.chunks, a.dtype)
+            raise self._missing(a, idx) from None
+        if size != a.file_nbytes:
+            raise BadInput(f"{self.path}: {a.where(idx)}: chunk file {path} has {size} bytes, not {a.file_nbytes}")
         if copy or size <= _MMAP_MIN:
-            return np.fromfile(path, dtype=a.dtype).reshape(a.chunks)
-        return np.memmap(path, dtype=a.dtype, mode="r", shape=a.chunks)
+            raw = np.fromfile(path, dtype=np.uint8)
+        else:
+            raw = np.memmap(path, dtype=np.uint8, mode="r", shape=(size,))
+        body = raw[:a.chunk_nbytes]
+        self._check(a, idx, body, raw[a.chunk_nbytes:].tobytes())
+        return body.view(a.dtype).reshape(a.chunks)
 
     def complete(self, name: str) -> bool:
         a = self.array(name)
@@ -323,6 +357,11 @@ class Store:
 
 
 _MMAP_MIN = 1 << 20   # chunks read through a memory map above this size, read() below
+
+
+def _crc(data: np.ndarray) -> bytes:
+    """crc32c of a chunk's bytes as zarr's crc32c codec appends it (uint32, little-endian)."""
+    return int(google_crc32c.value(data)).to_bytes(CRC, "little")
 
 
 def _check_box(a: ArrayInfo, box: Box) -> None:

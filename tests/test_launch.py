@@ -49,7 +49,8 @@ def test_fast_array_metadata_is_what_zarr_writes(tmp_path):
     from ckptctl.store import storage_dtype
     for name, s in specs.items():
         ref.create_array(name, shape=tuple(s["shape"]), dtype=storage_dtype(s["dtype"]), chunks=tuple(s["chunks"]),
-                         compressors=None, filters=None, fill_value=0, attributes={"torch_dtype": s["dtype"]})
+                         compressors=zarr.codecs.Crc32cCodec(), filters=None, fill_value=0,
+                         attributes={"torch_dtype": s["dtype"]})
 
     def docs(root):
         return {os.path.relpath(d, root): json.load(open(os.path.join(d, "zarr.json")))

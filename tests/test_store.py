@@ -1,5 +1,6 @@
 """Store reads and writes chunk files directly; zarr-python must read the same bytes back, and the
 direct path must read what zarr-python wrote (the chunk files stay a valid Zarr v3 group)."""
+import json
 import os
 import random
 
@@ -77,7 +78,7 @@ def test_direct_write_matches_zarr(tmp_path, seed, mmap_min, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int64, torch.bool])
 def test_zarr_written_read_direct(tmp_path, dtype):
-    """A store whose chunks zarr-python wrote (edge chunks, a missing chunk = fill value 0)."""
+    """A store whose chunks zarr-python wrote (edge chunks; a missing chunk is an error, never zeros)."""
     shape, chunks = (7, 5), (3, 2)
     g = torch.Generator().manual_seed(1)
     full = rand(shape, dtype, g)
@@ -91,11 +92,13 @@ def test_zarr_written_read_direct(tmp_path, dtype):
     zarr.open_array(str(tmp_path / "s.zarr" / "s"), mode="r+")[...] = arr[2, 3]
     assert not os.path.exists(tmp_path / "s.zarr" / "a" / "c" / "2" / "0")
     st = Store.open(tmp_path / "s.zarr")
-    want = full.clone()
-    want[6:] = 0
-    got = st.read("a", Box((0, 0), shape))
-    assert raw(got) == raw(want) and got.dtype == dtype
-    assert raw(st.read("a", Box((2, 1), (5, 3)))) == raw(want[2:7, 1:4])
+    assert st.array("a").raw and st.array("a").crc    # zarr wrote our codec chain: the direct path reads it
+    got = st.read("a", Box((0, 0), (6, 5)))
+    assert raw(got) == raw(full[:6]) and got.dtype == dtype
+    assert raw(st.read("a", Box((2, 1), (4, 3)))) == raw(full[2:6, 1:4])
+    from ckptctl.errors import BadInput
+    with pytest.raises(BadInput, match=r"array 'a' chunk 2\.0 is missing"):
+        st.read("a", Box((2, 1), (5, 3)))
     assert raw(st.read("s", Box((), ()))) == raw(full[2, 3].reshape(()))
     assert str(np.dtype(sd)) == str(z.dtype)
     assert st.array("a").nchunks_initialized == 6 and st.array("a").nchunks == 9 and not st.complete("a")
@@ -140,7 +143,7 @@ def test_array_info_and_errors(tmp_path):
         st.read("m/w", Box((5, 0), (2, 4)))
     (tmp_path / "s.zarr" / "m" / "w" / "c" / "0").mkdir(parents=True)
     (tmp_path / "s.zarr" / "m" / "w" / "c" / "0" / "0").write_bytes(b"\0" * 3)
-    with pytest.raises(BadInput, match="chunk file"):
+    with pytest.raises(BadInput, match="array 'm/w' chunk 0.0: chunk file .* not 20 bytes"):
         st.read("m/w", Box((0, 0), (2, 4)))
     with pytest.raises(BadInput, match="not a ckptctl Zarr store"):
         Store.open(tmp_path / "nothing")
@@ -156,3 +159,36 @@ def test_non_raw_array_goes_through_zarr(tmp_path):
     x = torch.arange(15, dtype=torch.float32).reshape(5, 3)
     st.write("c", Box((0, 0), (5, 3)), x)
     assert raw(st.read("c", Box((1, 1), (3, 2)))) == raw(x[1:4, 1:3])
+
+
+@pytest.mark.parametrize("mmap_min", [1 << 20, 0])
+def test_crc32c_checked_by_us_and_by_zarr(tmp_path, mmap_min, monkeypatch):
+    """Every chunk ends in zarr's crc32c: plain zarr-python reads the store identically, and a flipped
+    byte (data or checksum) is caught by both readers, naming array and chunk on ours."""
+    from ckptctl.errors import BadInput
+    monkeypatch.setattr(store_mod, "_MMAP_MIN", mmap_min)
+    shape, chunks = (9, 6), (4, 6)
+    full = rand(shape, torch.bfloat16, torch.Generator().manual_seed(3))
+    st = Store.create(tmp_path / "s.zarr", {"m/w": {"shape": list(shape), "dtype": "bfloat16", "chunks": list(chunks)}},
+                      {"format": "ckptctl-store"})
+    for b in tiles(shape, chunks):
+        st.write("m/w", b, full[b.slices].clone())
+    meta = json.load(open(tmp_path / "s.zarr" / "m" / "w" / "zarr.json"))
+    assert [c["name"] for c in meta["codecs"]] == ["bytes", "crc32c"]
+    f = tmp_path / "s.zarr" / "m" / "w" / "c" / "1" / "0"
+    assert f.stat().st_size == 4 * 6 * 2 + 4
+    z = zarr.open_array(str(tmp_path / "s.zarr" / "m" / "w"), mode="r")
+    assert raw(z[...]) == raw(full.view(torch.uint16))
+    good = f.read_bytes()
+    for pos in (5, len(good) - 1):                    # a data byte, a checksum byte
+        b = bytearray(good)
+        b[pos] ^= 1
+        f.write_bytes(bytes(b))
+        with pytest.raises(BadInput, match=r"array 'm/w' chunk 1\.0 fails its crc32c checksum"):
+            Store.open(tmp_path / "s.zarr").read("m/w", Box((3, 0), (3, 6)))
+        with pytest.raises(ValueError, match="checksum"):
+            zarr.open_array(str(tmp_path / "s.zarr" / "m" / "w"), mode="r")[...]
+    f.write_bytes(good)
+    f.unlink()
+    with pytest.raises(BadInput, match=r"array 'm/w' chunk 1\.0 is missing"):
+        Store.open(tmp_path / "s.zarr").read("m/w", Box.full(shape))

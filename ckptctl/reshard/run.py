@@ -24,7 +24,7 @@ from ckptctl.models.config import ModelConfig
 from ckptctl.reshard.comm import Comm, assign
 from ckptctl.reshard import stream
 from ckptctl.reshard.plan import OBJECTS, FilePlan, Inventory, ObjectItem, TensorItem, plan_target
-from ckptctl.store import FORMAT, FORMAT_VERSION, Store, configure, torch_dtype
+from ckptctl.store import FORMAT, FORMAT_VERSION, Crc32cCodec, Store, configure, torch_dtype
 
 COMMON = "common"
 OPTIM_COMMON = "optimizer@common"
@@ -97,7 +97,7 @@ def put_object(store: Store, slot: str, value) -> str:
         return "none"
     data = np.frombuffer(legacy.dumps_bytes(value), dtype=np.uint8)
     store.group.create_array(_object_name(slot), shape=data.shape, dtype="uint8", chunks=data.shape or (1,),
-                             compressors=None, filters=None, fill_value=0, overwrite=True)[...] = data
+                             compressors=Crc32cCodec(), filters=None, fill_value=0, overwrite=True)[...] = data
     return "bytes"
 
 
