@@ -33,6 +33,7 @@ from ckptctl.layout import FileCoord, Layout
 from ckptctl.models.base import EXTRA_STATE, Family
 from ckptctl.models.config import ModelConfig
 from ckptctl.models.rules import VOCAB, Piece
+from ckptctl.param_order import ModelOrder, sort_position
 from ckptctl.reshard.plan import MODEL, FilePlan, Namer, ObjectItem, SourcePlan, TensorItem, _sort_key, _strip_expert
 from ckptctl.store import chunk_shape, storage_dtype
 
@@ -413,11 +414,17 @@ def plan_source(family: Family, cfg: ModelConfig, layout: Layout, index: dict, s
     units: list[FilePlan] = [FilePlan(FileCoord(0, 0), OBJECTS_UNIT, ())]
     slots: dict[str, int] = {}
 
+    # The manifest's order becomes every rank file's parameter order, hence the optimizer's buffer layout:
+    # it comes from the model (param_order), never from `.metadata`, whose key order follows how the
+    # ranks' write plans were merged (`pos`: only for keys the model rules cannot place, i.e. objects).
+    model_order = ModelOrder(family, cfg)
+
     def note(gkey, loc, kind, pos, dtype=None):
         if gkey not in manifest:
             manifest[gkey] = {"gkey": gkey, "kind": kind, **({"dtype": dtype} if dtype else {})}
             ex = family.expert_of(loc.rest)
-            sort[gkey] = _sort_key(loc, None if ex is None else ex[1], pos, family, groups)
+            at = sort_position(model_order, gkey, pos, len(order))
+            sort[gkey] = _sort_key(loc, None if ex is None else ex[1], at, family, groups)
 
     for fqn in order:
         if fqn not in tensors or fqn.startswith(DROPPED_PREFIXES):

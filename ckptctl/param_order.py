@@ -1,0 +1,83 @@
+"""megatron-core's parameter order, derived from the model (issue 10), never from a file's key order.
+
+The order of parameters decides where each one sits in the distributed optimizer's flat buffers
+(megatron-core 0.19.2 `DistributedDataParallel` collects `module.named_parameters()` and
+`_ParamAndGradBuffer` / `DistributedOptimizer._compute_per_buffer_param_layout` lay them out in reverse)
+and which Adam state index belongs to which parameter. `named_parameters()` walks the modules in
+registration order, each module's own parameters before its children's; that is the order of a fresh
+model's state dict, which each family writes down once in `Family.global_keys(cfg)` (the keys
+`ckptctl example` emits, checked against megatron-core's). The order here is positions in that list:
+
+* a key of the fresh model: its index;
+* TE's fused norm (`<linear>.layer_norm_weight` / `_bias`): just before `<linear>.weight` (TE's
+  LayerNormLinear registers its norm parameters before the linear's);
+* a tied copy or another parameter the fresh model of this config lacks (`output_layer.weight` on the last
+  stage of a tied model): just before its module's `.bias`, else before its `._extra_state`.
+
+A key placed by none of these has no derivable position (`position` gives None): the optimizer code refuses
+its state rather than guess (`require`). A torch_dist `.metadata` lists keys in the order the ranks' write
+plans were merged (megatron-core's fully parallel save spreads them over the DP ranks), and a legacy file
+lists them in whatever order its writer used: both are checked against this order, never used for it.
+"""
+from __future__ import annotations
+
+from ckptctl.errors import BadInput
+
+EXTRA = "_extra_state"
+# TE fused-norm parameter -> its offset before the linear's weight (norm weight, then norm bias)
+_TE_NORM = {"layer_norm_weight": -0.5, "layer_norm_bias": -0.25}
+
+
+class ModelOrder:
+    """Positions of a family's keys in megatron-core's module (named_parameters) order for `cfg`."""
+
+    def __init__(self, family, cfg):
+        try:
+            keys = [k for k, _ in family.global_keys(cfg)]
+        except (NotImplementedError, KeyError, TypeError, ValueError):
+            keys = []       # no rules for a fresh model: nothing is placed, optimizer state is refused
+        self.index = {k: float(i) for i, k in enumerate(keys)}
+
+    def position(self, gkey: str) -> float | None:
+        """The key's position in the model's parameter order, or None when the rules cannot place it."""
+        got = self.index.get(gkey)
+        if got is not None:
+            return got
+        module, _, name = gkey.rpartition(".")
+        if name in _TE_NORM:
+            w = self.index.get(f"{module}.weight")
+            return None if w is None else w + _TE_NORM[name]
+        for after in ("bias", EXTRA):
+            nxt = self.index.get(f"{module}.{after}")
+            if nxt is not None and name != after:
+                return nxt - 0.75
+        return None
+
+    def require(self, gkeys, where: str) -> None:
+        """Every parameter with optimizer state must have a position derived from the model."""
+        for k in gkeys:
+            if self.position(k) is None:
+                raise BadInput(f"{where}: cannot derive megatron-core's position of parameter {k!r} from the "
+                               "model rules; its optimizer state cannot be placed (convert with --no-optimizer)")
+
+    def check_sequence(self, gkeys: list[str], where: str) -> None:
+        """The parameters of one model chunk, in the order a file lists them, must be in the model's order:
+        otherwise whatever wrote the file did not follow the model, and state indexed by that order is not
+        trustworthy. The error names the first parameter out of place."""
+        self.require(gkeys, where)
+        prev = None
+        for k in gkeys:
+            pos = self.position(k)
+            if prev is not None and pos < prev[1]:
+                raise BadInput(f"{where}: parameter {k!r} comes after {prev[0]!r} in the file, but megatron-core's "
+                               "module order puts it before: the file's parameter order is not the model's, so its "
+                               "optimizer state cannot be attributed")
+            prev = (k, pos)
+
+
+def sort_position(order: ModelOrder, gkey: str, fallback: int, bound: int) -> float:
+    """The plan's ordering position of a key: its model position; keys the rules cannot place (objects
+    only matter for the written dict order; parameters with optimizer state are refused by `require`)
+    after every placed key, in the order given by `fallback`."""
+    pos = order.position(gkey)
+    return pos if pos is not None else float(bound + fallback)
