@@ -45,3 +45,66 @@ class Box:
     @classmethod
     def from_json(cls, j) -> "Box":
         return cls(tuple(j[0]), tuple(j[1]))
+
+
+def find_overlap(boxes) -> tuple[int, int] | None:
+    """Indices (i, j), i < j, of two boxes of `boxes` that overlap, or None when they are disjoint.
+
+    Never compares all pairs: the boxes are cut into slabs along one dimension after another (every
+    box in a slab overlaps the others on the dimensions already cut), and on the last dimension each
+    slab is swept in start order against the box reaching furthest so far. For the boxes a sharding
+    rule produces (each box lies in one slab per dimension) that is O(n log n) with fewer than n
+    `intersect` calls; a box spanning many slabs is visited once per slab.
+    """
+    live = [i for i, b in enumerate(boxes) if b.volume]    # empty boxes overlap nothing
+    if len(live) < 2:
+        return None
+    ndim = len(boxes[live[0]].offsets)
+    if ndim == 0:
+        return live[0], live[1]
+    # Cut first along the dimensions that duplicate the fewest boxes across slabs.
+    cost = []
+    for d in range(ndim):
+        cuts = sorted({boxes[i].offsets[d] for i in live} | {boxes[i].offsets[d] + boxes[i].sizes[d] for i in live})
+        spans = 0
+        for i in live:
+            a, b = _slab_range(cuts, boxes[i], d)
+            spans += b - a
+        cost.append((spans, d))
+    dims = [d for _, d in sorted(cost)]
+    return _overlap(boxes, live, dims)
+
+
+def _slab_range(cuts: list[int], b: Box, d: int) -> tuple[int, int]:
+    from bisect import bisect_left
+    return bisect_left(cuts, b.offsets[d]), bisect_left(cuts, b.offsets[d] + b.sizes[d])
+
+
+def _overlap(boxes, idx: list[int], dims: list[int]) -> tuple[int, int] | None:
+    if len(idx) < 2:
+        return None
+    d = dims[0]
+    if len(dims) == 1:
+        order = sorted(idx, key=lambda i: (boxes[i].offsets[d], i))
+        reach = order[0]          # the box ending furthest along d among those seen
+        for i in order[1:]:
+            if boxes[reach].intersect(boxes[i]) is not None:
+                return min(reach, i), max(reach, i)
+            if boxes[i].offsets[d] + boxes[i].sizes[d] > boxes[reach].offsets[d] + boxes[reach].sizes[d]:
+                reach = i
+        return None
+    first = boxes[idx[0]]
+    lo, hi = first.offsets[d], first.offsets[d] + first.sizes[d]
+    if all(boxes[i].offsets[d] == lo and boxes[i].offsets[d] + boxes[i].sizes[d] == hi for i in idx):
+        return _overlap(boxes, idx, dims[1:])       # one slab: nothing to cut on d
+    cuts = sorted({boxes[i].offsets[d] for i in idx} | {boxes[i].offsets[d] + boxes[i].sizes[d] for i in idx})
+    slabs: dict[int, list[int]] = {}
+    for i in idx:
+        a, b = _slab_range(cuts, boxes[i], d)
+        for s in range(a, b):
+            slabs.setdefault(s, []).append(i)
+    for s in sorted(slabs):
+        hit = _overlap(boxes, slabs[s], dims[1:])
+        if hit is not None:
+            return hit
+    return None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ckptctl.box import Box
+from ckptctl.box import Box, find_overlap
 from ckptctl.errors import BadInput
 from ckptctl.layout import FileCoord, Layout
 from ckptctl.models.base import EXTRA_STATE, Family, KeyLoc
@@ -213,7 +213,7 @@ def plan_source(family: Family, cfg: ModelConfig, layout: Layout, inventories: l
 
     arr_shapes = {a: s for a, (s, _, _) in shapes.items()}
     files: list[FilePlan] = []
-    owners: dict[str, dict[Box, int]] = {a: {} for a in shapes}
+    owners: dict[str, dict[Box, tuple[int, str]]] = {a: {} for a in shapes}   # box -> (file, gkey) of its writer
     slots: dict[str, int] = {}
     for i, (inv, items) in enumerate(zip(inventories, raw)):
         fp = FilePlan(inv.coord, inv.dirname, tuple(sorted(inv.chunks, key=lambda c: int(c[5:] or 0))))
@@ -229,19 +229,24 @@ def plan_source(family: Family, cfg: ModelConfig, layout: Layout, inventories: l
                 raise BadInput(f"{inv.dirname}/{chunk}: tensor {key!r} has shape {shape}, expected {tuple(lshape)}")
             owned = []
             for p in ps:
+                # An identical box is a replica (owned by its first holder); any other overlap is
+                # found below, per array, by one sweep instead of comparing every pair of shards.
                 boxes = owners[p.array]
                 if p.gbox in boxes:
                     owned.append(False)
                     continue
-                for b in boxes:
-                    if b.intersect(p.gbox) is not None:
-                        raise BadInput(f"tensor {gkey!r} in {inv.dirname}: its shard overlaps another rank's "
-                                       f"shard without matching it")
-                boxes[p.gbox] = i
+                boxes[p.gbox] = (i, gkey)
                 owned.append(True)
             fp.items.append(TensorItem(chunk, key, gkey, dtype, shape, tuple(ps), tuple(owned)))
         files.append(fp)
 
+    for a, held in owners.items():
+        boxes = list(held)
+        hit = find_overlap(boxes)
+        if hit is not None:
+            (fi, ki), (fj, kj) = held[boxes[hit[0]]], held[boxes[hit[1]]]
+            raise BadInput(f"tensor {kj!r} in {files[fj].dirname}: its shard overlaps another rank's shard "
+                           f"without matching it ({ki!r} in {files[fi].dirname})")
     arrays = {}
     for a, (shape, dtype, _) in shapes.items():
         vol = 1
@@ -289,24 +294,26 @@ def plan_target(family: Family, cfg: ModelConfig, layout: Layout, manifest: list
     shapes = {a: tuple(s["shape"]) for a, s in arrays.items()}
     vocab_rows = cfg.vocab_for_tp(layout.tp) if cfg.true_vocab is not None else None
     entries = _with_copies(family, cfg, layout, manifest)
-    placed: dict[tuple[int, int], list[tuple[dict, KeyLoc, int, int | None]]] = {}
+    # Per (stage, chunk, EP rank) the entries its files hold, in manifest order: the dense ones and the
+    # experts of that EP rank (one pass over the manifest; a file never scans other ranks' experts).
+    placed: dict[tuple[int, int, int], list[tuple[dict, KeyLoc, int, tuple | None]]] = {}
     for e in entries:
         loc = family.locate(e["gkey"])
         p, v, l = namer.placement(loc)
         ex = family.expert_of(loc.rest)
-        placed.setdefault((p, v), []).append((e, loc, l, ex))
+        ranks = range(layout.ep) if ex is None else [ex[1] // namer.experts_per_rank]
+        for ep in ranks:
+            placed.setdefault((p, v, ep), []).append((e, loc, l, ex))
     files = []
     for fc in layout.model_files:
         chunks = tuple(chunk_name(layout, v) for v in range(layout.vpp))
         fp = FilePlan(fc, fc.dirname(layout), chunks)
         for v, chunk in enumerate(chunks):
-            for e, loc, l, ex in placed.get((fc.pp, v), []):
+            for e, loc, l, ex in placed.get((fc.pp, v, fc.ep), []):
                 rest = loc.rest
                 g = None
                 if ex is not None:
                     pattern, g = ex
-                    if g // namer.experts_per_rank != fc.ep:
-                        continue
                     rest = pattern.format(e=g % namer.experts_per_rank)
                 key = KeyLoc(loc.section, loc.stack, l, rest).key()
                 if e["kind"] == "object":
