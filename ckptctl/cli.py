@@ -16,24 +16,61 @@ from ckptctl import output
 from ckptctl.errors import BadInput, CkptctlError
 from ckptctl.layout import Layout, parse_layout
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+from ckptctl import cli_style  # noqa: E402  (help without type tags on flags; before commands are built)
+
+app = typer.Typer(add_completion=True, no_args_is_help=False, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Reshard Megatron checkpoints between parallel layouts, bitwise, and prove it.")
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
-NprocOpt = Annotated[Optional[int], typer.Option("--nproc", help="torchrun workers (0 = run in this process).")]
-VocabOpt = Annotated[Optional[int], typer.Option("--true-vocab-size", help="True vocabulary size when args lack it.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (errors too: "
+                                       '{"ok": false, "error": ..., "exit_code": ...}).')]
+NprocOpt = Annotated[Optional[int], typer.Option("--nproc", help="Worker processes on this node (default: cores, "
+                                                 "at most 8; never more than rank files; 0 = run in this process).")]
+VocabOpt = Annotated[Optional[int], typer.Option("--true-vocab-size", help="True (unpadded) vocabulary size, when "
+                                                 "the checkpoint's args.vocab_size is None: needed to re-pad for a new TP.")]
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    ctx: typer.Context,
+    version: bool = typer.Option(False, "--version", "-V", help="Print the version and exit.", is_eager=True),
+    debug: bool = typer.Option(False, "--debug", help="Tracebacks on errors (also CKPTCTL_DEBUG=1); accepted "
+                               "anywhere on the command line."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no text results, only errors "
+                               "(--json output is still printed); accepted anywhere on the command line."),
+):
+    """Reshard Megatron checkpoints between parallel layouts, bitwise, and prove it.
+
+    Start with `ckptctl inspect CKPT`, plan with `ckptctl convert SRC DST --to L --dry-run`.
+    """
+    if version:
+        output.say(f"ckptctl {cli_style.version()}")
+        raise typer.Exit(0)
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(0)
 
 
 def _layout(text: Optional[str], tp=None, pp=None, vpp=None, ep=None, etp=None, dp=None) -> Optional[Layout]:
+    """--to plus the --tp/--pp/... parts: a part given both ways must agree (exit 2 otherwise)."""
     if text is None and all(v is None for v in (tp, pp, vpp, ep, etp, dp)):
         return None
-    return parse_layout(text or "", tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, dp=dp)
+    if text is not None and not text.strip():   # `--to ''` (an unset shell variable) is not tp1pp1
+        raise BadInput("--to: empty layout; give one such as tp2pp2")
+    flags = {"tp": tp, "pp": pp, "vpp": vpp, "ep": ep, "etp": etp, "dp": dp}
+    if text:
+        parse_layout(text)   # malformed text is refused first, naming the expected form
+        given = cli_style.layout_parts(text)
+        for k, v in flags.items():
+            if v is not None and k in given and given[k] != v:
+                raise BadInput(f"--to {text} gives {k}{given[k]} but --{k} {v}: give each part once")
+    return parse_layout(text or "", **flags)
 
 
 @app.command(epilog="Examples:\n\n  ckptctl example gpt --layout tp2pp2 --out src\n\n"
                     "  ckptctl example gpt --layout tp1pp4vpp2 --swiglu --groups 2 --out src")
 def example(
-    family: Annotated[str, typer.Argument(help="Model family: gpt (and others as supported).")],
+    family: Annotated[str, typer.Argument(help=f"Model family: {cli_style.families()}.")],
     out: Annotated[Path, typer.Option("--out", help="Folder to create.")],
     layout: Annotated[str, typer.Option("--layout", help="Layout, e.g. tp2pp2, tp1pp4vpp2, tp2pp1ep2.")] = "tp1pp1",
     layers: Optional[int] = typer.Option(None, help="Number of layers (default 8)."),
@@ -42,13 +79,13 @@ def example(
     groups: Optional[int] = typer.Option(None, help="Query groups for GQA (default = heads)."),
     ffn: Optional[int] = typer.Option(None, help="FFN hidden size (default 128)."),
     vocab: Optional[int] = typer.Option(None, help="True vocabulary size (default 128)."),
-    swiglu: bool = typer.Option(False, "--swiglu", help="Gated MLP (GLU fc1)."),
+    swiglu: bool = typer.Option(False, "--swiglu/--no-swiglu", help="Gated MLP (GLU fc1)."),
     tied: Optional[bool] = typer.Option(None, "--tied/--untied", help="Tie embedding and output weights "
                                         "(default: untied; BERT tied, as Megatron-LM)."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     experts: Optional[int] = typer.Option(None, help="Number of experts (MoE; default 8)."),
     moe_ffn: Optional[int] = typer.Option(None, "--moe-ffn", help="Expert FFN hidden size (MoE; default 64)."),
-    grouped: bool = typer.Option(False, "--grouped", help="TEGroupedMLP expert keys (MoE; default SequentialMLP)."),
+    grouped: bool = typer.Option(False, "--grouped/--sequential", help="TEGroupedMLP expert keys (MoE; default SequentialMLP)."),
     shared_ffn: Optional[int] = typer.Option(None, "--shared-ffn", help="Shared expert FFN hidden size (MoE)."),
     bias: Optional[bool] = typer.Option(None, "--bias/--no-bias", help="Linear biases (default: on; off for MoE)."),
     binary_head: Optional[bool] = typer.Option(None, "--binary-head/--no-binary-head",
@@ -66,20 +103,24 @@ def example(
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="Optimizer state: none, adam or distributed "
                                             "(default: distributed when the layout has DP > 1, else adam)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing folder."),
-    fmt: str = typer.Option("legacy", "--format", help="Checkpoint format: legacy or torch_dist."),
+    fmt: str = typer.Option("legacy", "--format", help="Checkpoint format: legacy (Megatron's `torch`) or torch_dist."),
     optim_sharding: Optional[str] = typer.Option(None, "--optim-sharding", help="torch_dist target: distributed-optimizer "
                                                  "state as dp_reshardable (default, as Megatron-LM saves) or fully_reshardable."),
     json_out: JsonOpt = False,
 ):
     """Write a small random checkpoint in Megatron's legacy (or torch_dist) format."""
+    from ckptctl import formats
+    from ckptctl.models import get_family
+    get_family(family)   # an unknown family is refused naming the known ones, before anything is written
     extra = {}
-    if fmt == "torch_dist":
+    fmt = formats.canonical(fmt)
+    if fmt == formats.TORCH_DIST:
         from ckptctl.formats.torch_dist import example as make
         extra["optim_sharding"] = optim_sharding
-    elif fmt == "legacy":
+    elif fmt == formats.LEGACY:
         from ckptctl.example import example as make
     else:
-        raise BadInput(f"--format: expected legacy or torch_dist, got {fmt!r}")
+        raise BadInput(f"--format: expected legacy (or torch) or torch_dist, got {fmt!r}")
 
     res = make(family, parse_layout(layout), out,
                {"layers": layers, "hidden": hidden, "heads": heads, "groups": groups, "ffn": ffn, "vocab": vocab,
@@ -92,8 +133,8 @@ def example(
     if json_out:
         output.emit_json(res)
     else:
-        output.out.print(f"wrote {res['family']} example, layout {res['layout']}: {res['files']} rank files, "
-                         f"{output.human_bytes(res['bytes'])} -> {res['out']}")
+        output.say(f"wrote {res['family']} example, layout {res['layout']}: {res['files']} rank files, "
+                   f"{output.human_bytes(res['bytes'])} -> {res['out']}")
 
 
 @app.command(epilog="Examples:\n\n  ckptctl convert src dst --to tp4pp1\n\n"
@@ -102,10 +143,15 @@ def example(
 def convert(
     src: Annotated[Path, typer.Argument(help="Source checkpoint (legacy folder or a ckptctl .zarr store).")],
     dst: Annotated[Path, typer.Argument(help="Destination folder (or STORE.zarr).")],
-    to: Annotated[Optional[str], typer.Option("--to", help="Target layout, e.g. tp4pp2.")] = None,
-    tp: Optional[int] = typer.Option(None, "--tp"), pp: Optional[int] = typer.Option(None, "--pp"),
-    vpp: Optional[int] = typer.Option(None, "--vpp"), ep: Optional[int] = typer.Option(None, "--ep"),
-    etp: Optional[int] = typer.Option(None, "--etp"), dp: Optional[int] = typer.Option(None, "--dp"),
+    to: Annotated[Optional[str], typer.Option("--to", help="Target layout, parts in any order: tp4pp2, pp2tp4, "
+                                              "tp2pp2vpp2, tp4dp2pp1, tp2pp1ep4etp1 (absent parts 1; ETP = TP).")] = None,
+    tp: Optional[int] = typer.Option(None, "--tp", help="Target tensor-parallel size (or the tp part of --to)."),
+    pp: Optional[int] = typer.Option(None, "--pp", help="Target pipeline-parallel size."),
+    vpp: Optional[int] = typer.Option(None, "--vpp", help="Target virtual pipeline stages per PP rank."),
+    ep: Optional[int] = typer.Option(None, "--ep", help="Target expert-parallel size (MoE)."),
+    etp: Optional[int] = typer.Option(None, "--etp", help="Target expert tensor-parallel size (MoE; default = TP)."),
+    dp: Optional[int] = typer.Option(None, "--dp", help="Target data-parallel size (sets the distributed optimizer's "
+                                     "shards; default: the least the layout allows)."),
     nproc: NprocOpt = None,
     store: Optional[Path] = typer.Option(None, "--store", help="Where to put the Zarr pivot (kept)."),
     keep_store: bool = typer.Option(False, "--keep-store", help="Keep the store as DST.zarr."),
@@ -118,40 +164,47 @@ def convert(
     node_rank: int = typer.Option(0, "--node-rank", help="This node's rank (node 0 commits the output)."),
     master_addr: Optional[str] = typer.Option(None, "--master-addr", help="Node 0's address (multi-node)."),
     master_port: Optional[int] = typer.Option(None, "--master-port", help="A free port on node 0 (multi-node)."),
-    to_format: Optional[str] = typer.Option(None, "--to-format", help="legacy or torch_dist (default: the source's format)."),
+    to_format: Optional[str] = typer.Option(None, "--to-format", help="legacy (Megatron's --ckpt-format torch; `torch` "
+                                            "is accepted) or torch_dist (default: the source's format)."),
     optim_sharding: Optional[str] = typer.Option(None, "--optim-sharding", help="torch_dist target: distributed-optimizer "
                                                  "state as dp_reshardable (default, as Megatron-LM saves) or fully_reshardable."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check everything and print the plan (files, bytes per "
+                                 "filesystem against free space, workers, memory, what happens to each piece of "
+                                 "state); write nothing."),
     json_out: JsonOpt = False,
 ):
-    """Convert a checkpoint to another parallel layout (through torchrun workers and a Zarr store)."""
+    """Convert a checkpoint to another parallel layout (through worker processes and a Zarr store)."""
     from ckptctl.convert import convert as run
     from ckptctl.reshard.launch import Nodes
     from ckptctl.reshard.stream import parse_size
 
     target = _layout(to, tp, pp, vpp, ep, etp, dp)
-    with output.progress(not json_out) as prog:
+    with output.progress(not json_out and not dry_run) as prog:
         rep = run(src, dst, target, store=store, keep_store=keep_store, nproc=nproc, true_vocab=true_vocab,
                   rng=rng, overwrite=overwrite, progress=prog, optimizer=not no_optimizer,
                   max_memory=parse_size(max_memory), nodes=Nodes(nnodes, node_rank, master_addr, master_port),
-                  to_format=to_format, optim_sharding=optim_sharding)
-    if json_out:
-        output.emit_json(rep.to_json())
+                  to_format=to_format, optim_sharding=optim_sharding, dry_run=dry_run)
+    if dry_run:
+        from ckptctl import dryrun
+        output.emit_json(rep) if json_out else dryrun.render(rep, output.say)
+        if not rep["ok"]:
+            raise typer.Exit(2)
         return
-    gbps = rep.bytes / rep.seconds / 1e9 if rep.seconds else 0
-    output.out.print(f"converted {rep.family} {rep.source_layout} -> {rep.target_layout or 'store'}: "
-                     f"{rep.files_in} -> {rep.files_out} rank files, {output.human_bytes(rep.bytes)} in "
-                     f"{rep.seconds:.2f} s ({gbps:.3f} GB/s, {rep.workers} workers) -> {rep.dst}")
-    for k, v in rep.policies.items():
-        output.out.print(f"  {k}: {v}", highlight=False)
-    for note in rep.notes:
-        output.out.print(f"  note: {note}", highlight=False)
+    from ckptctl.convert_summary import render, to_json
+    if json_out:
+        output.emit_json(to_json(rep))
+        return
+    render(rep, output.say)
 
 
 @app.command(epilog="Examples:\n\n  ckptctl verify src dst\n\n  ckptctl verify src dst --json")
 def verify(
     a: Annotated[Path, typer.Argument(help="First checkpoint.")],
     b: Annotated[Path, typer.Argument(help="Second checkpoint (any layout).")],
-    strict: bool = typer.Option(False, "--strict", help="Fail on allowed differences too (vocab padding ...)."),
+    strict: bool = typer.Option(False, "--strict", help="Fail on allowed differences too (vocab padding rows, "
+                                "rewritten args); the verdict names them."),
+    weights_only: bool = typer.Option(False, "--weights-only", help="Compare model weights only, not optimizer or "
+                                      "training state (e.g. a copy converted with --no-optimizer)."),
     true_vocab: VocabOpt = None,
     all_rows: bool = typer.Option(False, "--all", help="List every tensor, not only the differing ones."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="RSS budget, e.g. 2G, 512M (default 2G): "
@@ -161,12 +214,20 @@ def verify(
     """Compare two checkpoints, in any layouts, byte for byte. Exit 0 equal, 1 different."""
     from ckptctl.reshard.stream import parse_size
     from ckptctl.verify import verify as run
+    from ckptctl import verify_report
 
-    rep = run(a, b, true_vocab, max_memory=parse_size(max_memory))
-    failed = bool(rep.differences) or (strict and bool(rep.allowed and any(x["key"] != "rng_state" and x["key"] != "_extra_state" for x in rep.allowed)))
+    with output.progress(not json_out) as prog:
+        rep = run(a, b, true_vocab, max_memory=parse_size(max_memory), weights_only=weights_only, progress=prog)
+    failed, line = verify_report.verdict(rep, strict)
+    verify_report.add_locations(rep, a, b, true_vocab)
     if json_out:
-        output.emit_json(rep.to_json())
-    else:
+        d = rep.to_json()
+        d["ok"], d["verdict"], d["differ_by_kind"] = not failed, line, verify_report.counts(rep)
+        for dj, diff in zip(d["differences"], rep.differences):
+            dj["kind"] = verify_report.kind_of(diff)
+            dj["where_a"], dj["where_b"] = getattr(diff, "where_a", None), getattr(diff, "where_b", None)
+        output.emit_json(d)
+    elif not output.QUIET:
         rows = [[r["key"], r["dtype"], "x".join(map(str, r["shape"])), r["status"]] for r in rep.table
                 if all_rows or r["status"] != "equal"]
         if rows:
@@ -175,11 +236,16 @@ def verify(
             where = f" at {d.first_nd_index} (a={d.a_hex}, b={d.b_hex})" if d.first_nd_index is not None else ""
             output.out.print(f"[red]DIFF[/] {d.key}: {d.reason}" + (f", {d.count} elements" if d.count else "")
                              + where + (f" [{d.where}]" if d.where else ""), highlight=False)
+            for side in ("a", "b"):
+                w = getattr(d, f"where_{side}", None)
+                if w:
+                    output.say(f"     {side}: {w['file']} {w['tensor']} element {w['local_index']} "
+                               f"(byte {w['byte_offset']} of that tensor)")
         for x in rep.allowed:
             output.out.print(f"[yellow]note[/] {x['key']}: {x['reason']}", highlight=False)
-        verdict = "[red]DIFFERENT[/]" if failed else "[green]EQUAL[/]"
-        output.out.print(f"{verdict}: {rep.equal}/{rep.tensors} tensors byte-identical, "
-                         f"{output.human_bytes(rep.bytes_compared)} compared in {rep.seconds:.2f} s", highlight=False)
+        color = "red" if failed else "green"
+        word, rest = line.split(":", 1) if ":" in line else (line, "")
+        output.out.print(f"[{color}]{word}[/]:{rest}", highlight=False, markup=True)
     raise typer.Exit(1 if failed else 0)
 
 
@@ -211,31 +277,55 @@ def matrix(
         raise typer.Exit(1)
 
 
+@app.command(epilog="Examples:\n\n  ckptctl inspect src\n\n  ckptctl inspect src --json\n\n  ckptctl inspect dst.zarr")
+def inspect(
+    ckpt: Annotated[Path, typer.Argument(help="A checkpoint folder (legacy `torch` or torch_dist) or a ckptctl .zarr store.")],
+    true_vocab: VocabOpt = None,
+    json_out: JsonOpt = False,
+):
+    """Show what a checkpoint holds, from its metadata (no tensor is read).
+
+    Family, format, layout and world size, iteration, model config, optimizer kind and sharding,
+    training state, tensors and bytes per kind.
+    """
+    from ckptctl import inspect_cmd
+    d = inspect_cmd.describe(ckpt, true_vocab)
+    if json_out:
+        output.emit_json(d)
+    else:
+        inspect_cmd.render(d, output.say)
+
+
 def main() -> None:
     debug = "--debug" in sys.argv or os.environ.get("CKPTCTL_DEBUG")
     if "--debug" in sys.argv:
         sys.argv.remove("--debug")
+    for q in ("--quiet", "-q"):   # global flags, accepted anywhere on the line (documented in --help)
+        if q in sys.argv[1:]:
+            sys.argv.remove(q)
+            output.QUIET = True
+    output.JSON_MODE = "--json" in sys.argv[1:]
     try:
         rc = app(standalone_mode=False)  # click returns Exit codes instead of raising in this mode
         sys.exit(rc if isinstance(rc, int) else 0)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:
-        output.error("aborted")
+        output.error("aborted", exit_code=3)
         sys.exit(3)
     except CkptctlError as e:
-        output.error(str(e), None if debug else "set CKPTCTL_DEBUG=1 or pass --debug for a traceback")
+        output.error(str(e), None if debug else "set CKPTCTL_DEBUG=1 or pass --debug for a traceback", e.exit_code)
         if debug:
             traceback.print_exc()
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        output.error("interrupted")
+        output.error("interrupted", exit_code=3)
         sys.exit(3)
     except Exception as e:  # noqa: BLE001 - an internal error is exit 3 with one line
         if hasattr(e, "format_message") and hasattr(e, "exit_code"):   # typer's (vendored click) usage errors
-            output.error(e.format_message())
+            output.error(e.format_message(), exit_code=2)
             sys.exit(2)
-        output.error(f"internal error: {type(e).__name__}: {e}", "set CKPTCTL_DEBUG=1 for a traceback")
+        output.error(f"internal error: {type(e).__name__}: {e}", "set CKPTCTL_DEBUG=1 for a traceback", 3)
         if debug:
             traceback.print_exc()
         sys.exit(3)

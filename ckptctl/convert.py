@@ -102,6 +102,10 @@ class ConvertReport:
     store: str | None
     policies: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    weight_bytes: int = 0          # `bytes` = weights + optimizer state, what each phase moves
+    optimizer_bytes: int = 0
+    timings: dict = field(default_factory=dict)    # seconds per phase: inspect, source, target, commit
+    next: dict | None = None       # ckptctl.next_flags: the Megatron-LM flags that load the result
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -168,7 +172,8 @@ def convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = Non
             nproc: int | None = None, true_vocab: int | None = None, rng: str = "auto",
             overwrite: bool = False, progress=None, optimizer: bool = True,
             max_memory: int | None = None, nodes: launch.Nodes | None = None,
-            to_format: str | None = None, optim_sharding: str | None = None) -> ConvertReport:
+            to_format: str | None = None, optim_sharding: str | None = None, dry_run: bool = False) -> ConvertReport:
+    """`dry_run`: every check of a real run, then `ckptctl.dryrun.plan`'s report (a dict) instead of any write."""
     src, dst = Path(src), Path(dst)
     nodes = nodes or launch.Nodes()
     nodes.check()
@@ -183,10 +188,15 @@ def convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = Non
     from_store = (src / "zarr.json").is_file()
     to_store = dst.suffix == ".zarr" and to is None
     if from_store:
-        return _store_to_legacy(src, dst, to, nproc, rng, progress, t0, max_memory, to_format, optim_sharding)
+        if to_store:
+            raise BadInput(f"{src} is already a store: give a target layout with --to to write a checkpoint from it")
+        return _store_to_legacy(src, dst, to, nproc, rng, progress, t0, max_memory, to_format, optim_sharding,
+                                dry_run=dry_run)
     source = inspect(src, true_vocab)
     out_fmt = _out_format(to_format, source.fmt)
     notes = []
+    from ckptctl import notes as convert_notes
+    notes += convert_notes.source_notes(source, to, out_fmt, true_vocab)
     if out_fmt == "torch_dist":
         from ckptctl.formats import torch_dist_optim
         optim_sharding = torch_dist_optim.check_sharding(optim_sharding)
@@ -205,6 +215,19 @@ def convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = Non
         if optimizer and source.optim:
             from ckptctl import optim
             optim.TargetSide(get_family(source.family), source.cfg, to, source.optim, None)
+    n = _workers(nproc, len(source.plan.files), len(to.model_files) if to else 1, nodes)
+    if nproc > 0 and n < nproc and not nodes.multi:
+        notes.append(f"{n} workers, not {nproc}: at most one per rank file of the larger side "
+                     f"({len(source.plan.files)} source, {len(to.model_files) if to else 1} target)")
+    if dry_run:
+        from ckptctl import dryrun
+        return dryrun.plan(src=src, dst=dst, source_layout=source.layout, to=to, family=source.family, cfg=source.cfg,
+                           out_fmt=out_fmt, src_fmt=source.fmt, weights=source.nbytes,
+                           optim_info=source.optim if optimizer else None, arrays=source.plan.arrays,
+                           manifest=source.plan.manifest, slots=set(source.plan.slots), store=store,
+                           to_store=to_store, keep_store=keep_store, workers=n, nproc=nproc, max_memory=max_memory,
+                           policies=policy_report(source, to, rng, optimizer, out_fmt, optim_sharding) if to else {},
+                           notes=notes, iteration=source.ckpt.iteration)
     dst.parent.mkdir(parents=True, exist_ok=True)
     if nodes.multi:   # every node must name the same work folder on the shared filesystem
         work = dst.parent / f".{dst.name}.ckptctl-mn{nodes.master_port}"
@@ -222,12 +245,14 @@ def convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = Non
                   iteration=source.ckpt.iteration, src_format=source.fmt, dist=source.dist, dst_format=out_fmt,
                   optim=source.optim if optimizer else None, max_memory=max_memory, optim_sharding=optim_sharding,
                   phases=("source",) if to_store else ("source", "target"))
-        nbytes = source.nbytes
-        n = min(nproc, max(len(source.plan.files), len(to.model_files) if to else 1)) if nproc > 0 else 0
-        if nodes.multi:
-            n = max(1, nproc)
-        launch.run(job, n, nbytes * (1 if to_store else 2), progress,
-                   label=f"{source.layout} -> {to or 'store'}", nodes=nodes)
+        from ckptctl.dryrun import optimizer_bytes
+        wbytes, obytes = source.nbytes, optimizer_bytes(source.optim if optimizer else None, source.plan.arrays)
+        nbytes = wbytes + obytes
+        timings = {"inspect": round(time.monotonic() - t0, 3)}
+        res = launch.run(job, n, nbytes * (1 if to_store else 2), progress,
+                         label=f"{source.layout} -> {to or 'store'}", nodes=nodes)
+        timings.update({k: v["seconds"] for k, v in (res or {}).items() if isinstance(v, dict) and "seconds" in v})
+        t_commit = time.monotonic()
         if nodes.node_rank != 0:   # node 0 commits once every worker has passed the final barrier
             return ConvertReport(str(src), str(dst), source.family, str(source.layout), str(to) if to else None,
                                  len(source.plan.files), 0, nbytes, round(time.monotonic() - t0, 3), n, None,
@@ -239,18 +264,29 @@ def convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = Non
             if keep_store and not store:
                 _commit(store_path, dst.with_name(dst.name + ".zarr"))
         files_out = 0 if to_store else len(to.model_files)
+        timings["commit"] = round(time.monotonic() - t_commit, 3)
+        from ckptctl.next_flags import megatron_flags
         return ConvertReport(str(src), str(dst), source.family, str(source.layout), str(to) if to else None,
                              len(source.plan.files), files_out, nbytes, round(time.monotonic() - t0, 3), n,
                              str(dst if to_store else (store or (dst.with_name(dst.name + ".zarr") if keep_store else None))),
-                             policy_report(source, to, rng, optimizer, out_fmt, optim_sharding), notes)
+                             policy_report(source, to, rng, optimizer, out_fmt, optim_sharding) if to else {}, notes,
+                             wbytes, obytes, timings,
+                             None if to_store else megatron_flags(str(dst), to, out_fmt, source.optim, optimizer, rng))
     finally:
         if nodes.node_rank == 0:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def _workers(nproc: int, files_in: int, files_out: int, nodes: launch.Nodes) -> int:
+    """Workers a run starts: at most one per rank file of the larger side (0: in this process)."""
+    if nodes.multi:
+        return max(1, nproc)
+    return min(nproc, max(files_in, files_out)) if nproc > 0 else 0
+
+
 def _out_format(to_format: str | None, source_format: str) -> str:
-    from ckptctl.formats import FORMATS
-    fmt = to_format or source_format
+    from ckptctl.formats import FORMATS, canonical
+    fmt = canonical(to_format) or source_format
     if fmt not in FORMATS:
         raise BadInput(f"--to-format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
     return fmt
@@ -258,7 +294,7 @@ def _out_format(to_format: str | None, source_format: str) -> str:
 
 def _store_to_legacy(src: Path, dst: Path, to: Layout | None, nproc: int, rng: str, progress, t0,
                      max_memory: int | None = None, to_format: str | None = None,
-                     optim_sharding: str | None = None) -> ConvertReport:
+                     optim_sharding: str | None = None, dry_run: bool = False) -> ConvertReport:
     st = Store.open(src)
     attrs = st.attrs
     if not attrs.get("complete"):
@@ -268,17 +304,35 @@ def _store_to_legacy(src: Path, dst: Path, to: Layout | None, nproc: int, rng: s
     to = to or src_layout
     files = plan_target(get_family(attrs["family"]), cfg, to, attrs["manifest"], attrs["arrays"], set(attrs["objects"]))
     nbytes = sum(f.nbytes() for f in files)
+    out_fmt = _out_format(to_format, attrs.get("source_format", "legacy"))
+    n = min(nproc, len(files)) if nproc > 0 else 0
+    if dry_run:
+        from ckptctl import dryrun
+        from ckptctl.inspect_cmd import describe
+        info = describe(src)
+        notes = [] if n >= nproc or nproc <= 0 else [f"{n} workers, not {nproc}: at most one per target rank file"]
+        return dryrun.plan(src=src, dst=dst, source_layout=src_layout, to=to, family=attrs["family"], cfg=cfg,
+                           out_fmt=out_fmt, src_fmt="store", weights=info["bytes"]["weights"],
+                           optim_info=attrs.get("optimizer"), arrays=attrs["arrays"], manifest=attrs["manifest"],
+                           slots=set(attrs["objects"]), store=src, to_store=False, keep_store=True, workers=n,
+                           nproc=nproc, max_memory=max_memory, policies={}, notes=notes, from_store=True,
+                           iteration=attrs.get("iteration", "release"))
     dst.parent.mkdir(parents=True, exist_ok=True)
     work = dst.parent / f".{dst.name}.ckptctl-{uuid.uuid4().hex[:8]}"
     work.mkdir()
     try:
         job = Job(workdir=str(work), store=str(src), out=str(work / "out"), dst_layout=to.to_json(), rng=rng,
                   phases=("target",), max_memory=max_memory, optim_sharding=optim_sharding,
-                  dst_format=_out_format(to_format, attrs.get("source_format", "legacy")))
-        n = min(nproc, len(files)) if nproc > 0 else 0
-        launch.run(job, n, nbytes, progress, label=f"store -> {to}")
+                  dst_format=out_fmt)
+        timings = {"inspect": round(time.monotonic() - t0, 3)}
+        res = launch.run(job, n, nbytes, progress, label=f"store -> {to}")
+        timings.update({k: v["seconds"] for k, v in (res or {}).items() if isinstance(v, dict) and "seconds" in v})
+        t_commit = time.monotonic()
         _commit(work / "out", dst)
+        timings["commit"] = round(time.monotonic() - t_commit, 3)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    from ckptctl.next_flags import megatron_flags
     return ConvertReport(str(src), str(dst), attrs["family"], str(src_layout), str(to), 0, len(files), nbytes,
-                         round(time.monotonic() - t0, 3), n, str(src), {})
+                         round(time.monotonic() - t0, 3), n, str(src), {}, timings=timings,
+                         next=megatron_flags(str(dst), to, out_fmt, attrs.get("optimizer"), True, rng))

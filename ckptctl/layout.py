@@ -141,18 +141,17 @@ class FileCoord:
 
 
 def parse_layout(text: str, **overrides: int | None) -> Layout:
-    """Parse `tp2pp4`, `tp2pp2vpp2`, `tp1pp1dp4`, `tp2pp1ep4etp1` (parts in that order, absent = 1)."""
+    """Parse `tp2pp4`, `tp2pp2vpp2`, `tp1pp1dp4`, `tp2pp1ep4etp1` (absent parts = 1). Parts may come in any
+    order (`pp2tp4`, `tp4dp2pp1`, as Megatron users write them); each at most once."""
     s = (text or "").strip().lower()
     pos, seen = 0, {}
-    last = -1
     for m in _PART.finditer(s):
         if m.start() != pos:
             break
         name = m.group(1)
-        idx = _ORDER.index(name)
-        if name in seen or idx < last:
-            raise LayoutError(f"Expected layout parts in the order {'/'.join(_ORDER)}, got {text!r}")
-        seen[name], last, pos = int(m.group(2)), idx, m.end()
+        if name in seen:
+            raise LayoutError(f"layout {text!r} gives {name} twice")
+        seen[name], pos = int(m.group(2)), m.end()
     if pos != len(s) or (not seen and s):
         raise LayoutError(f"Expected a layout like 'tp2pp4', 'tp2pp2vpp2' or 'tp2pp1ep4etp1', got {text!r}")
     for k, v in overrides.items():

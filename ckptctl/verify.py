@@ -43,6 +43,7 @@ class VerifyReport:
     allowed: list[dict] = field(default_factory=list)     # reported, fail only with --strict
     table: list[dict] = field(default_factory=list)       # one row per tensor
     seconds: float = 0.0
+    weights_only: bool = False                            # optimizer and training state not compared
 
     @property
     def ok(self) -> bool:
@@ -239,7 +240,8 @@ def compare_arrays(name: str, a: torch.Tensor, b: torch.Tensor, vocab: bool, rep
                     vocab, rep)
 
 
-def verify(a: Path, b: Path, true_vocab: int | None = None, max_memory: int | None = None) -> VerifyReport:
+def verify(a: Path, b: Path, true_vocab: int | None = None, max_memory: int | None = None,
+           weights_only: bool = False, progress=None) -> VerifyReport:
     """Compare every global tensor of `a` and `b` in boxes of at most a sixth of the memory budget
     left after the baseline (per side: the two boxes, a copy of each for replicas, the comparison)."""
     import time
@@ -256,17 +258,37 @@ def verify(a: Path, b: Path, true_vocab: int | None = None, max_memory: int | No
         rep.differences.append(Difference(name.removeprefix("model/"), f"only in {a}"))
     for name in sorted(names_b - names_a):
         rep.differences.append(Difference(name.removeprefix("model/"), f"only in {b}"))
-    for name in _ordered(sa, names_a & names_b):
+    common = _ordered(sa, names_a & names_b)
+    task = progress.add_task(f"verify {sa.layout} vs {sb.layout}", total=max(1, _nbytes(sa, common))) if progress else None
+    for name in common:
+        if task is not None:
+            progress.update(task, completed=rep.bytes_compared)
         rep.tensors += 1
         replicas: dict[str, Difference] = {}
         compare_regions(name, _reader(ga, name, replicas), _reader(gb, name, replicas), _spec(sa, name), _spec(sb, name),
                         sa.plan.arrays[name].get("vocab", False), rep, limit)
         rep.differences.extend(replicas.values())
-    from ckptctl import optim
-    optim.verify_optimizer(sa, sb, rep)
-    _compare_state(sa, sb, rep)
+    if task is not None:
+        progress.update(task, completed=rep.bytes_compared)
+    rep.weights_only = weights_only
+    if not weights_only:   # --weights-only: a fine-tuning copy converted with --no-optimizer can verify green
+        from ckptctl import optim
+        optim.verify_optimizer(sa, sb, rep)
+        _compare_state(sa, sb, rep)
     rep.seconds = round(time.monotonic() - t0, 3)
     return rep
+
+
+def _nbytes(src: Source, names: list[str]) -> int:
+    """Bytes of the named global arrays of one side (the verify progress total)."""
+    n = 0
+    for name in names:
+        shape, dt = _spec(src, name)
+        v = torch.empty((), dtype=dt).element_size()
+        for d in shape:
+            v *= d
+        n += v
+    return n
 
 
 def _spec(src: Source, name: str) -> tuple:

@@ -21,7 +21,7 @@ def test_etp_defaults_to_tp():
     assert parse_layout("tp4pp1ep2etp1").expert_tp == 1
 
 
-@pytest.mark.parametrize("bad", ["tp", "pp2tp2", "tp2tp2", "tp0", "x", "tp2pp2 vpp2", "tp2-pp2"])
+@pytest.mark.parametrize("bad", ["tp", "pp2pp2", "tp2tp2", "tp0", "x", "tp2pp2 vpp2", "tp2-pp2"])
 def test_parse_rejects(bad):
     with pytest.raises(LayoutError):
         parse_layout(bad)

@@ -11,6 +11,15 @@ from pathlib import Path
 LEGACY = "legacy"
 TORCH_DIST = "torch_dist"
 FORMATS = (LEGACY, TORCH_DIST)
+# Megatron-LM's `--ckpt-format` name of each format (its legacy format is "torch").
+MEGATRON_NAME = {LEGACY: "torch", TORCH_DIST: "torch_dist"}
+_ALIASES = {"torch": LEGACY}
+
+
+def canonical(name: str | None) -> str | None:
+    """A format name as ckptctl spells it: Megatron's `torch` is our `legacy`; unknown names pass through
+    (the caller refuses them naming the choices)."""
+    return None if name is None else _ALIASES.get(name.strip().lower(), name.strip().lower())
 
 
 def source_plan(fmt: str, family, cfg, layout, inventories: list, dist: dict | None):

@@ -357,10 +357,11 @@ def run_job(job: Job) -> dict:
     progress = Progress(job.workdir, comm.rank)
     result = {}
     try:
-        if "source" in job.phases:
-            result["source"] = source_phase(job, comm, progress)
-        if "target" in job.phases:
-            result["target"] = target_phase(job, comm, progress)
+        for name, phase in (("source", source_phase), ("target", target_phase)):
+            if name in job.phases:
+                t = time.monotonic()
+                result[name] = phase(job, comm, progress)
+                result[name]["seconds"] = round(time.monotonic() - t, 3)   # rank 0's, after its last barrier
     finally:
         comm.close()
     return result

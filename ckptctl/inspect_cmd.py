@@ -1,0 +1,169 @@
+"""`ckptctl inspect CKPT`: what a checkpoint holds, read from its metadata and key lists (no tensor data).
+
+Works for every source format `convert.inspect` reads and for a ckptctl store (.zarr). Format-specific
+wording goes through the `_FORMS` table, keyed by the format constants of `ckptctl.formats`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ckptctl import formats
+from ckptctl.layout import Layout
+
+# Non-model state a checkpoint may carry, by the policy key `convert.inspect` reports for it.
+_STATE = {"iteration": "iteration", "opt_param_scheduler": "learning-rate scheduler",
+          "rng_state": "RNG state", "num_floating_point_operations_so_far": "FLOPs counter",
+          "args": "Megatron args (consumed samples, hyperparameters)"}
+
+
+def _legacy_optim(src) -> str:
+    from ckptctl import optim
+    return optim.form_text(src.optim)
+
+
+def _dist_optim(src) -> str:
+    from ckptctl.formats import torch_dist_optim
+    return torch_dist_optim.form_text(src.optim, src.optim.get("sharding"))
+
+
+def _legacy_files(src) -> list[Path]:
+    """Every file of the iteration directory (model_optim_rng.pt, distrib_optim.pt ...)."""
+    return [p for p in Path(src.ckpt.iter_dir).rglob("*") if p.is_file()]
+
+
+# format -> (optimizer sharding form, files on disk)
+_FORMS = {formats.LEGACY: (_legacy_optim, _legacy_files), formats.TORCH_DIST: (_dist_optim, _legacy_files)}
+
+
+def layout_json(layout: Layout) -> dict:
+    return {"name": str(layout), "world_size": layout.world, **layout.to_json(), "etp": layout.expert_tp}
+
+
+def _volume(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _itemsize(dtype: str) -> int:
+    from ckptctl.store import torch_dtype
+    import torch
+    return torch.empty((), dtype=torch_dtype(dtype)).element_size()
+
+
+def _weights(arrays: dict) -> dict:
+    model = {a: s for a, s in arrays.items() if a.startswith("model/")}
+    dtypes: dict[str, int] = {}
+    for s in model.values():
+        dtypes[s["dtype"]] = dtypes.get(s["dtype"], 0) + 1
+    return {"tensors": len(model), "bytes": sum(_volume(s["shape"]) * _itemsize(s["dtype"]) for s in model.values()),
+            "dtypes": dtypes}
+
+
+def _optimizer(info: dict | None, arrays: dict, form: str | None) -> dict | None:
+    """Optimizer state in global (unique) bytes: each component is fp32, one per element of its weight."""
+    if info is None:
+        return None
+    elems = sum(_volume(s["shape"]) for a, s in arrays.items() if a.startswith("model/"))
+    comps = list(info["comps"])
+    return {"kind": info["kind"], "variant": info["variant"], "sub_optimizers": info.get("subs", 1),
+            "components": comps, "sharding": info.get("sharding"), "form": form,
+            "tensors": len([a for a in arrays if a.startswith("model/")]) * len(comps),
+            "bytes": elems * 4 * len(comps), "step_and_param_groups": True}
+
+
+def describe(path: Path, true_vocab: int | None = None) -> dict:
+    """The inspect report of a checkpoint folder or a ckptctl store."""
+    path = Path(path)
+    if (path / "zarr.json").is_file():
+        return _describe_store(path)
+    from ckptctl.convert import inspect
+    src = inspect(path, true_vocab)
+    optim_form, files_of = _FORMS[src.fmt]
+    files = files_of(src)
+    weights = _weights(src.plan.arrays)
+    opt = _optimizer(src.optim, src.plan.arrays, optim_form(src) if src.optim else None)
+    state = {k: label for k, label in _STATE.items() if k in src.policies}
+    if "args" in src.policies:
+        state["consumed_train_samples"] = src.ckpt.args.get("consumed_train_samples")
+    extra = sum(len(fp.objects) for fp in src.plan.files)
+    return {
+        "ok": True, "path": str(path), "kind": "checkpoint",
+        "format": src.fmt, "megatron_ckpt_format": formats.MEGATRON_NAME.get(src.fmt, src.fmt),
+        "family": src.family, "layout": layout_json(src.layout), "iteration": src.ckpt.iteration,
+        "model": src.cfg.to_json(),
+        "optimizer": opt,
+        "training_state": state,
+        "extra_state_entries": extra,
+        "dropped_on_convert": sorted(k for k, p in src.policies.items() if p == "dropped"),
+        "bytes": {"weights": weights["bytes"], "optimizer": opt["bytes"] if opt else 0,
+                  "on_disk": sum(f.stat().st_size for f in files)},
+        "tensors": {"weights": weights["tensors"], "optimizer": opt["tensors"] if opt else 0},
+        "weight_dtypes": weights["dtypes"],
+        "files": len(files), "rank_files": len(src.plan.files),
+    }
+
+
+def _describe_store(path: Path) -> dict:
+    from ckptctl.store import Store
+    attrs = Store.open(path).attrs
+    from ckptctl.errors import BadInput
+    if "source_layout" not in attrs:
+        raise BadInput(f"{path}: the store has no source layout (its source phase did not finish)")
+    layout = Layout.from_json(attrs["source_layout"])
+    arrays = attrs.get("arrays", {})
+    weights = _weights(arrays)
+    info = attrs.get("optimizer")
+    opt = _optimizer(info, arrays, None) if info else None
+    files = [p for p in path.rglob("*") if p.is_file()]
+    fmt = attrs.get("source_format", formats.LEGACY)
+    return {
+        "ok": True, "path": str(path), "kind": "store", "complete": bool(attrs.get("complete")),
+        "format": "store", "source_format": fmt, "megatron_ckpt_format": None,
+        "family": attrs.get("family"), "layout": layout_json(layout), "iteration": attrs.get("iteration"),
+        "model": attrs.get("config"), "optimizer": opt,
+        "training_state": {"iteration": "iteration",
+                           "objects": f"{len(attrs.get('objects', {}))} stored objects (args, RNG, extra state)"},
+        "dropped_on_convert": attrs.get("dropped", []),
+        "bytes": {"weights": weights["bytes"], "optimizer": opt["bytes"] if opt else 0,
+                  "on_disk": sum(f.stat().st_size for f in files)},
+        "tensors": {"weights": weights["tensors"], "optimizer": opt["tensors"] if opt else 0},
+        "weight_dtypes": weights["dtypes"], "files": len(files),
+    }
+
+
+def render(d: dict, say) -> None:
+    """Text form: one fact per line, `say(line)` prints it."""
+    from ckptctl.output import human_bytes
+    lay = d["layout"]
+    fmt = d["format"] if d["kind"] == "checkpoint" else f"ckptctl store (from {d['source_format']})"
+    meg = f" (Megatron --ckpt-format {d['megatron_ckpt_format']})" if d.get("megatron_ckpt_format") else ""
+    say(f"{d['path']}: {d['family']} checkpoint, format {fmt}{meg}")
+    say(f"  layout      {lay['name']}  (world size {lay['world_size']}: TP {lay['tp']}, PP {lay['pp']}, "
+        f"VPP {lay['vpp']}, EP {lay['ep']}, ETP {lay['etp']}, DP {lay['dp']}, CP {lay['cp']})")
+    say(f"  iteration   {d['iteration']}")
+    m = d.get("model") or {}
+    parts = [f"{k} {m[k]}" for k in ("num_layers", "hidden", "heads", "groups", "ffn", "padded_vocab", "true_vocab",
+                                     "num_experts") if m.get(k) not in (None, 0)]
+    flags = [k for k in ("glu", "tied") if m.get(k)]
+    say("  model       " + ", ".join(parts + flags))
+    dt = ", ".join(f"{k} x{v}" for k, v in d["weight_dtypes"].items())
+    b, t = d["bytes"], d["tensors"]
+    say(f"  weights     {t['weights']} tensors, {human_bytes(b['weights'])} ({dt})")
+    o = d.get("optimizer")
+    if o:
+        say(f"  optimizer   {o['kind']} ({o['variant']}, {o['sub_optimizers']} sub-optimizer"
+            f"{'s' if o['sub_optimizers'] != 1 else ''}): {t['optimizer']} tensors "
+            f"({', '.join(o['components'])}), {human_bytes(b['optimizer'])}")
+        if o.get("form"):
+            say(f"  sharding    {o['form']}")
+    else:
+        say("  optimizer   none")
+    ts = d.get("training_state")
+    if isinstance(ts, dict) and ts:
+        say("  state       " + ", ".join(f"{v}" if k != "consumed_train_samples" else f"consumed samples {v}"
+                                         for k, v in ts.items()))
+    if d.get("dropped_on_convert"):
+        say("  not carried " + ", ".join(d["dropped_on_convert"]))
+    say(f"  on disk     {d['files']} files, {human_bytes(b['on_disk'])}")
