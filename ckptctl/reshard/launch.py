@@ -100,7 +100,7 @@ def run(job: Job, nproc: int, total_bytes: int, progress=None, label: str = "con
     if task is not None:
         progress.update(task, completed=total_bytes if rc == 0 else _done_bytes(workdir))
     if rc != 0:
-        raise _failure(workdir, log, rc, who)
+        raise _failure(workdir, log, rc, who, [d for p in procs for d in p.reports()])
     res = workdir / "result.json"
     return json.loads(res.read_text()) if res.exists() else {}
 
@@ -117,8 +117,26 @@ def _can_fork() -> bool:
 class _Proc:
     """A started worker (or the torchrun agent): poll() -> exit code or None; stop() ends it."""
 
-    def __init__(self, handle, rank: int | None = None):
-        self.h, self.rank = handle, rank
+    def __init__(self, handle, rank: int | None = None, report_fd: int | None = None):
+        self.h, self.rank, self.fd = handle, rank, report_fd
+
+    def reports(self) -> list[dict]:
+        """The error the worker sent through its pipe (read once it has exited), if any."""
+        if self.fd is None:
+            return []
+        data = b""
+        try:
+            while chunk := os.read(self.fd, 65536):
+                data += chunk
+        except BlockingIOError:
+            pass
+        finally:
+            os.close(self.fd)
+            self.fd = None
+        try:
+            return [json.loads(data)] if data else []
+        except ValueError:
+            return []
 
     def poll(self):
         if isinstance(self.h, subprocess.Popen):
@@ -143,10 +161,15 @@ def _fork(job_path: Path, nproc: int, log: Path) -> list[_Proc]:
     ctx, port = multiprocessing.get_context("fork"), _free_port()
     procs = []
     for rank in range(nproc):
-        p = ctx.Process(target=worker.forked, args=(str(job_path), rank, nproc, port, str(log)),
+        r, w = os.pipe()   # the worker's error report, independent of the work folder's filesystem
+        os.set_blocking(r, False)
+        p = ctx.Process(target=worker.forked, args=(str(job_path), rank, nproc, port, str(log), os.getpid(), w),
                         name=f"ckptctl-worker-{rank}", daemon=True)
-        p.start()
-        procs.append(_Proc(p, rank))
+        try:
+            p.start()
+        finally:
+            os.close(w)
+        procs.append(_Proc(p, rank, r))
     return procs
 
 
@@ -163,22 +186,32 @@ def _torchrun(job_path: Path, nproc: int, nodes: Nodes, log: Path) -> list[_Proc
         return [_Proc(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env))]
 
 
-def _failure(workdir: Path, log: Path, rc: int, rank: int | None = None) -> Exception:
+def _failure(workdir: Path, log: Path, rc: int, rank: int | None = None, reports: list | None = None) -> Exception:
     if rank is not None and rc < 0:   # a forked worker killed by a signal (e.g. SIGKILL from the OOM killer)
         return WorkerFailure(f"worker {rank} died: {_signame(-rc)} (out of memory? "
                              "try a smaller --max-memory or fewer workers)")
-    errors = []
-    for f in sorted((workdir / "errors").glob("rank*.json")):
+    errors = list(reports or [])
+    seen = {e.get("rank") for e in errors}
+    try:
+        files = sorted((workdir / "errors").glob("rank*.json"))
+    except OSError:
+        files = []
+    for f in files:
         try:
-            errors.append(json.loads(f.read_text()))
+            e = json.loads(f.read_text())
         except (OSError, ValueError):
-            pass
+            continue
+        if e.get("rank") not in seen:
+            errors.append(e)
     if errors:
         # The root cause: a bad-input error beats the collective failures it caused on other ranks.
         first = sorted(errors, key=lambda e: (e["kind"] != "bad_input", "Connection" in e["message"], e["rank"]))[0]
         msg = f"worker {first['rank']}: {first['message']}"
         return BadInput(msg) if first["kind"] == "bad_input" else WorkerFailure(msg)
-    tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
+    try:
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
+    except OSError:
+        tail = []
     return WorkerFailure(f"workers failed (exit {rc}): " + " | ".join(tail)[:400])
 
 

@@ -6,6 +6,7 @@ A failing worker writes its error where the launcher finds it and exits non-zero
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -16,7 +17,9 @@ from ckptctl.errors import BadInput
 from ckptctl.reshard.run import Job, run_job
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], report_fd: int | None = None) -> int:
+    """`report_fd`: a pipe to the launcher that carries this worker's error (the work folder may be on
+    a full or broken filesystem, where an error file cannot be written)."""
     job = Job.load(Path(argv[1]))
     rank = int(os.environ.get("RANK", "0"))
     try:
@@ -28,24 +31,48 @@ def main(argv: list[str]) -> int:
         result = run_job(job)
     except BaseException as e:  # noqa: BLE001 - every failure must reach the launcher
         err = Path(job.workdir) / "errors"
-        err.mkdir(parents=True, exist_ok=True)
         kind = "bad_input" if isinstance(e, BadInput) else "internal"
         msg = str(e) or type(e).__name__
-        (err / f"rank{rank}.json").write_text(json.dumps(
-            {"rank": rank, "kind": kind, "type": type(e).__name__, "message": msg, "traceback": traceback.format_exc()}))
-        print(f"ckptctl worker {rank}: {type(e).__name__}: {msg}", file=sys.stderr)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:   # the user's to fix, naming where
+            kind, msg = "bad_input", f"No space left on device writing {e.filename or job.out or job.store}"
+        doc = {"rank": rank, "kind": kind, "type": type(e).__name__, "message": msg[:4000],
+               "traceback": traceback.format_exc()[-8000:]}
+        if report_fd is not None:
+            try:
+                os.write(report_fd, json.dumps(doc).encode())
+            except OSError:
+                pass
+        try:
+            err.mkdir(parents=True, exist_ok=True)
+            (err / f"rank{rank}.json").write_text(json.dumps(doc))
+        except OSError:
+            pass
+        try:
+            print(f"ckptctl worker {rank}: {type(e).__name__}: {msg}", file=sys.stderr)
+        except OSError:
+            pass
         return 1
     if rank == 0:
         (Path(job.workdir) / "result.json").write_text(json.dumps(result))
     return 0
 
 
-def forked(job_path: str, rank: int, world: int, port: int, log: str) -> None:
+def forked(job_path: str, rank: int, world: int, port: int, log: str, parent: int | None = None,
+           report_fd: int | None = None) -> None:
     """A worker forked from the CLI process: the environment torchrun would give it, output to the
-    log, then `main`. Never returns (os._exit: no atexit handlers or buffers inherited from the parent)."""
+    log, then `main`. Never returns (os._exit: no atexit handlers or buffers inherited from the parent).
+    Dies with the CLI (parent-death signal), even when the CLI is SIGKILLed."""
     code = 1
     try:
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        from ckptctl import guard
+        guard.reset_signals_in_worker()
+        if parent is not None:
+            guard.die_with_parent(parent)
+        guard.clean_worker_env(os.environ)
+        try:
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError:   # a full filesystem: the error still travels through report_fd
+            fd = os.open(os.devnull, os.O_WRONLY)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
@@ -57,7 +84,7 @@ def forked(job_path: str, rank: int, world: int, port: int, log: str) -> None:
                           GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
         import torch
         torch.set_num_threads(1)
-        code = main(["worker", job_path])
+        code = main(["worker", job_path], report_fd)
     except BaseException:  # noqa: BLE001 - a failure before main() still ends this process
         traceback.print_exc()
     finally:

@@ -1,0 +1,93 @@
+"""The checks `convert` runs before its first byte, and what it holds while it writes: path safety
+(ckptctl.paths), the destination's lock, stale work folders of dead runs, free space, and the
+signal that stops it (ckptctl.guard). One context manager, so the conversion code stays about converting.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+from ckptctl import guard, paths
+from ckptctl.errors import BadInput
+
+
+def write_paths(src: Path, dst: Path, to, store: Path | None, keep_store: bool) -> dict[str, Path]:
+    """Every path a convert writes, by the role the error messages name."""
+    dst = Path(dst)
+    to_store = dst.suffix == ".zarr" and to is None
+    w = {"the destination": dst, "the work folder": dst.parent / f".{dst.name}.ckptctl-work"}
+    if store is not None and not to_store:
+        w["--store"] = Path(store)
+    if keep_store and store is None and not to_store:
+        w["--keep-store's store"] = dst.with_name(dst.name + ".zarr")
+    return w
+
+
+def check(src: Path, dst: Path, to, store: Path | None, keep_store: bool, overwrite: bool) -> dict[str, Path]:
+    """Path checks, no side effects: exit 2 with one line before anything is written."""
+    if not Path(os.path.abspath(dst)).name or not str(dst).strip():
+        raise BadInput(f"destination {str(dst)!r} names no folder to create")
+    if not Path(src).exists():
+        raise BadInput(f"{src}: no such checkpoint")
+    writes = write_paths(src, dst, to, store, keep_store)
+    paths.check_disjoint({"the source": Path(src)}, writes)
+    for role, p in writes.items():
+        if role != "the work folder":
+            paths.check_writable(p)
+    paths.check_free({r: p for r, p in writes.items() if r != "the work folder"}, overwrite)
+    return writes
+
+
+@contextmanager
+def guarded(src: Path, dst: Path, to, kw: dict):
+    """Around one convert: yields a list the caller appends to its report's notes. Interruptions by a
+    signal leave through here as `guard.Interrupted` naming the destination."""
+    guard.refuse_under_launcher()
+    store, keep_store = kw.get("store"), kw.get("keep_store", False)
+    writes = check(src, dst, to, store, keep_store, kw.get("overwrite", False))
+    nodes = kw.get("nodes")
+    node_rank = getattr(nodes, "node_rank", 0)
+    notes: list[str] = []
+    if kw.get("dry_run"):
+        yield notes
+        return
+    lock = None
+    try:
+        if node_rank == 0:
+            lock = guard.DestLock(dst)
+            paths.make_dir(Path(os.path.abspath(dst)).parent, exist_ok=True)
+            lock.acquire()
+            if lock.note:
+                notes.append(lock.note)
+            keep = None
+            if getattr(nodes, "multi", False):
+                keep = Path(os.path.abspath(dst)).parent / f".{Path(dst).name}.ckptctl-mn{nodes.master_port}"
+            notes += guard.remove_stale(dst, keep)
+        _check_space(src, dst, writes, Path(dst).suffix == ".zarr" and to is None)
+        yield notes
+    except guard.Interrupted as e:
+        e.dst = Path(dst)
+        raise
+    except OSError as e:
+        msg = paths.no_space_message(e, dst)
+        if msg:
+            raise BadInput(msg) from None
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _check_space(src: Path, dst: Path, writes: dict[str, Path], to_store: bool) -> None:
+    """Each byte of the source is written about once to the store and once to the target (the
+    target's rank files hold the same tensors); a store source is only read."""
+    n = paths.tree_bytes(Path(src))
+    from_store = (Path(src) / "zarr.json").is_file()
+    needs: dict[Path, int] = {}
+    dst_parent = Path(os.path.abspath(dst)).parent
+    needs[dst_parent] = n
+    if not from_store and not to_store:
+        store_at = writes.get("--store", dst_parent)
+        needs[store_at] = needs.get(store_at, 0) + n   # same filesystem: check_space adds them up
+    paths.check_space(needs)
