@@ -119,11 +119,12 @@ def _check_dst(dst: Path, overwrite: bool) -> None:
 
 def _commit(tmp: Path, dst: Path) -> None:
     """Rename into place: the destination appears only when complete."""
-    if dst.exists():
+    if dst.exists() or dst.is_symlink():
+        from ckptctl.paths import remove
         old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
         dst.rename(old)
         tmp.rename(dst)
-        shutil.rmtree(old, ignore_errors=True)
+        remove(old)   # a file or a symlink too (rmtree would leave those behind)
     else:
         tmp.rename(dst)
 
@@ -168,7 +169,18 @@ def policy_report(src: Source, dst_layout: Layout | None, rng: str, optimizer: b
     return out
 
 
-def convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = None, keep_store: bool = False,
+def convert(src: Path, dst: Path, to: Layout | None, **kw) -> ConvertReport:
+    """Convert SRC to DST inside ckptctl.safety's guard: path checks before any byte, the destination's
+    lock, stale work folders of dead runs removed, free space checked, a signal stops it cleanly."""
+    from ckptctl import safety
+    with safety.guarded(src, dst, to, kw) as notes:
+        rep = _convert(src, dst, to, **kw)
+    if notes and isinstance(rep, ConvertReport):
+        rep.notes[:0] = notes
+    return rep
+
+
+def _convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = None, keep_store: bool = False,
             nproc: int | None = None, true_vocab: int | None = None, rng: str = "auto",
             overwrite: bool = False, progress=None, optimizer: bool = True,
             max_memory: int | None = None, nodes: launch.Nodes | None = None,
