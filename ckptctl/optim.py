@@ -39,8 +39,10 @@ from pathlib import Path
 
 import torch
 
+from ckptctl import optim_check
 from ckptctl.errors import BadInput
 from ckptctl.models.rules import Piece
+from ckptctl.param_order import ModelOrder
 
 OPTIM = "optim/"
 DIST_FILE = "distrib_optim.pt"
@@ -410,6 +412,17 @@ class Context:
         return subs, bufs
 
 
+def check_order(ctx: Context, files: list) -> None:
+    """Each rank file's parameters, chunk by chunk, in the order megatron-core's modules give them
+    (`param_order`): the order that places state in flat buffers and Adam indices comes from the model,
+    and a file listing its parameters otherwise is refused, naming the parameter."""
+    order = ModelOrder(ctx.family, ctx.cfg)
+    for fp in files:
+        params = ctx.params(fp)
+        for chunk in fp.chunks:
+            order.check_sequence([p.gkey for p in params if p.chunk == chunk], f"{fp.dirname}/{chunk}")
+
+
 def decode_file(ctx: Context, fp, sd: dict, model_path: Path) -> FileState:
     """Per-parameter fp32 state of one source rank file."""
     where = str(model_path)
@@ -725,6 +738,7 @@ class SourceSide:
     def __init__(self, family, cfg, layout, info: dict, plan):
         self.ctx = Context(family, cfg, layout, info.get("args", {}), info)
         self.info, self.plan = info, plan
+        check_order(self.ctx, plan.files)
         self.has = [state_indices(self.ctx, fp, writer_flags(layout, fp)) for fp in plan.files]
         self.owned = owned_pieces(self.ctx, plan, self.has)
 
@@ -738,6 +752,8 @@ class SourceSide:
 
     def write_file(self, store, i: int, fp, sd: dict, model_path: Path, progress=None) -> FileState:
         st = decode_file(self.ctx, fp, sd, model_path)
+        # the state must be its parameter's (issue 10), checked before anything of it is written
+        optim_check.check_file(self.ctx.params(fp), st.tensors, lambda p: sd[p.chunk][p.key], str(model_path))
         for idx, flags in self.owned[i].items():
             if idx not in st.tensors:
                 raise BadInput(f"{model_path}: no optimizer state for {fp.tensors[idx].key!r}")
@@ -911,6 +927,10 @@ def verify_optimizer(sa, sb, rep) -> None:
         rep.differences.append(Difference("optimizer.param_groups", f"param-group hyperparameters or grad scaler "
                                                                     f"differ for {len(bad)} parameter(s), first {bad[0]}"))
     names_b = set(gb.arrays())
+    # Beside the decoding shared with convert: each side's fp32 master against its weight, the weight taken
+    # by verify's own reference gather (optim_check.verify_invariant; issue 10).
+    from ckptctl.verify import Gatherer as WeightGather
+    weights = {"a": (sa, WeightGather(sa)), "b": (sb, WeightGather(sb))}
     for array in ga.arrays():
         if array not in names_b:
             rep.differences.append(Difference(optim_array(array, "*"), "optimizer state only in a"))
@@ -922,6 +942,13 @@ def verify_optimizer(sa, sb, rep) -> None:
             tb, pb = gb.gather(array, c)
             rep.differences.extend(pa + pb)
             compare_arrays(optim_array(array, c), ta, tb, sa.plan.arrays[array].get("vocab", False), rep)
+            if c == "param":
+                for side, t in (("a", ta), ("b", tb)):
+                    src, wg = weights[side]
+                    if array in src.plan.arrays:
+                        d = optim_check.verify_invariant(f"{side} ({src.ckpt.root})", array, t, wg.gather(array)[0])
+                        if d is not None:
+                            rep.differences.append(d)
             got[c] = ta
         # A moment byte-identical to the master weights or to the other moment is a known bug class.
         master = got.get("param")
@@ -987,6 +1014,17 @@ def example_groups(family, cfg, src_plan, step: int, lr: float, with_expert: boo
     return out
 
 
+def example_master(w: torch.Tensor, gen) -> torch.Tensor:
+    """An fp32 master of a half-precision weight that is not the weight itself but rounds to it, as after a
+    megatron-core step (weight = master rounded to nearest): noise under a fifth of the weight's ulp (|w| *
+    eps < 2 ulp; a fifth of an ulp is also under half the finer ulp below a power of two)."""
+    wf = w.float()
+    eps = torch.finfo(w.dtype).eps
+    m = wf + (torch.rand(w.shape, generator=gen) - 0.5) * 0.2 * wf.abs() * eps
+    assert torch.equal(m.to(w.dtype).view(torch.int16), w.view(torch.int16)), "example master must round to the weight"
+    return m
+
+
 class Layout1:
     """A TP1PP1 stand-in for `file_params` on the example's global plan (no expert groups, no sharing)."""
 
@@ -1006,7 +1044,7 @@ def example_state(kind: str, family, cfg, layout, src_plan, arrays: dict, dtype:
         w = arrays[base]
         comp = name.split("/")[1]
         if comp == "param":
-            t = w.float() if dtype == "float32" else w.float() + torch.randn(w.shape, generator=gen) * 1e-5
+            t = w.float() if dtype == "float32" else example_master(w, gen)
         elif comp == "exp_avg":
             t = torch.randn(w.shape, generator=gen) * 1e-3
         else:

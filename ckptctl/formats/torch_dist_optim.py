@@ -45,7 +45,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ckptctl import optim
+from ckptctl import optim, optim_check
 from ckptctl.box import Box
 from ckptctl.errors import BadInput
 
@@ -353,8 +353,10 @@ class BucketSpace:
             raise BadInput(f"{self.iter_dir}: the chunks of {key!r} cover {got} of its {n} elements")
         return out
 
-    def state(self, g: int, bufs: list, comps, expected: list[list[int]], where: str, pre: str = "") -> dict:
-        """The `distrib_optim.pt` dict of rank g: each buffer's buckets concatenated."""
+    def state(self, g: int, bufs: list, comps, expected: list[list[int]], where: str, pre: str = "",
+              lays: list | None = None) -> dict:
+        """The `distrib_optim.pt` dict of rank g: each buffer's buckets concatenated. `lays` (per buffer,
+        `optim.buffer_layout`): each parameter's range must be a span of the saved chunks."""
         state: dict = {"buckets_coalesced": True}
         for gi, (buf, sizes) in enumerate(zip(bufs, expected)):
             e = {}
@@ -368,6 +370,11 @@ class BucketSpace:
                                        f"buffer {gi}; different bucket settings?)")
                     if t["shape"] != [size]:
                         raise BadInput(f"{where}: {key!r} has {t['shape']} elements, the model layout gives [{size}]")
+                    if lays is not None:
+                        pos, buckets = lays[gi]
+                        b0 = buckets[b][0]
+                        members = [(st - b0, en - b0, p) for (st, en, bi), p in zip(pos, buf.params) if bi == b]
+                        optim_check.check_bucket_chunks(t["chunks"], key, members, size, where)
                     parts.append(self.flat(key))
                 extra = bucket_key(g, gi, buf.dtypes, len(sizes), c, pre)
                 if extra in self.index["tensors"]:
@@ -402,6 +409,8 @@ class Decoder:
                       ModelSpace(family, cfg, layout, dist) if info.get("sharding") == "fully_reshardable" else None)
         self.buckets = BucketSpace(dist) if self.model is None else None
         self.iter_dir = Path(dist["iter_dir"])
+        # every parameter placed by the model's order (the plan follows it; `.metadata` order is never used)
+        optim.check_order(self.ctx, self.files)
 
     def whole_common(self) -> dict:
         """The checkpoint's common state (read once)."""
@@ -439,9 +448,10 @@ class Decoder:
         states = []
         for s, sub_bufs in enumerate(bufs):
             g = group_index(self.layout, fp.coord, s)
-            sizes = [[b[2] for b in lay[1]] for lay in bucket_layouts(self.ctx, fp, sub_bufs, fp.coord.pp, s, total)]
+            lays = bucket_layouts(self.ctx, fp, sub_bufs, fp.coord.pp, s, total)
+            sizes = [[b[2] for b in lay[1]] for lay in lays]
             where = f"{self.iter_dir} ({chained(s, len(bufs))}dp_group_idx_{g}, {fp.dirname})"
-            states.append(self.buckets.state(g, sub_bufs, comps, sizes, where, chained(s, len(bufs))))
+            states.append(self.buckets.state(g, sub_bufs, comps, sizes, where, chained(s, len(bufs)), lays))
         where = f"{self.iter_dir} ({fp.dirname})"
         state = states[0] if len(states) == 1 else states
         return optim.FileState(optim.decode_distributed(state, subs, bufs, where), common, step)
@@ -468,9 +478,13 @@ class DistOptimSource:
         files = self.dec.files
         sizes = [sum(p.numel for p in self.dec.ctx.params(fp)) + 1 for fp in files]
         encodings = {}
+        weights = optim_check.DistWeights(self.plan, self.dec.dist, self.dec.layout)
         for i in assign(sizes, comm.world)[comm.rank]:
             fp = files[i]
             st = self.dec.decode(i)
+            # the state must be its parameter's (issue 10): the master against the weight in the chunks
+            optim_check.check_file(self.dec.ctx.params(fp), st.tensors, lambda p: weights.weight(fp, p),
+                                   f"{self.dec.iter_dir} ({fp.dirname})")
             for idx, flags in self.owned[i].items():
                 for piece, owned in zip(fp.tensors[idx].pieces, flags):
                     if not owned:
