@@ -245,7 +245,13 @@ def verify(a: Path, b: Path, true_vocab: int | None = None, max_memory: int | No
     """Compare every global tensor of `a` and `b` in boxes of at most a sixth of the memory budget
     left after the baseline (per side: the two boxes, a copy of each for replicas, the comparison)."""
     import time
+    from ckptctl import verify_store
     from ckptctl.reshard import stream
+    if verify_store.is_store(a) or verify_store.is_store(b):   # a store side: verified as the checkpoint it holds
+        with verify_store.materialized(a) as ma, verify_store.materialized(b) as mb:
+            rep = verify(ma, mb, true_vocab, max_memory, weights_only, progress)
+        rep.a, rep.b = str(a), str(b)
+        return rep
     t0 = time.monotonic()
     sa, sb = inspect(Path(a), true_vocab), inspect(Path(b), true_vocab)
     if sa.family != sb.family:

@@ -247,10 +247,13 @@ def check_files(it_dir: Path, index: dict) -> None:
             need[c[2]] = max(need.get(c[2], 0), c[3] + c[4])
     for ref in index["objects"].values():
         need[ref[0]] = max(need.get(ref[0], 0), ref[1] + ref[2])
+    from ckptctl.paths import real
     for name, end in sorted(need.items()):
         path = it_dir / name
         if not path.is_file():
             raise BadInput(f"missing file {path} (named by {it_dir / METADATA})")
+        if real(it_dir) not in real(path).parents:   # a symlink leading out of the checkpoint
+            raise BadInput(f"{path} leads outside the checkpoint (to {real(path)}); refused")
         size = path.stat().st_size
         if size < end:
             raise BadInput(f"{path}: truncated ({size} bytes, the metadata needs {end})")
@@ -264,7 +267,10 @@ def index_of(md, where: Path) -> dict:
         off = tuple(int(x) for x in off) if off is not None else None
         if getattr(info, "transform_descriptors", None):
             raise BadInput(f"{where}: {idx.fqn!r} is stored with transforms {info.transform_descriptors} (unsupported)")
-        refs[(idx.fqn, off)] = [info.relative_path, int(info.offset), int(info.length)]
+        rel = str(info.relative_path)
+        if not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:   # reads stay inside the checkpoint
+            raise BadInput(f"{where}: entry {idx.fqn!r} names file {rel!r}, outside the checkpoint; refused")
+        refs[(idx.fqn, off)] = [rel, int(info.offset), int(info.length)]
     tensors, objects, order = {}, {}, []
     for fqn, m in md.state_dict_metadata.items():
         order.append(fqn)
