@@ -159,6 +159,9 @@ def convert(
     rng: str = typer.Option("auto", "--rng", help="RNG state: auto, carry, replicate or drop."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing destination."),
     no_optimizer: bool = typer.Option(False, "--no-optimizer", help="Drop optimizer state instead of converting it."),
+    allow_divergent_replicas: bool = typer.Option(False, "--allow-divergent-replicas", help="Where copies of a "
+                                                  "replicated tensor differ between rank files, take the first "
+                                                  "file's copy instead of refusing."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="RSS budget per worker, e.g. 2G, 512M (default 2G)."),
     nnodes: int = typer.Option(1, "--nnodes", help="Nodes of a multi-node job (run the same command on each)."),
     node_rank: int = typer.Option(0, "--node-rank", help="This node's rank (node 0 commits the output)."),
@@ -183,7 +186,8 @@ def convert(
         rep = run(src, dst, target, store=store, keep_store=keep_store, nproc=nproc, true_vocab=true_vocab,
                   rng=rng, overwrite=overwrite, progress=prog, optimizer=not no_optimizer,
                   max_memory=parse_size(max_memory), nodes=Nodes(nnodes, node_rank, master_addr, master_port),
-                  to_format=to_format, optim_sharding=optim_sharding, dry_run=dry_run)
+                  to_format=to_format, optim_sharding=optim_sharding, dry_run=dry_run,
+                  allow_divergent_replicas=allow_divergent_replicas)
     if dry_run:
         from ckptctl import dryrun
         output.emit_json(rep) if json_out else dryrun.render(rep, output.say)

@@ -173,7 +173,8 @@ def convert(src: Path, dst: Path, to: Layout | None, **kw) -> ConvertReport:
     """Convert SRC to DST inside ckptctl.safety's guard: path checks before any byte, the destination's
     lock, stale work folders of dead runs removed, free space checked, a signal stops it cleanly."""
     from ckptctl import safety
-    with safety.guarded(src, dst, to, kw) as notes:
+    with safety.guarded(src, dst, to, kw) as notes, safety.divergent_replicas(kw.pop("allow_divergent_replicas", False),
+                                                                            notes):
         rep = _convert(src, dst, to, **kw)
     if notes and isinstance(rep, ConvertReport):
         rep.notes[:0] = notes

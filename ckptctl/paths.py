@@ -46,6 +46,22 @@ def check_disjoint(reads: dict[str, Path], writes: dict[str, Path]) -> None:
                            "what it reads: choose another path")
 
 
+def outside_links(src: Path) -> list[tuple[Path, Path]]:
+    """Symlinks inside `src` that lead outside it: (link, where it leads). What they lead to is read
+    too, so it is protected like the source and named in the report."""
+    root, out = real(src), []
+    if not Path(src).is_dir():
+        return out
+    for dirpath, dirs, files in os.walk(src):   # symlinked folders are listed, not entered
+        for n in dirs + files:
+            p = Path(dirpath) / n
+            if p.is_symlink():
+                t = real(p)
+                if not _within(t, root):
+                    out.append((p, t))
+    return out
+
+
 def occupied(p: Path) -> bool:
     if p.is_symlink():
         return True

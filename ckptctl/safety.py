@@ -24,14 +24,21 @@ def write_paths(src: Path, dst: Path, to, store: Path | None, keep_store: bool) 
     return w
 
 
-def check(src: Path, dst: Path, to, store: Path | None, keep_store: bool, overwrite: bool) -> dict[str, Path]:
-    """Path checks, no side effects: exit 2 with one line before anything is written."""
+def check(src: Path, dst: Path, to, store: Path | None, keep_store: bool, overwrite: bool,
+          notes: list | None = None) -> dict[str, Path]:
+    """Path checks, no side effects: exit 2 with one line before anything is written. Symlinks leading
+    out of the source are followed, named in `notes`, and what they lead to is protected like the source."""
     if not Path(os.path.abspath(dst)).name or not str(dst).strip():
         raise BadInput(f"destination {str(dst)!r} names no folder to create")
     if not Path(src).exists():
         raise BadInput(f"{src}: no such checkpoint")
     writes = write_paths(src, dst, to, store, keep_store)
-    paths.check_disjoint({"the source": Path(src)}, writes)
+    reads = {"the source": Path(src)}
+    for link, target in paths.outside_links(Path(src)):
+        reads[f"the file read through the source's symlink {link},"] = target
+        if notes is not None:
+            notes.append(f"read {target} through the symlink {link}, which leads outside the source")
+    paths.check_disjoint(reads, writes)
     for role, p in writes.items():
         if role != "the work folder":
             paths.check_writable(p)
@@ -45,10 +52,10 @@ def guarded(src: Path, dst: Path, to, kw: dict):
     signal leave through here as `guard.Interrupted` naming the destination."""
     guard.refuse_under_launcher()
     store, keep_store = kw.get("store"), kw.get("keep_store", False)
-    writes = check(src, dst, to, store, keep_store, kw.get("overwrite", False))
+    notes: list[str] = []
+    writes = check(src, dst, to, store, keep_store, kw.get("overwrite", False), notes)
     nodes = kw.get("nodes")
     node_rank = getattr(nodes, "node_rank", 0)
-    notes: list[str] = []
     if kw.get("dry_run"):
         yield notes
         return
@@ -91,3 +98,23 @@ def _check_space(src: Path, dst: Path, writes: dict[str, Path], to_store: bool) 
         store_at = writes.get("--store", dst_parent)
         needs[store_at] = needs.get(store_at, 0) + n   # same filesystem: check_space adds them up
     paths.check_space(needs)
+
+
+@contextmanager
+def divergent_replicas(allow: bool, notes: list):
+    """--allow-divergent-replicas: the workers (forked, or torchrun's) learn it from their environment."""
+    from ckptctl.reshard.replicas import ALLOW_ENV
+    if not allow:
+        yield
+        return
+    old = os.environ.get(ALLOW_ENV)
+    os.environ[ALLOW_ENV] = "1"
+    try:
+        yield
+        notes.append("--allow-divergent-replicas: where copies of a replicated tensor differ between rank "
+                     "files, the first rank file's copy was taken")
+    finally:
+        if old is None:
+            os.environ.pop(ALLOW_ENV, None)
+        else:
+            os.environ[ALLOW_ENV] = old

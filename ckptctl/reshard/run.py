@@ -166,7 +166,9 @@ def source_phase(job: Job, comm: Comm, progress: Progress) -> dict:
     if own_units is not None:
         encodings.update(own_units(store, comm, progress))
     progress.add(0, force=True)
-    gathered = comm.all_gather_object(encodings)
+    gathered = comm.all_gather_object(encodings)   # also: every worker's pieces are in the store now
+    from ckptctl.reshard import replicas
+    replicas.check(store, plan, mine, open_unit, comm)   # replicated tensors byte-equal to the stored copy
     if comm.rank == 0:
         encs = {}
         for g in gathered:
