@@ -11,8 +11,10 @@ model's state dict, which each family writes down once in `Family.global_keys(cf
 * a key of the fresh model: its index;
 * TE's fused norm (`<linear>.layer_norm_weight` / `_bias`): just before `<linear>.weight` (TE's
   LayerNormLinear registers its norm parameters before the linear's);
-* a tied copy or another parameter the fresh model of this config lacks (`output_layer.weight` on the last
-  stage of a tied model): just before its module's `.bias`, else before its `._extra_state`.
+* a parameter the fresh model of this config lacks (a tied copy: `output_layer.weight` on the last stage of
+  a tied model; an option the config read from args does not carry, e.g. `shared_experts.gate_weight`):
+  just before the first key of its module, because `named_parameters()` gives a module's own parameters
+  before its children's (and a module's other entries, bias or extra state, follow its weight).
 
 A key placed by none of these has no derivable position (`position` gives None): the optimizer code refuses
 its state rather than guess (`require`). A torch_dist `.metadata` lists keys in the order the ranks' write
@@ -37,6 +39,13 @@ class ModelOrder:
         except (NotImplementedError, KeyError, TypeError, ValueError):
             keys = []       # no rules for a fresh model: nothing is placed, optimizer state is refused
         self.index = {k: float(i) for i, k in enumerate(keys)}
+        self.first: dict[str, float] = {}       # module -> position of its first key
+        for k, i in self.index.items():
+            parts = k.split(".")
+            for n in range(1, len(parts)):
+                m = ".".join(parts[:n])
+                if i < self.first.get(m, float("inf")):
+                    self.first[m] = i
 
     def position(self, gkey: str) -> float | None:
         """The key's position in the model's parameter order, or None when the rules cannot place it."""
@@ -47,11 +56,8 @@ class ModelOrder:
         if name in _TE_NORM:
             w = self.index.get(f"{module}.weight")
             return None if w is None else w + _TE_NORM[name]
-        for after in ("bias", EXTRA):
-            nxt = self.index.get(f"{module}.{after}")
-            if nxt is not None and name != after:
-                return nxt - 0.75
-        return None
+        first = self.first.get(module)
+        return None if first is None else first - 0.75
 
     def require(self, gkeys, where: str) -> None:
         """Every parameter with optimizer state must have a position derived from the model."""

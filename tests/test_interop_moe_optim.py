@@ -8,7 +8,10 @@ megatron-core loads ckptctl's files as Megatron-LM does, at B and at A, and ever
 master, exp_avg, exp_avg_sq and step must equal, byte for byte, megatron-core's own resharding of
 its dist checkpoint ('fully_reshardable'). megatron-core 0.19.2 cannot itself load that reshard
 across the sub-optimizer change (its common part keeps the saved {0: dense, 1: expert} param groups):
-the harness takes the dense groups, after checking that the expert ones equal them.
+the harness takes the dense groups, after checking that the expert ones equal them. In the same launches,
+megatron-core also saves torch_dist as Megatron-LM does by default (dp_reshardable with two sub-optimizers,
+`chained_<i>.` keys / plain Adam; fully parallel save over the DP group); ckptctl converts it to legacy at B,
+and megatron-core loads that byte-equal to the same reshard (issue 10).
 """
 from __future__ import annotations
 
@@ -39,7 +42,9 @@ def oracle(tmp_path_factory):
     reports = {}
     for kind in KINDS:
         reports[kind] = [convert(work / kind / "A", work / kind / "conv-B", parse_layout(B), nproc=0),
-                         convert(work / kind / "conv-B", work / kind / "conv-A", parse_layout(A), nproc=0)]
+                         convert(work / kind / "conv-B", work / kind / "conv-A", parse_layout(A), nproc=0),
+                         convert(work / kind / "td", work / kind / "conv-td-B", parse_layout(B), nproc=0,
+                                 to_format="legacy")]
     torchrun(HARNESS, "check", work, work / "report.json", *KINDS, nproc=2)
     return work, json.loads((work / "report.json").read_text()), reports
 
@@ -54,7 +59,7 @@ def test_megatron_writes_two_sub_optimizers_at_a(oracle, kind):
         assert len(torch.load(d / "model_optim_rng.pt", weights_only=False)["optimizer"]) == 2
     if kind == "distributed":      # EP rank 1's writer is dense DP rank 1: no dense state there
         assert torch.load(it / "mp_rank_00_001" / "distrib_optim.pt", weights_only=False)[0] is None
-    to_b, back = reports[kind]
+    to_b, back, _ = reports[kind]
     assert "sub-optimizers 2 -> 1" in to_b.policies["optimizer"]
     assert "sub-optimizers 1 -> 2" in back.policies["optimizer"]
 
@@ -69,6 +74,8 @@ def test_loaded_state_equals_megatron_core_reshard(oracle, kind, layout):
         assert not r["problems"], r
         assert r["subs"] == (1 if layout == "B" else 2)
         assert r["tensors"] > 20 and r["steps"] == [1.0]
+        if layout == "B":       # Megatron-LM's default torch_dist save (fully parallel) -> ckptctl legacy B
+            assert r["td_tensors"] == r["tensors"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

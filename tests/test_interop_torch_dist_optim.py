@@ -1,14 +1,16 @@
 """Distributed-optimizer state in torch_dist against megatron-core 0.19.2 (tests/mcore/torch_dist_optim.py).
 
-One torchrun launch (4 processes): megatron-core builds GPT (SwiGLU, GQA) + distributed optimizer at
-A = tp2pp1dp2, takes a step and saves model + optimizer with `dist_checkpointing.save` as Megatron-LM does
-(`dp_reshardable`, its default; and `fully_reshardable` as the reference); ckptctl converts A to legacy,
-torch_dist dp_reshardable and fully_reshardable at B = tp1pp1dp4 (TP and DP change) and to dp_reshardable
-at A; megatron-core loads each and every weight, fp32 master, exp_avg, exp_avg_sq and step must equal,
+One torchrun launch (4 processes): megatron-core builds GPT (SwiGLU, GQA, vocab 512) + distributed optimizer
+at A = tp2pp1dp2, takes two steps and saves model + optimizer with `dist_checkpointing.save` as Megatron-LM's
+`save_checkpoint` does by default: the fully parallel save strategy over the DP group (its `.metadata` key
+order follows the merged write plans, issue 10), `dp_reshardable` (and `fully_reshardable` as the reference;
+plus a plain-strategy save of the same state); ckptctl converts A to legacy, torch_dist dp_reshardable and
+fully_reshardable at B = tp1pp1dp4 (TP and DP change), to dp_reshardable at A, and A and A_fr to legacy at
+C = tp1pp2dp2 (TP and PP change); megatron-core loads each and every weight, fp32 master, exp_avg, exp_avg_sq and step must equal,
 byte for byte, its own reshard of the fully_reshardable save (at A: its own state). Megatron-core itself
 cannot load a dp_reshardable checkpoint at another TP. The same launch covers the non-distributed optimizer
-(plain Adam, bf16 model with fp32 masters): megatron-core saves it at A, ckptctl converts it to torch_dist at
-B and at A; megatron-core loads B against its own reshard, and the A output has its keys and chunks.
+(plain Adam, bf16 model with fp32 masters, two steps, fully parallel save): megatron-core saves it at A, ckptctl
+converts it to torch_dist at B and at A and to legacy at C; megatron-core loads B against its own reshard, and the A output has its keys and chunks.
 ~40 s on 2 busy cores.
 """
 from __future__ import annotations
@@ -40,7 +42,8 @@ def oracle(tmp_path_factory):
     return work, json.loads((work / "r.json").read_text())
 
 
-@pytest.mark.parametrize("case", ["A_dp", "B_legacy", "B_dp", "B_fr", "B_adam"])
+@pytest.mark.parametrize("case", ["A_dp", "B_legacy", "B_dp", "B_fr", "B_adam", "C_legacy", "C_fr_legacy",
+                                  "C_adam_legacy"])
 def test_megatron_core_loads_bitwise(oracle, case):
     rows = [r for r in oracle[1]["rows"] if r.get("case") in (case, "convert")]
     assert len(rows) == 4, rows
@@ -70,19 +73,30 @@ def test_fully_reshardable_keys_as_megatron_core(oracle):
     ours, theirs = _index(work / "B_fr"), _index(work / "A_fr")
     keys = lambda ix: {k: v["shape"] for k, v in ix["tensors"].items() if k.startswith("optimizer.")}  # noqa: E731
     assert keys(ours) and set(keys(ours)) == set(keys(theirs))
-    vocab = ("word_embeddings", "output_layer")       # padded to 128 at TP1, 256 at TP2
-    for k, shape in keys(ours).items():
-        assert shape == keys(theirs)[k] or any(v in k for v in vocab), k
-        assert (keys(ours)[k][0], keys(theirs)[k][0]) == (128, 256) or not any(v in k for v in vocab), k
+    for k, shape in keys(ours).items():              # vocab 512: padded to 512 at TP1 and TP2
+        assert shape == keys(theirs)[k], k
 
 
-def test_verify_across_formats(oracle):
-    """verify compares optimizer state between mcore's torch_dist and ckptctl's legacy output bitwise."""
+@pytest.mark.parametrize("pair", [("A", "B_legacy"), ("A", "C_legacy"), ("A_fr", "C_fr_legacy"),
+                                  ("A_adam", "C_adam_legacy"), ("A_nfp", "A")])
+def test_verify_across_formats(oracle, pair):
+    """verify compares optimizer state between mcore's torch_dist and ckptctl's legacy output bitwise (and
+    checks every fp32 master against its weight on both sides)."""
     from ckptctl.verify import verify
     work = oracle[0]
-    rep = verify(work / "A", work / "B_legacy")
+    rep = verify(work / pair[0], work / pair[1])
     assert rep.ok, rep.differences[:4]
     assert any(r["key"].startswith("optim/exp_avg_sq/") for r in rep.table)
+
+
+def test_fully_parallel_save_changes_only_the_key_order(oracle):
+    """Megatron-LM's default fully parallel save: the same chunks as the plain save, in another `.metadata`
+    key order (what issue 10's conversion took for the parameter order)."""
+    work = oracle[0]
+    fp, plain = _index(work / "A"), _index(work / "A_nfp")
+    boxes = lambda ix: {k: sorted((c[0], c[1]) for c in v["chunks"]) for k, v in ix["tensors"].items()}  # noqa: E731
+    assert boxes(fp) == boxes(plain)
+    assert fp["order"] != plain["order"] and sorted(fp["order"]) == sorted(plain["order"])
 
 
 def test_adam_keys_and_chunks_as_megatron_core_saves_them(oracle):

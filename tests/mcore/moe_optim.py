@@ -8,13 +8,14 @@
         fixed data and save WORK/KIND/A exactly as Megatron-LM core_v0.19.0 saves a legacy checkpoint
         (every rank: save_parameter_state into its own model dir; then the DP-rank-0 or expert-DP-rank-0
         ranks: model_optim_rng.pt with optimizer.state_dict()); the same state with dist_checkpointing
-        (optimizer 'fully_reshardable') into WORK/KIND/dist.
+        (optimizer 'fully_reshardable') into WORK/KIND/dist; and as Megatron-LM's torch_dist save does by
+        default (dp_reshardable / plain Adam, fully parallel save over the DP group) into WORK/KIND/td.
     torchrun --nproc-per-node 2 tests/mcore/moe_optim.py check WORK REPORT KIND...
         per KIND and per layout L in (B = tp1 ep1: one sub-optimizer, A): load WORK/KIND/conv-L (made by
         ckptctl: A -> B, and A -> B -> A) as Megatron-LM loads it (model strict; optimizer.load_state_dict;
         load_parameter_state under no_grad), and, independently, WORK/KIND/dist through dist_checkpointing
         (megatron-core reshards weights, fp32 masters, exp_avg, exp_avg_sq itself); compare every tensor
-        byte for byte, and the step. Negative control at B: the expert moments swapped in ckptctl's file
+        byte for byte, and the step; at B also WORK/KIND/conv-td-B (ckptctl: td -> legacy B). Negative control at B: the expert moments swapped in ckptctl's file
         must be caught. Rank 0 writes REPORT (JSON).
 
 Uses none of ckptctl's code: the model, the CPU patches and the optimizer helpers are imported from the
@@ -183,6 +184,35 @@ def merge_common(state: dict, kind: str, row: dict) -> dict:
     return out
 
 
+def save_td(root: str, model, opt, kind: str) -> None:
+    """Megatron-LM core_v0.19.0 save_checkpoint, ckpt_format torch_dist, its defaults: the optimizer's
+    sharded_state_dict (distributed: `dp_reshardable`), the scheduler, and the fully parallel save strategy
+    over the DP group (--ckpt-fully-parallel-save), whose merged write plans set the `.metadata` key order."""
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    meta = dict(job.dist_metadata(), **({"distrib_optim_sharding_type": "dp_reshardable"} if kind == "distributed" else {}))
+    sd = {"model": model.sharded_state_dict(metadata=job.dist_metadata())}
+    sd["optimizer"] = opt.sharded_state_dict(sd, is_loading=False, metadata=meta)
+    args = megatron_args("A", kind)
+    args.ckpt_format = "torch_dist"
+    sd.update({"args": args, "checkpoint_version": 3.0, "iteration": ITER,
+               "opt_param_scheduler": job.opt_param_scheduler_state()})
+    it = os.path.join(root, f"iter_{ITER:07d}")
+    if torch.distributed.get_rank() == 0:
+        os.makedirs(it, exist_ok=True)
+    torch.distributed.barrier()
+    strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy("torch_dist"),
+                                                ps.get_data_parallel_group(with_context_parallel=True), False)
+    dist_checkpointing.save(sd, it, strategy, content_metadata={k: v for k, v in meta.items() if k != "dp_cp_group"})
+    if torch.distributed.get_rank() == 0:
+        with open(os.path.join(root, "latest_checkpointed_iteration.txt"), "w") as f:
+            f.write(str(ITER))
+    torch.distributed.barrier()
+
+
 def sub_summary(opt) -> list:
     return [[(len(g["params"]), g["wd_mult"], g["is_expert_parallel"]) for g in sub.optimizer.param_groups]
             for sub in opt.chained_optimizers]
@@ -196,6 +226,7 @@ def save(work: str, kinds: list[str]) -> None:
         root = os.path.join(work, kind)
         save_legacy(os.path.join(root, "A"), model, opt, kind)
         optim.save_dist(os.path.join(root, "dist"), [model], opt)
+        save_td(os.path.join(root, "td"), model, opt, kind)
 
 
 def check(work: str, report: str, kinds: list[str]) -> None:
@@ -226,6 +257,14 @@ def check(work: str, report: str, kinds: list[str]) -> None:
             row["problems"] += bad[:8]
             row["steps"] = sorted({float(t) for k, t in expected if k.endswith("/step")})
             if name == "B":
+                # ckptctl's legacy conversion of the torch_dist save (Megatron-LM's default) at B
+                tc, _, topt = build(name, kind, seed=11)
+                try:
+                    load_legacy(os.path.join(work, kind, "conv-td-B"), tc, topt, kind)
+                    tbad, _, row["td_tensors"] = optim.compare(optim.local_state([tc], topt), expected)
+                    row["problems"] += [f"from torch_dist: {b}" for b in tbad[:8]]
+                except Exception as e:  # noqa: BLE001
+                    row["problems"].append(f"from torch_dist: load failed: {type(e).__name__}: {str(e)[:400]}")
                 nc, _, nopt = build(name, kind, seed=5)
                 load_legacy(conv, nc, nopt, kind, tamper=optim.swap_moments)
                 nbad, _, _ = optim.compare(optim.local_state([nc], nopt), expected)

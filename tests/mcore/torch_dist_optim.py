@@ -33,7 +33,8 @@ import optim as mo  # noqa: E402  (tests/mcore/optim.py: GPT + DistOpt build, st
 from cpu import init_parallel, patch_cuda_for_cpu  # noqa: E402
 
 CFG = dict(num_layers=2, hidden_size=64, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=128,
-           swiglu=True, vocab_size=128, seq_length=16, max_position_embeddings=16)
+           swiglu=True, vocab_size=512, seq_length=16, max_position_embeddings=16)
+STEPS = 2          # the issue-10 case: two steps, then Megatron-LM's default save (fully parallel)
 KIND = "distributed"
 ADAM = "adam-bf16"      # tests/mcore/optim.py kind: plain Adam, bf16 model, fp32 masters
 
@@ -53,7 +54,8 @@ class sharding:
         mo.dist_meta = self.old
 
 
-def save_megatron(root: str, chunks, opt, cfg: dict, lay: dict, st: str | None, kind: str = KIND) -> None:
+def save_megatron(root: str, chunks, opt, cfg: dict, lay: dict, st: str | None, kind: str = KIND,
+                  fully_parallel: bool = True) -> None:
     """Megatron-LM core_v0.19.0 `save_checkpoint` with ckpt_format torch_dist (common args, iteration,
     scheduler, content_metadata with the sharding type; none for the non-distributed optimizer, st None)."""
     from megatron.core import dist_checkpointing
@@ -70,14 +72,24 @@ def save_megatron(root: str, chunks, opt, cfg: dict, lay: dict, st: str | None, 
     if torch.distributed.get_rank() == 0:
         os.makedirs(it, exist_ok=True)
     torch.distributed.barrier()
-    dist_checkpointing.save(sd, it, content_metadata=meta)
+    # Megatron-LM's default save path: the default torch_dist strategy wrapped by the fully parallel one over
+    # the DP group (--ckpt-fully-parallel-save, on by default), which spreads the writes over the DP ranks
+    # and so changes the key order of `.metadata` (issue 10)
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+    strategy = get_default_save_sharded_strategy("torch_dist")
+    if fully_parallel:
+        strategy = FullyParallelSaveStrategyWrapper(strategy, ps.get_data_parallel_group(with_context_parallel=True),
+                                                    False)
+    dist_checkpointing.save(sd, it, strategy, content_metadata=meta)
     if torch.distributed.get_rank() == 0:
         with open(os.path.join(root, "latest_checkpointed_iteration.txt"), "w") as f:
             f.write(str(mo.ITER))
     torch.distributed.barrier()
 
 
-def convert_all(work: str, a: str, b: str) -> list[str]:
+def convert_all(work: str, a: str, b: str, c: str) -> list[str]:
     """ckptctl, in this process as a single worker (no process group of its own)."""
     from ckptctl.convert import convert
     from ckptctl.layout import parse_layout
@@ -89,8 +101,11 @@ def convert_all(work: str, a: str, b: str) -> list[str]:
                                        ("A", "B_dp", b, "torch_dist", "dp_reshardable"),
                                        ("A", "B_fr", b, "torch_dist", "fully_reshardable"),
                                        ("A", "A_dp", a, "torch_dist", None),
+                                       ("A", "C_legacy", c, "legacy", None),
+                                       ("A_fr", "C_fr_legacy", c, "legacy", None),
                                        ("A_adam", "B_adam", b, "torch_dist", None),
-                                       ("A_adam", "A_adam_td", a, "torch_dist", None)):
+                                       ("A_adam", "A_adam_td", a, "torch_dist", None),
+                                       ("A_adam", "C_adam_legacy", c, "legacy", None)):
             convert(os.path.join(work, src), os.path.join(work, name), parse_layout(to), nproc=0, to_format=fmt,
                     optim_sharding=st)
             done.append(name)
@@ -100,8 +115,8 @@ def convert_all(work: str, a: str, b: str) -> list[str]:
 
 
 def load_into(path: str, chunks, opt, cfg: dict, lay: dict, how: str) -> None:
-    if how == "legacy":
-        mo.load_legacy(path, chunks, opt, cfg, lay, KIND)
+    if how in ("legacy", "adam_legacy"):
+        mo.load_legacy(path, chunks, opt, cfg, lay, KIND if how == "legacy" else mo.variant(ADAM, cfg)[0])
         return
     if how == "adam":
         mo.load_dist(os.path.join(path, f"iter_{mo.ITER:07d}"), chunks, opt)
@@ -116,6 +131,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("result")
     p.add_argument("--a", default="tp2pp1dp2")
     p.add_argument("--b", default="tp1pp1dp4")
+    p.add_argument("--c", default="tp1pp2dp2")      # the issue-10 target (PP changes too)
     p.add_argument("--seed", type=int, default=1234)
     a = p.parse_args(argv)
     patch_cuda_for_cpu()
@@ -127,19 +143,23 @@ def main(argv: list[str]) -> int:
     rows = []
 
     chunks, models, opt = mo.build(cfg, la, KIND, a.seed, perturb=True)
-    mo.train_step(models, opt, cfg, la, 1)
+    for step in range(1, STEPS + 1):
+        mo.train_step(models, opt, cfg, la, step)
     save_megatron(os.path.join(a.work, "A"), chunks, opt, cfg, la, "dp_reshardable")
     save_megatron(os.path.join(a.work, "A_fr"), chunks, opt, cfg, la, "fully_reshardable")
+    # the same state without the fully parallel strategy: same chunks, another `.metadata` key order
+    save_megatron(os.path.join(a.work, "A_nfp"), chunks, opt, cfg, la, "dp_reshardable", fully_parallel=False)
     at_a = mo.local_state(chunks, opt)
     adam_kind, adam_cfg = mo.variant(ADAM, cfg)
     ac, am, ao = mo.build(adam_cfg, la, adam_kind, a.seed, perturb=True)
-    mo.train_step(am, ao, adam_cfg, la, 1)
+    for step in range(1, STEPS + 1):
+        mo.train_step(am, ao, adam_cfg, la, step)
     save_megatron(os.path.join(a.work, "A_adam"), ac, ao, adam_cfg, la, None, adam_kind)
     del ac, am, ao
     err = None
     if rank == 0:
         try:
-            convert_all(a.work, a.a, a.b)
+            convert_all(a.work, a.a, a.b, a.c)
         except Exception as e:  # noqa: BLE001 - reported, every rank stops below
             err = f"convert failed: {type(e).__name__}: {str(e)[:600]}"
     box = [err]
@@ -150,16 +170,17 @@ def main(argv: list[str]) -> int:
         cases = [(a.a, "A_dp", "dp_reshardable", None)] + [(a.b, n, how, "A_fr") for n, how in
                                                             (("B_legacy", "legacy"), ("B_dp", "dp_reshardable"),
                                                              ("B_fr", "fully_reshardable"))]
-        cases.append((a.b, "B_adam", "adam", "A_adam"))
+        cases += [(a.c, "C_legacy", "legacy", "A_fr"), (a.c, "C_fr_legacy", "legacy", "A_fr"),
+                  (a.b, "B_adam", "adam", "A_adam"), (a.c, "C_adam_legacy", "adam_legacy", "A_adam")]
         ref_state: dict = {}
         for layout, name, how, ref in cases:
             lay = job.parse_layout(layout)
             init_parallel(lay["tp"], lay["pp"], seed=a.seed)
             row = {"rank": rank, "case": name, "layout": layout, "load": how, "problems": []}
-            ccfg, ckind = (adam_cfg, adam_kind) if how == "adam" else (cfg, KIND)
+            ccfg, ckind = (adam_cfg, adam_kind) if how.startswith("adam") else (cfg, KIND)
             c, _, o = mo.build(ccfg, lay, ckind, a.seed + 1, perturb=False)
             try:
-                load_into(os.path.join(a.work, name), c, o, cfg, lay, how)
+                load_into(os.path.join(a.work, name), c, o, ccfg, lay, how)
             except Exception as e:  # noqa: BLE001
                 row["problems"].append(f"megatron-core load failed: {type(e).__name__}: {str(e)[:600]}")
                 rows.append(row)
@@ -169,12 +190,13 @@ def main(argv: list[str]) -> int:
             else:      # megatron-core's own reshard, once per layout
                 if ref_state.get((layout, ref)) is None:
                     rc, _, ro = mo.build(ccfg, lay, ckind, a.seed + 2, perturb=False)
-                    load_into(os.path.join(a.work, ref), rc, ro, ccfg, lay, "adam" if how == "adam" else
+                    load_into(os.path.join(a.work, ref), rc, ro, ccfg, lay, "adam" if how.startswith("adam") else
                               "fully_reshardable")
                     ref_state[layout, ref] = mo.local_state(rc, ro)
                 exp = ref_state[layout, ref]
             bad, _, n = mo.compare(mo.local_state(c, o), exp)
             row["tensors"] = n
+            row["wrong_optimizer"] = sum(1 for x in bad if x.startswith("opt"))
             row["optimizer_tensors"] = sum(1 for k, _ in exp if k.startswith("opt"))
             row["problems"] += bad[:8]
             rows.append(row)
