@@ -174,6 +174,14 @@ def convert(
     dry_run: bool = typer.Option(False, "--dry-run", help="Check everything and print the plan (files, bytes per "
                                  "filesystem against free space, workers, memory, what happens to each piece of "
                                  "state); write nothing."),
+    first_layers: Optional[int] = typer.Option(None, "--decoder-first-pipeline-num-layers", help="Target: layers on "
+                                               "the first pipeline stage (as Megatron-LM's option; 0 = unset). "
+                                               "Default: the source's split when it fits the target."),
+    last_layers: Optional[int] = typer.Option(None, "--decoder-last-pipeline-num-layers", help="Target: layers on "
+                                              "the last pipeline stage (0 = unset)."),
+    pp_layout: Optional[str] = typer.Option(None, "--pipeline-model-parallel-layout", help="Target: Megatron's "
+                                            "explicit stage layout, e.g. 'Et*3|(tttt|)*14,tt|ttL' (E, t, L; '|' "
+                                            "between the PP*VPP stages)."),
     json_out: JsonOpt = False,
 ):
     """Convert a checkpoint to another parallel layout (through worker processes and a Zarr store)."""
@@ -181,7 +189,8 @@ def convert(
     from ckptctl.reshard.launch import Nodes
     from ckptctl.reshard.stream import parse_size
 
-    target = _layout(to, tp, pp, vpp, ep, etp, dp)
+    from ckptctl.pipeline import with_options
+    target = with_options(_layout(to, tp, pp, vpp, ep, etp, dp), first_layers, last_layers, pp_layout)
     with output.progress(not json_out and not dry_run) as prog:
         rep = run(src, dst, target, store=store, keep_store=keep_store, nproc=nproc, true_vocab=true_vocab,
                   rng=rng, overwrite=overwrite, progress=prog, optimizer=not no_optimizer,

@@ -280,6 +280,9 @@ def verify(a: Path, b: Path, true_vocab: int | None = None, max_memory: int | No
     if not weights_only:   # --weights-only: a fine-tuning copy converted with --no-optimizer can verify green
         from ckptctl import optim
         optim.verify_optimizer(sa, sb, rep)
+        from ckptctl import optim_ranks   # every rank file's param groups and step, not only the first's
+        optim_ranks.check(sa, rep, "a")
+        optim_ranks.check(sb, rep, "b")
         _compare_state(sa, sb, rep)
     rep.seconds = round(time.monotonic() - t0, 3)
     return rep
