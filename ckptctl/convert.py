@@ -218,6 +218,8 @@ def _convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = No
     if to is not None:
         if to.world < 1:
             raise BadInput("bad target layout")
+        from ckptctl.pipeline import resolve_target
+        to = resolve_target(get_family(source.family), source.cfg, to)   # the target's pipeline split
         # Validate the whole target plan before any byte is written.
         plan_target(get_family(source.family), source.cfg, to, source.plan.manifest, source.plan.arrays,
                     set(source.plan.slots))
@@ -315,6 +317,8 @@ def _store_to_legacy(src: Path, dst: Path, to: Layout | None, nproc: int, rng: s
     cfg = ModelConfig.from_json(attrs["config"])
     src_layout = Layout.from_json(attrs["source_layout"])
     to = to or src_layout
+    from ckptctl.pipeline import resolve_target
+    to = resolve_target(get_family(attrs["family"]), cfg, to)
     files = plan_target(get_family(attrs["family"]), cfg, to, attrs["manifest"], attrs["arrays"], set(attrs["objects"]))
     nbytes = sum(f.nbytes() for f in files)
     out_fmt = _out_format(to_format, attrs.get("source_format", "legacy"))

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 
 from ckptctl.errors import LayoutError
+from ckptctl.pipeline import PipelineSplit, layout_ranges
 
 _PART = re.compile(r"(tp|pp|vpp|ep|etp|dp|cp)(\d+)")
 _ORDER = ("tp", "pp", "vpp", "ep", "etp", "dp", "cp")
@@ -25,6 +26,9 @@ class Layout:
     etp: int | None = None
     dp: int | None = None      # None: the smallest DP the expert grid allows (1 for dense models)
     cp: int = 1
+    # Layers per pipeline stage (ckptctl.pipeline). None: the model's own split (its args); a target
+    # carries the split it is written with.
+    split: PipelineSplit | None = None
 
     def __post_init__(self):
         for name in _ORDER:
@@ -75,11 +79,15 @@ class Layout:
         return replace(self, **kw)
 
     def to_json(self) -> dict:
-        return {k: getattr(self, k) for k in _ORDER}
+        d = {k: getattr(self, k) for k in _ORDER}
+        if self.split is not None:
+            d["split"] = self.split.to_json()
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> "Layout":
-        return cls(**{k: d.get(k, None if k in ("etp", "dp") else 1) for k in _ORDER})
+        return cls(**{k: d.get(k, None if k in ("etp", "dp") else 1) for k in _ORDER},
+                   split=PipelineSplit.from_json(d.get("split")))
 
     # --- rank grids (DESIGN §2: order tp-cp-ep-dp-pp, fastest first) ---
 
@@ -160,9 +168,13 @@ def parse_layout(text: str, **overrides: int | None) -> Layout:
     return Layout(**seen)
 
 
-def stage_layers(num_layers: int, layout: Layout, first: int | None = None, last: int | None = None) -> list[list[range]]:
-    """Global layer ranges held by each (pp stage, vpp chunk): result[pp][vpp] (DESIGN §4.1)."""
+def stage_layers(num_layers: int, layout: Layout, first: int | None = None, last: int | None = None,
+                 pattern: str | None = None) -> list[list[range]]:
+    """Global layer ranges held by each (pp stage, vpp chunk): result[pp][vpp] (DESIGN §4.1).
+    `pattern`: an explicit pipeline layout (ckptctl.pipeline), instead of first/last counts."""
     pp, vpp = layout.pp, layout.vpp
+    if pattern:
+        return layout_ranges(pattern, num_layers, pp, vpp)
     if not first and not last:
         if num_layers % (pp * vpp):
             raise LayoutError(
@@ -175,6 +187,10 @@ def stage_layers(num_layers: int, layout: Layout, first: int | None = None, last
     rest = num_layers - a - b
     if mid < 0 or rest < 0 or (mid and rest % mid) or (not mid and rest):
         raise LayoutError(f"uneven pipeline split (first={a}, last={b}) does not fit {num_layers} layers on PP={pp}")
+    if vpp > 1 and not mid:
+        # megatron-core 0.19.2 divides by the middle stage count for VPP chunks (ZeroDivisionError)
+        raise LayoutError(f"uneven pipeline split (first={a}, last={b}) on PP={pp} with VPP={vpp} leaves no middle "
+                          "stage: megatron-core cannot build it")
     counts = []
     for p in range(pp):
         if first and p == 0:

@@ -332,7 +332,8 @@ def rewrite_args(args: dict, layout: Layout, padded_vocab: int | None, num_layer
         a["padded_vocab_size"] = padded_vocab
     if layout.tp == 1 and a.get("sequence_parallel"):
         a["sequence_parallel"] = False
-    return a
+    from ckptctl.pipeline import with_split_args
+    return with_split_args(a, layout)      # the target's pipeline split, when it carries its own
 
 
 def loads_bytes(data: bytes, what: str):

@@ -101,7 +101,8 @@ class Family:
     def layout_args(self, args: dict, cfg: ModelConfig, layout: Layout) -> dict:
         """Family-specific `args` fields a run at `layout` carries, after the generic rewrite (a hybrid
         model's `|` pattern segments follow PP*VPP). Called by convert's target side and `example`."""
-        return args
+        from ckptctl.pipeline import with_split_args
+        return with_split_args(args, layout)
 
     def object_shard(self, loc: KeyLoc, layout: Layout, fc) -> str | None:
         """Which shard an `_extra_state` belongs to, as text (None: its module's TP or ETP rank)."""
@@ -120,5 +121,7 @@ class Family:
 
     def layer_ranges(self, cfg: ModelConfig, layout: Layout) -> dict[str, list[list[range]]]:
         from ckptctl.layout import stage_layers
-        return {s: stage_layers(n, layout, cfg.first_stage_layers, cfg.last_stage_layers)
+        from ckptctl.pipeline import split_of
+        sp = split_of(cfg, layout)     # the target's split when the layout carries one, else the args'
+        return {s: stage_layers(n, layout, sp.first, sp.last, sp.layout)
                 for s, n in self.stack_layers(cfg).items()}

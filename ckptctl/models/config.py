@@ -77,12 +77,16 @@ def config_from_args(args: dict, family: str, true_vocab: int | None = None) -> 
     ffn = int(args.get("ffn_hidden_size") or 4 * hidden)
     tv = true_vocab if true_vocab is not None else args.get("vocab_size")
     glu = bool(args.get("swiglu") or args.get("gated_linear_unit"))
+    from ckptctl.pipeline import PipelineSplit
+    split = PipelineSplit.from_args(args)
     extra = {k: args[k] for k in (
         "hybrid_override_pattern", "hybrid_layer_pattern", "hybrid_attention_ratio", "hybrid_mlp_ratio",
         "is_hybrid_model", "normalization", "mamba_num_heads", "mamba_head_dim", "mamba_state_dim",
         "mamba_num_groups", "num_tokentypes", "bert_binary_head", "encoder_num_layers",
         "decoder_num_layers", "moe_grouped_gemm", "moe_shared_expert_intermediate_size",
         "moe_layer_freq", "add_bias_linear", "position_embedding_type", "max_position_embeddings") if args.get(k) is not None}
+    if split.layout:
+        extra["pipeline_model_parallel_layout"] = split.layout
     return ModelConfig(
         family=family,
         num_layers=int(need("num_layers")),
@@ -93,7 +97,7 @@ def config_from_args(args: dict, family: str, true_vocab: int | None = None) -> 
         vocab_divisor=int(args.get("make_vocab_size_divisible_by") or 128),
         num_experts=int(args.get("num_experts") or 0),
         moe_ffn=args.get("moe_ffn_hidden_size"),
-        first_stage_layers=args.get("decoder_first_pipeline_num_layers") or args.get("num_layers_in_first_pipeline_stage"),
-        last_stage_layers=args.get("decoder_last_pipeline_num_layers") or args.get("num_layers_in_last_pipeline_stage"),
+        first_stage_layers=split.first,
+        last_stage_layers=split.last,
         extra=extra,
     )

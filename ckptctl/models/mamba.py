@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from ckptctl.errors import BadInput, LayoutError
 from ckptctl.layout import Layout, stage_layers
+from ckptctl.pipeline import split_of
 from ckptctl.models import register
 from ckptctl.models.base import EXTRA_STATE, KeyLoc, match_rule
 from ckptctl.models.config import ModelConfig
@@ -135,7 +136,7 @@ def target_pattern(cfg: ModelConfig, layout: Layout) -> str:
     chunks = layout.pp * layout.vpp
     if (len(segs) > 1 and len(segs) == chunks) or (len(segs) == 1 and layout.vpp == 1):
         return raw_pattern(cfg)
-    if cfg.first_stage_layers or cfg.last_stage_layers:
+    if not split_of(cfg, layout).even:
         raise LayoutError(f"layout {layout}: the hybrid pattern needs '|' segments, which Megatron-LM refuses "
                           "together with first/last pipeline stage layer counts")
     types = "".join(segs)
@@ -169,7 +170,11 @@ class Mamba(MoE):
     def layer_ranges(self, cfg: ModelConfig, layout: Layout) -> dict[str, list[list[range]]]:
         segs = target_pattern(cfg, layout).split(PIPE)
         if len(segs) == 1:
-            return {"decoder": stage_layers(cfg.num_layers, layout, cfg.first_stage_layers, cfg.last_stage_layers)}
+            sp = split_of(cfg, layout)
+            if sp.layout is not None:
+                raise LayoutError("a hybrid model places its layers with '|' in its pattern, not with "
+                                  "--pipeline-model-parallel-layout")
+            return {"decoder": stage_layers(cfg.num_layers, layout, sp.first, sp.last)}
         out = [[range(0)] * layout.vpp for _ in range(layout.pp)]
         start = 0
         for i, s in enumerate(segs):       # segment v*PP + p is chunk v of stage p
@@ -179,7 +184,7 @@ class Mamba(MoE):
         return {"decoder": out}
 
     def layout_args(self, args: dict, cfg: ModelConfig, layout: Layout) -> dict:
-        a = dict(args)
+        a = dict(super().layout_args(args, cfg, layout))
         pattern = target_pattern(cfg, layout)
         for k in ("hybrid_layer_pattern", "hybrid_override_pattern"):
             if a.get(k):
