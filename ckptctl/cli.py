@@ -327,6 +327,8 @@ def main() -> None:
             sys.argv.remove(q)
             output.QUIET = True
     output.JSON_MODE = "--json" in sys.argv[1:]
+    from ckptctl.guard import Interrupted, install_signal_handlers, restore_signal_handlers
+    prev = install_signal_handlers()   # SIGINT/SIGTERM/SIGHUP -> Interrupted: workers stopped, work folder removed
     try:
         rc = app(standalone_mode=False)  # click returns Exit codes instead of raising in this mode
         sys.exit(rc if isinstance(rc, int) else 0)
@@ -335,6 +337,9 @@ def main() -> None:
     except typer.Abort:
         output.error("aborted", exit_code=3)
         sys.exit(3)
+    except Interrupted as e:   # one line; exit 128 + the signal's number, as shells report it
+        output.error(str(e), exit_code=e.exit_code)
+        sys.exit(e.exit_code)
     except CkptctlError as e:
         output.error(str(e), None if debug else "set CKPTCTL_DEBUG=1 or pass --debug for a traceback", e.exit_code)
         if debug:
@@ -351,3 +356,5 @@ def main() -> None:
         if debug:
             traceback.print_exc()
         sys.exit(3)
+    finally:
+        restore_signal_handlers(prev)   # main() called in-process (tests) leaves the caller's handlers

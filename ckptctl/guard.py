@@ -41,12 +41,24 @@ def _handler(signum, frame):
     raise Interrupted(signum)
 
 
-def install_signal_handlers() -> None:
-    """In the CLI's main thread: SIGINT, SIGTERM and SIGHUP raise `Interrupted`."""
+def install_signal_handlers() -> dict:
+    """In the CLI's main thread: SIGINT, SIGTERM and SIGHUP raise `Interrupted`. Returns the handlers
+    they replace (for `restore_signal_handlers`)."""
+    _caught.clear()
+    prev = {}
     for s in SIGNALS:
         try:
-            signal.signal(s, _handler)
+            prev[s] = signal.signal(s, _handler)
         except (ValueError, OSError):   # not the main thread (tests calling the CLI in a thread)
+            pass
+    return prev
+
+
+def restore_signal_handlers(prev: dict) -> None:
+    for s, h in prev.items():
+        try:
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        except (ValueError, OSError, TypeError):
             pass
 
 
