@@ -180,14 +180,6 @@ def convert(
     last_layers: Optional[int] = typer.Option(None, "--decoder-last-pipeline-num-layers", help="Target: layers on "
                                               "the last pipeline stage (0 = unset)."),
     pp_layout: Optional[str] = typer.Option(None, "--pipeline-model-parallel-layout", help="Target: Megatron's "
-                                            "explicit stage layout, e.g. 'Et*3|(tttt|)*14,tt|ttL' (E, t, L; '|' "
-                                            "between the PP*VPP stages)."),
-    first_layers: Optional[int] = typer.Option(None, "--decoder-first-pipeline-num-layers", help="Target: layers on "
-                                               "the first pipeline stage (as Megatron-LM's option; 0 = unset). "
-                                               "Default: the source's split when it fits the target."),
-    last_layers: Optional[int] = typer.Option(None, "--decoder-last-pipeline-num-layers", help="Target: layers on "
-                                              "the last pipeline stage (0 = unset)."),
-    pp_layout: Optional[str] = typer.Option(None, "--pipeline-model-parallel-layout", help="Target: Megatron's "
                                             "explicit stage layout, e.g. 'Et*3|(tttt|)*14,ttL' (E, t, L; '|' "
                                             "between the PP*VPP stages)."),
     json_out: JsonOpt = False,
