@@ -281,9 +281,9 @@ def matrix(
     if json_out:
         output.emit_json({"pairs": rows, "ok": all(r["result"] == "pass" for r in rows)})
     else:
-        output.table(f"ckptctl matrix --model {model}", ["family", "pair", "result", "seconds", "bytes", "GB/s", "detail"],
+        output.table(f"ckptctl matrix --model {model}", ["family", "pair", "result", "seconds", "bytes", "speed", "detail"],
                      [[r["family"], r["pair"], ("[green]pass[/]" if r["result"] == "pass" else "[red]FAIL[/]"),
-                       f"{r['seconds']:.2f}", output.human_bytes(r["bytes"]), f"{r['gbps']:.3f}",
+                       f"{r['seconds']:.2f}", output.human_bytes(r["bytes"]), output.rate(r["bytes"], r["seconds"]),
                        r.get("detail", "") or r.get("note", "")]
                       for r in rows])
     if not all(r["result"] == "pass" for r in rows):
@@ -329,9 +329,6 @@ def main() -> None:
     except typer.Abort:
         output.error("aborted", exit_code=3)
         sys.exit(3)
-    except Interrupted as e:   # one line; exit 128 + the signal's number, as shells report it
-        output.error(str(e), exit_code=e.exit_code)
-        sys.exit(e.exit_code)
     except CkptctlError as e:
         output.error(str(e), None if debug else "set CKPTCTL_DEBUG=1 or pass --debug for a traceback", e.exit_code)
         if debug:

@@ -152,7 +152,7 @@ def table(title: str, columns: list[str], rows: list[list], styles: dict | None 
         return
     t = Table(title=title, show_lines=False)
     for c in columns:
-        t.add_column(c, justify="right" if c in ("seconds", "bytes", "GiB/s", "GB/s", "elements", "count") else "left")
+        t.add_column(c, justify="right" if c in ("seconds", "bytes", "speed", "elements", "count") else "left")
     for r in rows:
         t.add_row(*[str(x) for x in r])
     out.print(t)

@@ -265,7 +265,7 @@ def verify(a: Path, b: Path, true_vocab: int | None = None, max_memory: int | No
     for name in sorted(names_b - names_a):
         rep.differences.append(Difference(name.removeprefix("model/"), f"only in {b}"))
     common = _ordered(sa, names_a & names_b)
-    task = progress.add_task(f"verify {sa.layout} vs {sb.layout}", total=max(1, _nbytes(sa, common))) if progress else None
+    task = progress.add_task(f"verify {sa.layout} vs {sb.layout}: weights", total=max(1, _nbytes(sa, common))) if progress else None
     for name in common:
         if task is not None:
             progress.update(task, completed=rep.bytes_compared)

@@ -4,6 +4,7 @@ checked for syntax and for the flags they pass existing in `ckptctl convert --he
 import os
 import re
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,6 +31,7 @@ def ran(tmp_path_factory):
     def one(name):
         work = tmp_path_factory.mktemp(name.split("_")[0])
         env = dict(os.environ, WORK=str(work), OUT=str(work / "matrix.json"), **RUNS[name])
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"   # this env's ckptctl
         for k in ("CKPTCTL_DEBUG",):
             env.pop(k, None)
         p = subprocess.run(["bash", str(EXAMPLES / name)], cwd=work, env=env, capture_output=True, text=True,
