@@ -329,6 +329,9 @@ def main() -> None:
     except typer.Abort:
         output.error("aborted", exit_code=3)
         sys.exit(3)
+    except Interrupted as e:   # one line; exit 128 + the signal's number, as shells report it
+        output.error(str(e), exit_code=e.exit_code)
+        sys.exit(e.exit_code)
     except CkptctlError as e:
         output.error(str(e), None if debug else "set CKPTCTL_DEBUG=1 or pass --debug for a traceback", e.exit_code)
         if debug:
