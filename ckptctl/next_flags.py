@@ -14,6 +14,14 @@ def megatron_flags(dst: str, layout, out_fmt: str, optimizer: dict | None, optim
         f += ["--num-virtual-stages-per-pipeline-rank", str(layout.vpp)]
     if layout.ep > 1 or layout.etp is not None:
         f += ["--expert-model-parallel-size", str(layout.ep), "--expert-tensor-parallel-size", str(layout.expert_tp)]
+    split = getattr(layout, "split", None)   # a target pipeline split given to convert (ckptctl.pipeline)
+    if split is not None and not split.even:
+        if split.layout is not None:
+            f += ["--pipeline-model-parallel-layout", split.layout]
+        for flag, v in (("--decoder-first-pipeline-num-layers", split.first),
+                        ("--decoder-last-pipeline-num-layers", split.last)):
+            if v is not None:
+                f += [flag, str(v)]
     if layout.cp > 1:
         f += ["--context-parallel-size", str(layout.cp)]
     f += ["--ckpt-format", formats.MEGATRON_NAME.get(out_fmt, out_fmt)]
