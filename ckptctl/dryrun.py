@@ -123,7 +123,7 @@ def render(d: dict, say) -> None:
     if d["target_files"]:
         shown = d["target_files"][:8]
         more = f" ... (+{len(d['target_files']) - 8})" if len(d["target_files"]) > 8 else ""
-        say(f"  files       {d['rank_files_out']} rank files: {', '.join(shown)}{more}")
+        say(f"  files       {', '.join(shown)}{more}")
     for disk in d["disk"]:
         say(f"  disk        {human_bytes(disk['bytes'])} to write on the filesystem of {disk['filesystem_of']}, "
             f"{human_bytes(disk['free'])} free" + ("" if disk["fits"] else "  NOT ENOUGH"))
