@@ -97,3 +97,42 @@ def test_file_order_not_the_models_is_refused(cli, tmp_path, kind):
     assert r.code == 2 and "decoder.layers.0.mlp.linear_fc2.weight" in r.err and "order" in r.err, r.err
     assert cli("verify", src, src).code == 2
     assert cli("convert", src, tmp_path / "w", "--to", "tp2pp1", "--nproc", "0", "--no-optimizer").code == 0
+
+
+def test_model_order_hand_written():
+    """Positions from the family's fresh-model keys; TE's fused norm just before its linear's weight; a
+    parameter the config lacks (tied copy) just before its module's first key; unknown: None."""
+    from types import SimpleNamespace
+
+    from ckptctl.param_order import ModelOrder
+    fam = SimpleNamespace(global_keys=lambda cfg: [(k, (1,)) for k in (
+        "embedding.word_embeddings.weight", "decoder.layers.0.self_attention.linear_proj.weight",
+        "decoder.layers.0.self_attention.linear_qkv.weight", "decoder.layers.0.self_attention.linear_qkv.bias",
+        "decoder.final_layernorm.weight", "output_layer._extra_state")])
+    o = ModelOrder(fam, None)
+    pos = o.position
+    assert pos("decoder.layers.0.self_attention.linear_proj.weight") == 1.0
+    qkv = "decoder.layers.0.self_attention.linear_qkv."
+    assert pos("decoder.layers.0.self_attention.linear_proj.weight") < pos(qkv + "layer_norm_weight") \
+        < pos(qkv + "layer_norm_bias") < pos(qkv + "weight") < pos(qkv + "bias")
+    assert pos("decoder.final_layernorm.weight") < pos("output_layer.weight") < pos("output_layer._extra_state")
+    assert pos("decoder.layers.0.self_attention.q_layernorm.weight") is None
+    with pytest.raises(Exception, match="q_layernorm"):
+        o.require(["decoder.layers.0.self_attention.q_layernorm.weight"], "f")
+    with pytest.raises(Exception, match="linear_proj"):
+        o.check_sequence([qkv + "weight", "decoder.layers.0.self_attention.linear_proj.weight"], "f")
+
+
+def test_bucket_chunk_boundaries():
+    """A dp_reshardable bucket saves a chunk per parameter slice: a parameter whose derived range does not
+    start and end on chunk boundaries (another order or bucket size) is refused, naming it."""
+    from types import SimpleNamespace
+
+    from ckptctl.errors import BadInput
+    from ckptctl.optim_check import check_bucket_chunks
+    a, b = SimpleNamespace(key="a", numel=100), SimpleNamespace(key="b", numel=30)
+    # saved: b at [0, 30), gap [30, 64), a at [64, 164), DP boundary at 82
+    chunks = [[[0], [30]], [[30], [34]], [[64], [18]], [[82], [82]]]
+    check_bucket_chunks(chunks, "k", [(0, 30, b), (64, 164, a)], 164, "w")
+    with pytest.raises(BadInput, match="'a'"):                 # the other order: a first
+        check_bucket_chunks(chunks, "k", [(0, 100, a), (128, 158, b)], 164, "w")
