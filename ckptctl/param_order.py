@@ -16,6 +16,10 @@ model's state dict, which each family writes down once in `Family.global_keys(cf
   just before the first key of its module, because `named_parameters()` gives a module's own parameters
   before its children's (and a module's other entries, bias or extra state, follow its weight).
 
+* optional attention submodules the fresh-model keys leave out, by megatron-core 0.19.2's construction
+  order: `core_attention` (its `softmax_offset`) before `linear_proj` (Attention builds it first),
+  `q_layernorm` then `k_layernorm` after `linear_qkv` (SelfAttention builds them after it).
+
 A key placed by none of these has no derivable position (`position` gives None): the optimizer code refuses
 its state rather than guess (`require`). A torch_dist `.metadata` lists keys in the order the ranks' write
 plans were merged (megatron-core's fully parallel save spreads them over the DP ranks), and a legacy file
@@ -28,6 +32,9 @@ from ckptctl.errors import BadInput
 EXTRA = "_extra_state"
 # TE fused-norm parameter -> its offset before the linear's weight (norm weight, then norm bias)
 _TE_NORM = {"layer_norm_weight": -0.5, "layer_norm_bias": -0.25}
+# optional submodule -> (sibling it is built next to, offset from that sibling's first (<0) / last (>0) key)
+_SIBLING = {"core_attention": ("linear_proj", -0.6), "q_layernorm": ("linear_qkv", 0.2),
+            "k_layernorm": ("linear_qkv", 0.5)}
 
 
 class ModelOrder:
@@ -40,12 +47,14 @@ class ModelOrder:
             keys = []       # no rules for a fresh model: nothing is placed, optimizer state is refused
         self.index = {k: float(i) for i, k in enumerate(keys)}
         self.first: dict[str, float] = {}       # module -> position of its first key
+        self.last: dict[str, float] = {}        # module -> position of its last key
         for k, i in self.index.items():
             parts = k.split(".")
             for n in range(1, len(parts)):
                 m = ".".join(parts[:n])
                 if i < self.first.get(m, float("inf")):
                     self.first[m] = i
+                self.last[m] = max(self.last.get(m, i), i)
 
     def position(self, gkey: str) -> float | None:
         """The key's position in the model's parameter order, or None when the rules cannot place it."""
@@ -57,7 +66,15 @@ class ModelOrder:
             w = self.index.get(f"{module}.weight")
             return None if w is None else w + _TE_NORM[name]
         first = self.first.get(module)
-        return None if first is None else first - 0.75
+        if first is not None:
+            return first - 0.75
+        parent, _, child = module.rpartition(".")
+        if child in _SIBLING:
+            sib, off = _SIBLING[child]
+            anchor = (self.first if off < 0 else self.last).get(f"{parent}.{sib}")
+            if anchor is not None:
+                return anchor + off + (0.1 if name == "bias" else 0.0)
+        return None
 
     def require(self, gkeys, where: str) -> None:
         """Every parameter with optimizer state must have a position derived from the model."""

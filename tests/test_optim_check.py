@@ -116,9 +116,13 @@ def test_model_order_hand_written():
     assert pos("decoder.layers.0.self_attention.linear_proj.weight") < pos(qkv + "layer_norm_weight") \
         < pos(qkv + "layer_norm_bias") < pos(qkv + "weight") < pos(qkv + "bias")
     assert pos("decoder.final_layernorm.weight") < pos("output_layer.weight") < pos("output_layer._extra_state")
-    assert pos("decoder.layers.0.self_attention.q_layernorm.weight") is None
-    with pytest.raises(Exception, match="q_layernorm"):
-        o.require(["decoder.layers.0.self_attention.q_layernorm.weight"], "f")
+    sa = "decoder.layers.0.self_attention."
+    assert pos(qkv + "bias") < pos(sa + "q_layernorm.weight") < pos(sa + "q_layernorm.bias") \
+        < pos(sa + "k_layernorm.weight") < pos("decoder.final_layernorm.weight")
+    assert pos("embedding.word_embeddings.weight") < pos(sa + "core_attention.softmax_offset") < pos(sa + "linear_proj.weight")
+    assert pos(sa + "post_attention_layernorm.weight") is None
+    with pytest.raises(Exception, match="post_attention_layernorm"):
+        o.require([sa + "post_attention_layernorm.weight"], "f")
     with pytest.raises(Exception, match="linear_proj"):
         o.check_sequence([qkv + "weight", "decoder.layers.0.self_attention.linear_proj.weight"], "f")
 
