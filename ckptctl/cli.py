@@ -258,7 +258,7 @@ def verify(
             output.out.print(f"[yellow]note[/] {x['key']}: {x['reason']}", highlight=False)
         color = "red" if failed else "green"
         word, rest = line.split(":", 1) if ":" in line else (line, "")
-        output.out.print(f"[{color}]{word}[/]:{rest}", highlight=False, markup=True)
+        output.out.print(f"[{color}]{word}[/]:{rest}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(1 if failed else 0)
 
 

@@ -47,7 +47,10 @@ def verdict(rep, strict: bool) -> tuple[bool, str]:
         return False, f"EQUAL: {head}"
     parts = [f"{n} {k}" if k != "tensors" else f"{n} tensors" for k, n in c.items() if n]
     if strict_bad:
-        parts.append("with --strict " + ", ".join(x["key"] for x in strict_bad))
+        pad = [x for x in strict_bad if x["reason"].startswith("vocab padding")]
+        other = [x["key"] for x in strict_bad if x not in pad]
+        what = ([f"vocab padding rows of {len(pad)} tensors ({pad[0]['key']} ...)"] if pad else []) + other
+        parts.append("with --strict " + ", ".join(what))
     return True, f"DIFFERENT ({'; '.join(parts)}): {head}"
 
 

@@ -154,3 +154,22 @@ def test_verify_names_kind_weights_only_and_rank_file(src, tmp_path, cli):
     assert d["where_b"]["file"].endswith("mp_rank_01_001/model_optim_rng.pt")
     assert d["where_b"]["local_index"] == [0, 5] and d["where_b"]["byte_offset"] == 20
     assert j["differ_by_kind"]["tensors"] == 1 and not j["ok"]
+
+
+def test_log_output_one_line_per_phase_and_summary(src, tmp_path, cli):
+    r = cli("convert", src, tmp_path / "log", "--to", "tp1pp1", "--nproc", "2")   # stderr is not a terminal here
+    assert r.code == 0, r.err
+    lines = [ln for ln in r.err.splitlines() if ln.startswith("tp2pp2 -> tp1pp1:")]
+    assert len(lines) == 2 and "started" in lines[0] and "\r" not in r.err
+    assert "time:" in r.out and "next: load it in Megatron-LM with" in r.out and "--ckpt-format torch" in r.out
+
+
+def test_strict_verdict_says_why(converted, src, cli):
+    r = cli("verify", src, converted[0], "--strict")
+    assert r.code == 1   # TP4 re-padded the vocabulary: allowed, but not under --strict
+    (verdict,) = [ln for ln in r.out.splitlines() if ln.startswith(("DIFFERENT", "EQUAL"))]
+    assert verdict.startswith("DIFFERENT") and "with --strict vocab padding rows" in verdict and "args" in verdict
+
+
+def test_completion_is_offered(cli):
+    assert "--install-completion" in cli("--help").out
