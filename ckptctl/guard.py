@@ -30,6 +30,7 @@ class Interrupted(CkptctlError):
 
 
 _caught: list[int] = []
+_raised: list[int] = []   # signals whose Interrupted is on its way up (not swallowed)
 
 
 def _handler(signum, frame):
@@ -41,10 +42,19 @@ def _handler(signum, frame):
     raise Interrupted(signum)
 
 
+def raise_pending() -> None:
+    """Called from the launcher's polling loop: a signal whose exception was swallowed (it arrived in a
+    callback where Python ignores exceptions, e.g. an at-fork hook) is raised again here, once."""
+    if _caught and not _raised:
+        _raised.append(_caught[0])
+        raise Interrupted(_caught[0])
+
+
 def install_signal_handlers() -> dict:
     """In the CLI's main thread: SIGINT, SIGTERM and SIGHUP raise `Interrupted`. Returns the handlers
     they replace (for `restore_signal_handlers`)."""
     _caught.clear()
+    _raised.clear()
     prev = {}
     for s in SIGNALS:
         try:

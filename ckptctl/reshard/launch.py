@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ckptctl import guard
 from ckptctl.errors import BadInput, WorkerFailure
 from ckptctl.reshard.run import Job, run_job
 
@@ -89,6 +90,7 @@ def run(job: Job, nproc: int, total_bytes: int, progress=None, label: str = "con
             if failed or all(c == 0 for c in codes):
                 rc, who = failed[0] if failed else (0, None)
                 break
+            guard.raise_pending()
             if task is not None:
                 progress.update(task, completed=min(_done_bytes(workdir), total_bytes))
             if timeout_s and time.monotonic() - start > timeout_s:

@@ -25,6 +25,9 @@ def main(argv: list[str], report_fd: int | None = None) -> int:
     try:
         if os.environ.get("CKPTCTL_TEST_FAIL_RANK") == str(rank):   # fault injection for the tests
             raise RuntimeError(f"injected failure on rank {rank}")
+        if os.environ.get("CKPTCTL_TEST_STALL_RANK") == str(rank):   # a worker still busy when a signal comes
+            import time
+            time.sleep(float(os.environ.get("CKPTCTL_TEST_STALL_S", "60")))
         if os.environ.get("CKPTCTL_TEST_KILL_RANK") == str(rank):   # a worker that dies without a word
             import signal
             os.kill(os.getpid(), signal.SIGKILL)
