@@ -13,7 +13,7 @@ class Box:
 
     @classmethod
     def full(cls, shape) -> "Box":
-        return cls(tuple(0 for _ in shape), tuple(int(s) for s in shape))
+        return cls((0,) * len(shape), tuple(map(int, shape)))
 
     @property
     def volume(self) -> int:

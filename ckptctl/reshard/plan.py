@@ -7,6 +7,8 @@ Every input error surfaces here, before any byte is written.
 """
 from __future__ import annotations
 
+import gc
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ckptctl.box import Box, find_overlap
@@ -164,7 +166,25 @@ class Namer:
 
 # --- source ------------------------------------------------------------------------------------
 
+@contextmanager
+def _gc_paused():
+    """Plans are millions of small acyclic objects: each full collection of the cyclic GC would walk all
+    of them again (half the planning time at 1,024 files). Reference counting still frees everything."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def plan_source(family: Family, cfg: ModelConfig, layout: Layout, inventories: list[Inventory]) -> SourcePlan:
+    with _gc_paused():
+        return _plan_source(family, cfg, layout, inventories)
+
+
+def _plan_source(family: Family, cfg: ModelConfig, layout: Layout, inventories: list[Inventory]) -> SourcePlan:
     namer = Namer(family, cfg, layout)
     copies = family.tied_copies(cfg)
     shapes: dict[str, tuple[tuple[int, ...], str, str]] = {}   # array -> (shape, dtype, first file)
@@ -212,6 +232,7 @@ def plan_source(family: Family, cfg: ModelConfig, layout: Layout, inventories: l
         raw.append(items)
 
     arr_shapes = {a: s for a, (s, _, _) in shapes.items()}
+    cut = _pieces_cache(arr_shapes)
     files: list[FilePlan] = []
     owners: dict[str, dict[Box, tuple[int, str]]] = {a: {} for a in shapes}   # box -> (file, gkey) of its writer
     slots: dict[str, int] = {}
@@ -224,7 +245,7 @@ def plan_source(family: Family, cfg: ModelConfig, layout: Layout, inventories: l
                 fp.items.append(ObjectItem(chunk, key, gkey, slot))
                 continue
             _, chunk, key, gkey, dtype, shape, rule, base, g, n, r = it
-            lshape, ps = pieces(rule, base, arr_shapes, n, r, expert=g)
+            lshape, ps = cut(rule, base, n, r, g)
             if tuple(lshape) != shape:
                 raise BadInput(f"{inv.dirname}/{chunk}: tensor {key!r} has shape {shape}, expected {tuple(lshape)}")
             owned = []
@@ -262,6 +283,21 @@ def plan_source(family: Family, cfg: ModelConfig, layout: Layout, inventories: l
     return SourcePlan(arrays=arrays, files=files, manifest=ordered, slots=slots)
 
 
+def _pieces_cache(shapes: dict):
+    """`pieces` memoized for one plan (the array shapes are fixed): replicas of a tensor (TP ranks holding
+    the same experts, replicated norms on every rank) are cut once."""
+    cache: dict = {}
+
+    def cut(rule: Rule, base: str, n: int, r: int, expert: int | None = None, split_size: int | None = None):
+        key = (rule, base, n, r, expert, split_size)
+        hit = cache.get(key)
+        if hit is None:
+            lshape, ps = pieces(rule, base, shapes, n, r, expert=expert, split_size=split_size)
+            hit = cache[key] = (tuple(lshape), tuple(ps))
+        return hit
+    return cut
+
+
 def _strip_expert(family: Family, loc: KeyLoc) -> KeyLoc:
     """Rules are looked up on the expert-free name (`...experts.linear_fc1.weight`)."""
     ex = family.expert_of(loc.rest)
@@ -289,46 +325,54 @@ def _sort_key(loc: KeyLoc, expert: int | None, position: int, family: Family, gr
 def plan_target(family: Family, cfg: ModelConfig, layout: Layout, manifest: list[dict],
                 arrays: dict[str, dict], slots: set[str]) -> list[FilePlan]:
     """The files of `layout`, each tensor's local shape and the store regions that fill it."""
+    with _gc_paused():
+        return _plan_target(family, cfg, layout, manifest, arrays, slots)
+
+
+def _plan_target(family: Family, cfg: ModelConfig, layout: Layout, manifest: list[dict],
+                 arrays: dict[str, dict], slots: set[str]) -> list[FilePlan]:
     family.validate(cfg, layout)
     namer = Namer(family, cfg, layout)
     shapes = {a: tuple(s["shape"]) for a, s in arrays.items()}
     vocab_rows = cfg.vocab_for_tp(layout.tp) if cfg.true_vocab is not None else None
     entries = _with_copies(family, cfg, layout, manifest)
+    cut = _pieces_cache(shapes)
     # Per (stage, chunk, EP rank) the entries its files hold, in manifest order: the dense ones and the
     # experts of that EP rank (one pass over the manifest; a file never scans other ranks' experts).
-    placed: dict[tuple[int, int, int], list[tuple[dict, KeyLoc, int, tuple | None]]] = {}
+    # Local key, rule and array depend on the layout only, so they are worked out once per entry.
+    placed: dict[tuple[int, int, int], list[tuple]] = {}
     for e in entries:
         loc = family.locate(e["gkey"])
         p, v, l = namer.placement(loc)
         ex = family.expert_of(loc.rest)
-        ranks = range(layout.ep) if ex is None else [ex[1] // namer.experts_per_rank]
+        rest, g = loc.rest, None
+        if ex is not None:
+            pattern, g = ex
+            rest = pattern.format(e=g % namer.experts_per_rank)
+        key = KeyLoc(loc.section, loc.stack, l, rest).key()
+        rule = base = None
+        if e["kind"] != "object":
+            src = family.locate(e.get("copy_of") or e["gkey"])
+            rule = family.rule(_strip_expert(family, src), cfg)
+            base, _ = namer.array_of(src)
+        ranks = range(layout.ep) if ex is None else [g // namer.experts_per_rank]
         for ep in ranks:
-            placed.setdefault((p, v, ep), []).append((e, loc, l, ex))
+            placed.setdefault((p, v, ep), []).append((e, loc, key, g, rule, base))
     files = []
     for fc in layout.model_files:
         chunks = tuple(chunk_name(layout, v) for v in range(layout.vpp))
         fp = FilePlan(fc, fc.dirname(layout), chunks)
         for v, chunk in enumerate(chunks):
-            for e, loc, l, ex in placed.get((fc.pp, v, fc.ep), []):
-                rest = loc.rest
-                g = None
-                if ex is not None:
-                    pattern, g = ex
-                    rest = pattern.format(e=g % namer.experts_per_rank)
-                key = KeyLoc(loc.section, loc.stack, l, rest).key()
-                if e["kind"] == "object":
+            for e, loc, key, g, rule, base in placed.get((fc.pp, v, fc.ep), []):
+                if rule is None:
                     fp.items.append(ObjectItem(chunk, key, e["gkey"], namer.object_slot(e["gkey"], loc, fc)))
                     continue
-                src = family.locate(e.get("copy_of") or e["gkey"])
-                rule = family.rule(_strip_expert(family, src), cfg)
-                base, _ = namer.array_of(src)
                 n, r = namer.split(rule, fc)
                 if rule.kind == VOCAB and vocab_rows is None and shapes[base][0] % n:
                     raise BadInput(f"tensor {e['gkey']!r}: padded vocab {shapes[base][0]} does not split over TP={n}; "
                                    "pass --true-vocab-size")
-                lshape, ps = pieces(rule, base, shapes, n, r, expert=g,
-                                    split_size=vocab_rows if rule.kind == VOCAB else None)
-                fp.items.append(TensorItem(chunk, key, e["gkey"], e["dtype"], tuple(lshape), tuple(ps)))
+                lshape, ps = cut(rule, base, n, r, g, vocab_rows if rule.kind == VOCAB else None)
+                fp.items.append(TensorItem(chunk, key, e["gkey"], e["dtype"], lshape, ps))
         files.append(fp)
     return files
 

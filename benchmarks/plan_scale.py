@@ -1,0 +1,138 @@
+"""Planner cost at frontier scale, from metadata only (no tensor data): a 61-layer MoE with 256 experts
+(hidden 7168, first 3 layers dense, shared expert; GQA standing in for MLA), its rank files' key lists
+synthesized as Megatron lays them out, planned tp8pp16ep64etp1 -> tp4pp8ep32etp1 (pipeline split 3/.../2
+over PP16 -> 7/.../6 over PP8).
+
+    python benchmarks/plan_scale.py [--etp-tp] [--reference] [--json]
+
+The timed planning runs in a fresh process (so its peak RSS is the planner's, not the synthesis's):
+seconds (wall and this process's CPU: the dev box is shared) for plan_source and plan_target, Box.intersect calls, peak RSS and the RSS after imports.
+`--reference` also times the all-pairs planner of tests/plan_reference.py (the pre-issue-16 code).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def config():
+    from ckptctl.models.config import ModelConfig
+    return ModelConfig(
+        family="moe", num_layers=61, hidden=7168, heads=128, groups=8, kv_channels=128, ffn=18432, glu=True,
+        tied=False, padded_vocab=129280, true_vocab=129280, vocab_divisor=128, num_experts=256, moe_ffn=2048,
+        first_stage_layers=3, last_stage_layers=2,
+        extra={"add_bias_linear": False, "normalization": "RMSNorm", "position_embedding_type": "rope",
+               "moe_layer_freq": [0] * 3 + [1] * 58, "moe_shared_expert_intermediate_size": 2048,
+               "moe_router_enable_expert_bias": True})
+
+
+def layouts(etp_tp: bool):
+    from ckptctl.layout import Layout
+    from ckptctl.pipeline import PipelineSplit
+    src = Layout(tp=8, pp=16, ep=64, etp=None if etp_tp else 1)
+    dst = Layout(tp=4, pp=8, ep=32, etp=None if etp_tp else 1, split=PipelineSplit(7, 6))
+    return src, dst
+
+
+def synthesize(etp_tp: bool):
+    """Every source rank file's (key, shape, dtype) list, as the planner reads them from real files."""
+    from ckptctl.layout import FileCoord, Layout
+    from ckptctl.models import get_family
+    from ckptctl.models.config import ModelConfig
+    from ckptctl.reshard import plan
+    fam, cfg = get_family("moe"), config()
+    src, _ = layouts(etp_tp)
+    one = ModelConfig(**{**cfg.__dict__, "first_stage_layers": None, "last_stage_layers": None})
+    keys = fam.global_keys(one)
+    g = plan.plan_source(fam, one, Layout(), [plan.Inventory(FileCoord(0, 0), "global", {
+        "model": [(k, s, None if s is None else "bfloat16") for k, s in keys]})])
+    files = plan.plan_target(fam, cfg, src, g.manifest, g.arrays, set())
+    return [plan.Inventory(f.coord, f.dirname, {c: [(i.key, i.shape, i.dtype) if isinstance(i, plan.TensorItem)
+                                                      else (i.key, None, None) for i in f.items if i.chunk == c]
+                                                  for c in f.chunks}) for f in files]
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run(path: str, etp_tp: bool, reference: bool) -> dict:
+    """The timed part (a fresh process): load the inventories, plan both sides, count intersects."""
+    from ckptctl.box import Box
+    from ckptctl.models import get_family
+    from ckptctl.reshard import plan
+    if reference:
+        sys.path.insert(0, str(ROOT / "tests"))
+        import plan_reference as impl
+    else:
+        impl = plan
+    invs = pickle.loads(Path(path).read_bytes())
+    fam, cfg = get_family("moe"), config()
+    src, dst = layouts(etp_tp)
+    after_imports = rss_mib()
+    calls = [0]
+    real = Box.intersect
+
+    def counted(self, other):
+        calls[0] += 1
+        return real(self, other)
+    Box.intersect = counted
+    t0, c0 = time.perf_counter(), time.process_time()
+    sp = impl.plan_source(fam, cfg, src, invs)
+    t1, c1 = time.perf_counter(), time.process_time()
+    files = impl.plan_target(fam, cfg, dst, sp.manifest, sp.arrays, set(sp.slots))
+    t2, c2 = time.perf_counter(), time.process_time()
+    return {"planner": "all-pairs reference" if reference else "sweep", "source": str(src), "target": str(dst),
+            "source_files": len(invs), "target_files": len(files), "arrays": len(sp.arrays),
+            "plan_source_s": round(t1 - t0, 2), "plan_target_s": round(t2 - t1, 2),
+            "plan_source_cpu_s": round(c1 - c0, 2), "plan_target_cpu_s": round(c2 - c1, 2),
+            "intersect_calls": calls[0], "rss_after_imports_mib": round(after_imports),
+            "peak_rss_mib": round(rss_mib())}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--etp-tp", action="store_true", help="ETP = TP (world 8192 source files) instead of ETP 1")
+    ap.add_argument("--reference", action="store_true", help="also time the all-pairs reference planner")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--run", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.run:
+        print(json.dumps(run(a.run, a.etp_tp, a.reference)))
+        return 0
+    t0 = time.perf_counter()
+    invs = synthesize(a.etp_tp)
+    synth_s = time.perf_counter() - t0
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "inv.pkl"
+        p.write_bytes(pickle.dumps(invs))
+        for ref in ([False, True] if a.reference else [False]):
+            cmd = [sys.executable, __file__, "--run", str(p)] + (["--etp-tp"] if a.etp_tp else []) + (
+                ["--reference"] if ref else [])
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+    if a.json:
+        print(json.dumps({"synthesis_s": round(synth_s, 1), "runs": rows}, indent=1))
+    else:
+        print(f"synthesized {len(invs)} source key lists in {synth_s:.1f} s")
+        for r in rows:
+            print(f"{r['planner']:>20}: {r['source']} -> {r['target']}: plan_source {r['plan_source_s']} s "
+                  f"(CPU {r['plan_source_cpu_s']} s), plan_target {r['plan_target_s']} s (CPU {r['plan_target_cpu_s']} s) ({r['target_files']} files, {r['arrays']} arrays), "
+                  f"{r['intersect_calls']:,} Box.intersect, peak RSS {r['peak_rss_mib']} MiB "
+                  f"({r['rss_after_imports_mib']} MiB after imports)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
