@@ -84,6 +84,10 @@ def describe(path: Path, true_vocab: int | None = None) -> dict:
     files = files_of(src)
     weights = _weights(src.plan.arrays)
     opt = _optimizer(src.optim, src.plan.arrays, optim_form(src) if src.optim else None)
+    if opt is None and src.policies.get("optimizer") == "optimizer":
+        # State is there but no decoder knows its form (convert drops it and says so).
+        opt = {"kind": "unrecognised", "variant": None, "sub_optimizers": 0, "components": [], "sharding": None,
+               "form": "present, not a form ckptctl converts: dropped by convert", "tensors": 0, "bytes": 0}
     state = {k: label for k, label in _STATE.items() if k in src.policies}
     if "args" in src.policies:
         state["consumed_train_samples"] = src.ckpt.args.get("consumed_train_samples")
@@ -152,8 +156,11 @@ def render(d: dict, say) -> None:
     b, t = d["bytes"], d["tensors"]
     say(f"  weights     {t['weights']} tensors, {human_bytes(b['weights'])} ({dt})")
     o = d.get("optimizer")
-    if o:
-        say(f"  optimizer   {o['kind']} ({o['variant']}, {o['sub_optimizers']} sub-optimizer"
+    if o and o["kind"] == "unrecognised":
+        say(f"  optimizer   {o['form']}")
+    elif o:
+        variant = "" if o["variant"] == o["kind"] else f"{o['variant']}, "
+        say(f"  optimizer   {o['kind']} ({variant}{o['sub_optimizers']} sub-optimizer"
             f"{'s' if o['sub_optimizers'] != 1 else ''}): {t['optimizer']} tensors "
             f"({', '.join(o['components'])}), {human_bytes(b['optimizer'])}")
         if o.get("form"):
