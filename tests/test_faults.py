@@ -378,3 +378,19 @@ def test_verify_sees_a_step_or_lr_changed_on_one_rank(src, tmp_path):
     assert r.code == 1
     (diff,) = [x for x in r.json()["differences"] if x["key"].startswith("optimizer.param_groups")]
     assert f.parent.name in diff["reason"] and "lr" in diff["key"]
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_refused_pickle_names_the_class_not_torchs_advice(work, tmp_path):
+    f = sorted(rank_files(work))[-1]
+    sd = torch.load(f, weights_only=False)
+    sd["evil"] = _Evil()
+    torch.save(sd, f)
+    d = digest(work)
+    r = run_cli("convert", work, tmp_path / "o", "--to", "tp1pp1")
+    check_refused(r, 2, r"refusing to unpickle posix\.system \(not on the allow-list\)", work, d, tmp_path, tmp_path / "o")
+    assert "weights_only" not in r.err

@@ -147,7 +147,10 @@ def _weights_only_load(src, what: str, mmap: bool = False):
             if m and m.group(1).startswith(FOREIGN_PREFIXES) and all(q != m.group(1) for _, q in extra):
                 extra.append((_stand_in(m.group(1)), m.group(1)))
                 continue
-            name = m.group(1) if m else str(e).splitlines()[0]
+            # name what was refused, never torch's advice to load with weights_only=False
+            g = m or re.search(r"GLOBAL ([\w.]+)", str(e))
+            why = re.search(r"WeightsUnpickler error: (.*)", str(e))
+            name = g.group(1) if g else (why.group(1).strip() if why else str(e).strip().splitlines()[-1])[:160]
             raise BadInput(f"{what}: refusing to unpickle {name} (not on the allow-list)") from None
     raise BadInput(f"{what}: too many unknown globals")
 
