@@ -236,6 +236,7 @@ def verify(
     if json_out:
         d = rep.to_json()
         d["ok"], d["verdict"], d["differ_by_kind"] = not failed, line, verify_report.counts(rep)
+        d["wall_seconds"] = round(output.wall_seconds(), 3)
         for dj, diff in zip(d["differences"], rep.differences):
             dj["kind"] = verify_report.kind_of(diff)
             dj["where_a"], dj["where_b"] = getattr(diff, "where_a", None), getattr(diff, "where_b", None)

@@ -173,3 +173,11 @@ def test_strict_verdict_says_why(converted, src, cli):
 
 def test_completion_is_offered(cli):
     assert "--install-completion" in cli("--help").out
+
+
+def test_every_option_of_every_command_has_help():
+    import typer
+    from ckptctl.cli import app
+    root = typer.main.get_command(app)
+    missing = [(n, p.name) for n, c in root.commands.items() for p in c.params if not getattr(p, "help", None)]
+    assert not missing and all(p.help for p in root.params)
