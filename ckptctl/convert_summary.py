@@ -18,7 +18,9 @@ def render(rep, say) -> None:
     what = (f"{h(rep.bytes)} per phase (weights {h(rep.weight_bytes)}, optimizer {h(rep.optimizer_bytes)})"
             if rep.optimizer_bytes else f"{h(rep.bytes)}")
     say(f"converted {rep.family} {rep.source_layout} -> {rep.target_layout or 'store'}: "
-        f"{rep.files_in} -> {rep.files_out} rank files, {what}, {rep.workers} workers -> {rep.dst}")
+        f"{rep.files_in} -> {rep.files_out} rank files, {what}, "
+        f"{rep.workers or 'no'} worker{'' if rep.workers == 1 else 's'}{' (in this process)' if not rep.workers else ''} "
+        f"-> {rep.dst}")
     t = rep.timings or {}
     phases = ", ".join(f"{k} {v:.2f} s" for k, v in t.items())
     moved = [t[k] for k in ("source", "target") if k in t]
