@@ -99,6 +99,7 @@ def transformer_config(cfg: dict, lay: dict):
         qk_layernorm=cfg["qk_layernorm"],
         tensor_model_parallel_size=lay["tp"], pipeline_model_parallel_size=lay["pp"],
         virtual_pipeline_model_parallel_size=lay["vpp"] if lay["vpp"] > 1 else None,
+        num_layers_in_first_pipeline_stage=lay.get("first"), num_layers_in_last_pipeline_stage=lay.get("last"),
         sequence_parallel=False, params_dtype=dtype, pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         use_cpu_initialization=True, perform_initialization=True, init_method_std=0.05,
@@ -219,8 +220,8 @@ def megatron_args(cfg: dict, lay: dict, ckpt_format: str):
         virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
         num_layers_per_virtual_pipeline_stage=L // (pp * vpp) if vpp > 1 else None,
         num_virtual_stages_per_pipeline_rank=None, pipeline_model_parallel_layout=None,
-        decoder_first_pipeline_num_layers=None, decoder_last_pipeline_num_layers=None,
-        num_layers_in_first_pipeline_stage=None, num_layers_in_last_pipeline_stage=None,
+        decoder_first_pipeline_num_layers=lay.get("first"), decoder_last_pipeline_num_layers=lay.get("last"),
+        num_layers_in_first_pipeline_stage=lay.get("first"), num_layers_in_last_pipeline_stage=lay.get("last"),
         account_for_embedding_in_pipeline_split=False, account_for_loss_in_pipeline_split=False,
         expert_model_parallel_size=1, expert_tensor_parallel_size=lay["tp"],
         context_parallel_size=1, data_parallel_size=lay["dp"],
@@ -368,6 +369,8 @@ def load(a, cfg: dict, lay: dict) -> int:
         want = {"tensor_model_parallel_size": lay["tp"], "pipeline_model_parallel_size": lay["pp"],
                 "virtual_pipeline_model_parallel_size": lay["vpp"] if lay["vpp"] > 1 else None,
                 "padded_vocab_size": padded_vocab(cfg, lay["tp"]), "num_layers": cfg["num_layers"],
+                "decoder_first_pipeline_num_layers": lay.get("first"),
+                "decoder_last_pipeline_num_layers": lay.get("last"),
                 "hidden_size": cfg["hidden_size"], "num_attention_heads": cfg["num_attention_heads"]}
         for f, v in want.items():
             if getattr(args, f, "<absent>") != v:
@@ -431,6 +434,8 @@ def main(argv: list[str]) -> int:
         q.add_argument("--layout", required=True)
         q.add_argument("--cfg", required=True, help="JSON file or JSON text")
         q.add_argument("--seed", type=int, default=1234)
+        q.add_argument("--first", type=int, help="layers on the first pipeline stage (uneven split)")
+        q.add_argument("--last", type=int, help="layers on the last pipeline stage (uneven split)")
         if name == "save":
             q.add_argument("--out", required=True)
             q.add_argument("--dist-out")
@@ -444,6 +449,7 @@ def main(argv: list[str]) -> int:
             q.add_argument("--result", required=True)
     a = p.parse_args(argv)
     lay, cfg = parse_layout(a.layout), load_cfg(a.cfg)
+    lay.update(first=a.first, last=a.last)
 
     from cpu import init_parallel, patch_cuda_for_cpu
 
