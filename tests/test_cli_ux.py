@@ -83,6 +83,8 @@ def test_inspect_torch_dist_and_store(src, tmp_path, cli):
     s = cli("inspect", st, "--json").json()
     assert s["kind"] == "store" and s["layout"]["name"] == "tp2pp2" and s["family"] == "gpt"
     assert s["bytes"]["weights"] == cli("inspect", src, "--json").json()["bytes"]["weights"]
+    r = cli("convert", st, tmp_path / "s2.zarr", "--nproc", "0")   # a store from a store: nothing to do
+    assert r.code == 2 and "already a store" in r.err and not (tmp_path / "s2.zarr").exists()
 
 
 def test_dry_run_writes_nothing_and_plans_what_a_run_moves(src, converted, tmp_path, cli):
@@ -181,3 +183,17 @@ def test_every_option_of_every_command_has_help():
     root = typer.main.get_command(app)
     missing = [(n, p.name) for n, c in root.commands.items() for p in c.params if not getattr(p, "help", None)]
     assert not missing and all(p.help for p in root.params)
+
+
+def test_notes_for_a_same_layout_copy_and_an_unknown_vocab(src, tmp_path, cli):
+    same = cli("convert", src, tmp_path / "x", "--to", "pp2tp2", "--dry-run", "--json").json()
+    assert any("full copy" in n for n in same["notes"])
+    novocab = tmp_path / "novocab"
+    shutil.copytree(src, novocab)
+    for f in novocab.rglob("model_optim_rng.pt"):   # as many Megatron-LM runs save it
+        sd = load(f)
+        sd["args"].vocab_size = None
+        torch.save(sd, f)
+    d = cli("convert", novocab, tmp_path / "y", "--to", "tp4pp1", "--dry-run", "--json").json()
+    assert any("--true-vocab-size" in n for n in d["notes"])
+    assert not any("--true-vocab-size" in n for n in same["notes"])
