@@ -26,13 +26,13 @@ def _dist_optim(src) -> str:
     return torch_dist_optim.form_text(src.optim, src.optim.get("sharding"))
 
 
-def _legacy_files(src) -> list[Path]:
-    """Every file of the iteration directory (model_optim_rng.pt, distrib_optim.pt ...)."""
+def _iteration_files(src) -> list[Path]:
+    """Every file of the iteration directory (model_optim_rng.pt, distrib_optim.pt, *.distcp ...)."""
     return [p for p in Path(src.ckpt.iter_dir).rglob("*") if p.is_file()]
 
 
 # format -> (optimizer sharding form, files on disk)
-_FORMS = {formats.LEGACY: (_legacy_optim, _legacy_files), formats.TORCH_DIST: (_dist_optim, _legacy_files)}
+_FORMS = {formats.LEGACY: (_legacy_optim, _iteration_files), formats.TORCH_DIST: (_dist_optim, _iteration_files)}
 
 
 def layout_json(layout: Layout) -> dict:
@@ -80,7 +80,8 @@ def describe(path: Path, true_vocab: int | None = None) -> dict:
         return _describe_store(path)
     from ckptctl.convert import inspect
     src = inspect(path, true_vocab)
-    optim_form, files_of = _FORMS[src.fmt]
+    # A format added later without an entry still inspects: no sharding text, every file of its iteration.
+    optim_form, files_of = _FORMS.get(src.fmt, (lambda s: None, _iteration_files))
     files = files_of(src)
     weights = _weights(src.plan.arrays)
     opt = _optimizer(src.optim, src.plan.arrays, optim_form(src) if src.optim else None)
