@@ -162,6 +162,8 @@ def convert(
     allow_divergent_replicas: bool = typer.Option(False, "--allow-divergent-replicas", help="Where copies of a "
                                                   "replicated tensor differ between rank files, take the first "
                                                   "file's copy instead of refusing."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a convert of this destination that was killed: "
+                                "keep the store arrays and rank files it finished (checksummed), redo the rest."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="RSS budget per worker, e.g. 2G, 512M (default 2G)."),
     nnodes: int = typer.Option(1, "--nnodes", help="Nodes of a multi-node job (run the same command on each)."),
     node_rank: int = typer.Option(0, "--node-rank", help="This node's rank (node 0 commits the output)."),
@@ -196,7 +198,7 @@ def convert(
                   rng=rng, overwrite=overwrite, progress=prog, optimizer=not no_optimizer,
                   max_memory=parse_size(max_memory), nodes=Nodes(nnodes, node_rank, master_addr, master_port),
                   to_format=to_format, optim_sharding=optim_sharding, dry_run=dry_run,
-                  allow_divergent_replicas=allow_divergent_replicas)
+                  allow_divergent_replicas=allow_divergent_replicas, resume=resume)
     if dry_run:
         from ckptctl import dryrun
         output.emit_json(rep) if json_out else dryrun.render(rep, output.say)

@@ -173,8 +173,8 @@ def convert(src: Path, dst: Path, to: Layout | None, **kw) -> ConvertReport:
     """Convert SRC to DST inside ckptctl.safety's guard: path checks before any byte, the destination's
     lock, stale work folders of dead runs removed, free space checked, a signal stops it cleanly."""
     from ckptctl import safety
-    with safety.guarded(src, dst, to, kw) as notes, safety.divergent_replicas(kw.pop("allow_divergent_replicas", False),
-                                                                            notes):
+    resume, allow = kw.pop("resume", False), kw.pop("allow_divergent_replicas", False)
+    with safety.guarded(src, dst, to, kw, resume) as notes, safety.divergent_replicas(allow, notes):
         rep = _convert(src, dst, to, **kw)
     if notes and isinstance(rep, ConvertReport):
         rep.notes[:0] = notes
@@ -248,8 +248,8 @@ def _convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = No
         work = dst.parent / f".{dst.name}.ckptctl-mn{nodes.master_port}"
         work.mkdir(exist_ok=True)
     else:
-        work = dst.parent / f".{dst.name}.ckptctl-{uuid.uuid4().hex[:8]}"
-        work.mkdir()
+        from ckptctl.safety import work_folder
+        work = work_folder(dst)   # new, or with --resume the one an interrupted run left
     try:
         store_path = Path(store) if store else work / "store.zarr"
         if to_store:
@@ -335,8 +335,8 @@ def _store_to_legacy(src: Path, dst: Path, to: Layout | None, nproc: int, rng: s
                            nproc=nproc, max_memory=max_memory, policies={}, notes=notes, from_store=True,
                            iteration=attrs.get("iteration", "release"))
     dst.parent.mkdir(parents=True, exist_ok=True)
-    work = dst.parent / f".{dst.name}.ckptctl-{uuid.uuid4().hex[:8]}"
-    work.mkdir()
+    from ckptctl.safety import work_folder
+    work = work_folder(dst)   # new, or with --resume the one an interrupted run left
     try:
         job = Job(workdir=str(work), store=str(src), out=str(work / "out"), dst_layout=to.to_json(), rng=rng,
                   phases=("target",), max_memory=max_memory, optim_sharding=optim_sharding,

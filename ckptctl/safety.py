@@ -46,10 +46,26 @@ def check(src: Path, dst: Path, to, store: Path | None, keep_store: bool, overwr
     return writes
 
 
+_resume: dict[str, Path] = {}   # destination -> the work folder to reuse (--resume), set by `guarded`
+
+
+def work_folder(dst: Path) -> Path:
+    """The run's hidden work folder beside DST: the interrupted run's with --resume, else a new one."""
+    dst = Path(dst)
+    old = _resume.pop(os.path.abspath(dst), None)
+    if old is not None and old.is_dir():
+        return old
+    import uuid
+    work = dst.parent / f".{dst.name}.ckptctl-{uuid.uuid4().hex[:8]}"
+    paths.make_dir(work)
+    return work
+
+
 @contextmanager
-def guarded(src: Path, dst: Path, to, kw: dict):
+def guarded(src: Path, dst: Path, to, kw: dict, resume: bool = False):
     """Around one convert: yields a list the caller appends to its report's notes. Interruptions by a
-    signal leave through here as `guard.Interrupted` naming the destination."""
+    signal leave through here as `guard.Interrupted` naming the destination. `resume`: the newest work
+    folder an interrupted run left is reused (ckptctl.reshard.resume), the others removed."""
     guard.refuse_under_launcher()
     store, keep_store = kw.get("store"), kw.get("keep_store", False)
     notes: list[str] = []
@@ -70,6 +86,8 @@ def guarded(src: Path, dst: Path, to, kw: dict):
             keep = None
             if getattr(nodes, "multi", False):
                 keep = Path(os.path.abspath(dst)).parent / f".{Path(dst).name}.ckptctl-mn{nodes.master_port}"
+            if resume and keep is None:
+                keep = _resumable(dst, notes)
             notes += guard.remove_stale(dst, keep)
         _check_space(src, dst, writes, Path(dst).suffix == ".zarr" and to is None)
         yield notes
@@ -82,6 +100,7 @@ def guarded(src: Path, dst: Path, to, kw: dict):
             raise BadInput(msg) from None
         raise
     finally:
+        _resume.pop(os.path.abspath(dst), None)
         if lock is not None:
             lock.release()
 
@@ -118,3 +137,18 @@ def divergent_replicas(allow: bool, notes: list):
             os.environ.pop(ALLOW_ENV, None)
         else:
             os.environ[ALLOW_ENV] = old
+
+
+def _resumable(dst: Path, notes: list) -> Path | None:
+    """The newest stale work folder of `dst` that holds a job (called under the destination's lock)."""
+    from ckptctl.reshard import resume
+    found = [p for p in guard.stale_work(dst) if p.is_dir() and ".ckptctl-" in p.name and any(p.glob("job*.json"))]
+    if not found:
+        notes.append("--resume: no interrupted run of this destination found; converting from the start")
+        return None
+    work = max(found, key=lambda p: p.stat().st_mtime)
+    src_n, dst_n = resume.counts(work)
+    notes.append(f"--resume: reusing {work.name}: {src_n} source and {dst_n} target rank files finished "
+                 "before the interruption are kept (if their job is the same and their checksums hold)")
+    _resume[os.path.abspath(dst)] = work
+    return work

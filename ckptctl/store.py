@@ -195,15 +195,21 @@ class Store:
         store.set_attrs(attrs)
         return store
 
-    def add_arrays(self, arrays: dict[str, dict]) -> None:
+    def add_arrays(self, arrays: dict[str, dict], existing_ok: bool = False) -> None:
         """Create arrays (name -> spec as in `create`); workers may each add their share concurrently.
 
         Zarr creates the first array of each storage dtype (and rank: 0-d or not); the others get the
         same metadata document with their shape, chunk shape and attributes written directly, which
         costs microseconds instead of milliseconds per array (thousands of arrays in a large model).
+        `existing_ok` (a resumed run): arrays already there are kept as they are, chunks included.
         """
         templates: dict[tuple, dict] = {}
         for name, spec in arrays.items():
+            if existing_ok:
+                meta = _read_json(self.path / name / "zarr.json")
+                if meta is not None:
+                    self._arrays[name] = self._info(name, meta)
+                    continue
             shape = tuple(spec["shape"])
             chunks = tuple(spec["chunks"]) if shape else ()
             key = (storage_dtype(spec["dtype"]), bool(shape))

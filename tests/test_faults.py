@@ -394,3 +394,31 @@ def test_refused_pickle_names_the_class_not_torchs_advice(work, tmp_path):
     r = run_cli("convert", work, tmp_path / "o", "--to", "tp1pp1")
     check_refused(r, 2, r"refusing to unpickle posix\.system \(not on the allow-list\)", work, d, tmp_path, tmp_path / "o")
     assert "weights_only" not in r.err
+
+
+# --- 8. resume ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reference(src, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("ref") / "o"
+    assert run_cli("convert", src, d, "--to", "tp4pp1", "--nproc", "2").code == 0
+    return d
+
+
+@pytest.mark.parametrize("point", ["source:1", "target:1", "target:2"])
+def test_resume_after_a_kill_is_byte_identical(src, reference, tmp_path, point):
+    """The CLI is SIGKILLed after each worker finished its first (second) file of a phase; --resume keeps
+    what was finished and the result equals an uninterrupted run, byte for byte."""
+    from conftest import tree_bytes
+    dst = tmp_path / "o"
+    env = dict(os.environ, CKPTCTL_TEST_KILL_AFTER=point)
+    p = subprocess.run([*EXE, "convert", src, dst, "--to", "tp4pp1", "--nproc", "2"], env=env, capture_output=True)
+    assert p.returncode == -signal.SIGKILL and not dst.exists()
+    (work,) = tmp_path.glob(".o.ckptctl-*")
+    marks = sorted(x.name for x in (work / "done").iterdir())
+    assert marks and all(m.startswith(point.split(":")[0]) or m.startswith("source") for m in marks)
+    r = run_cli("convert", src, dst, "--to", "tp4pp1", "--nproc", "2", "--resume", "--json")
+    assert r.code == 0, r.err
+    assert any(f"--resume: reusing {work.name}" in n for n in r.json()["notes"]), r.json()["notes"]
+    assert tree_bytes(dst) == tree_bytes(reference)
+    assert not [x for x in tmp_path.iterdir() if ".ckptctl" in x.name]

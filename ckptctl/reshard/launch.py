@@ -71,12 +71,18 @@ def run(job: Job, nproc: int, total_bytes: int, progress=None, label: str = "con
     """
     workdir = Path(job.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    if nproc <= 0:
-        return run_job(job)
     nodes = nodes or Nodes()
     tag = f"-node{nodes.node_rank}" if nodes.multi else ""
     job_path = workdir / f"job{tag}.json"
+    if job_path.is_file() and job_path.read_text() != json.dumps(job.__dict__):
+        # a reused (--resume) work folder of a different job: nothing in it is this job's
+        import shutil
+        from ckptctl.paths import remove
+        for p in workdir.iterdir():
+            remove(p)
     job.save(job_path)
+    if nproc <= 0:
+        return run_job(job)
     log = workdir / f"workers{tag}.log"
     task = progress.add_task(label, total=max(total_bytes, 1)) if progress is not None else None
     start = time.monotonic()

@@ -127,18 +127,27 @@ def source_phase(job: Job, comm: Comm, progress: Progress) -> dict:
     open_unit = formats.unit_opener(job.src_format, layout, job.inventories, job.dist)
     oside = formats.optim_source(job.src_format, family, cfg, layout, job.optim, plan, job.dist) if job.optim else None
     own_units = getattr(oside, "run", None)       # torch_dist: decodes per model-parallel rank, not per unit
-    if comm.rank == 0:
+    from ckptctl.reshard import resume
+    keep = resume.keep_store(job)   # --resume: an interrupted run's store and finished files are kept
+    if comm.rank == 0 and not keep:
         Store.create(Path(job.store), {}, {"format": FORMAT, "complete": False})
     comm.barrier()
     store = Store.open(Path(job.store), mode="r+")
     arrays = {**plan.arrays, **(oside.arrays() if oside else {})}
-    store.add_arrays({a: arrays[a] for a in sorted(arrays)[comm.rank::comm.world]})   # creating costs ms each
+    store.add_arrays({a: arrays[a] for a in sorted(arrays)[comm.rank::comm.world]},   # creating costs ms each
+                     existing_ok=keep)
     comm.barrier()
     mine = assign([plan.owned_bytes(i) + 1 for i in range(len(plan.files))], comm.world)[comm.rank]
     budget = stream.Budget(job.max_memory)
     encodings: dict[str, str] = {}
     for i in mine:
         fp = plan.files[i]
+        done = resume.source_done(job, i) if keep else None
+        if done is not None:
+            encodings.update(done)
+            progress.add(plan.owned_bytes(i))
+            continue
+        before = dict(encodings)
         sd = open_unit(fp)
         for t in fp.tensors:
             if not any(t.owned):
@@ -163,6 +172,7 @@ def source_phase(job: Job, comm: Comm, progress: Progress) -> dict:
             encodings[COMMON] = put_object(store, COMMON, sd.common())
             encodings["__dropped__"] = ",".join(k for k in sd.dropped() if not (oside and k == "optimizer"))
         del sd
+        resume.mark_source(job, i, {k: v for k, v in encodings.items() if k not in before or before[k] != v})
     if own_units is not None:
         encodings.update(own_units(store, comm, progress))
     progress.add(0, force=True)
@@ -326,8 +336,12 @@ def target_phase(job: Job, comm: Comm, progress: Progress) -> dict:
                                    files=files)
     mine = assign([f.nbytes() + 1 for f in files], comm.world)[comm.rank]
     budget = stream.Budget(job.max_memory)
+    from ckptctl.reshard import resume
     for i in mine:
         fp = files[i]
+        if resume.target_done(job, i):   # finished by an interrupted run, its files intact (crc32c)
+            progress.add(fp.nbytes())
+            continue
         sd = build_file(store, fp, common, encs, progress, block=budget.block)
         if tside is not None:
             (it_dir / fp.dirname).mkdir(parents=True, exist_ok=True)
@@ -339,6 +353,7 @@ def target_phase(job: Job, comm: Comm, progress: Progress) -> dict:
         d.mkdir(parents=True, exist_ok=True)
         stream.save_streaming(sd, d / legacy.MODEL_FILE)
         del sd
+        resume.mark_target(job, i, d)
     progress.add(0, force=True)
     comm.barrier()
     if comm.rank == 0:
