@@ -54,7 +54,7 @@ def find_overlap(boxes) -> tuple[int, int] | None:
     box in a slab overlaps the others on the dimensions already cut), and on the last dimension each
     slab is swept in start order against the box reaching furthest so far. For the boxes a sharding
     rule produces (each box lies in one slab per dimension) that is O(n log n) with fewer than n
-    `intersect` calls; a box spanning many slabs is visited once per slab.
+    `intersect` calls; a box spanning several slabs is visited once per slab.
     """
     live = [i for i, b in enumerate(boxes) if b.volume]    # empty boxes overlap nothing
     if len(live) < 2:
@@ -62,22 +62,35 @@ def find_overlap(boxes) -> tuple[int, int] | None:
     ndim = len(boxes[live[0]].offsets)
     if ndim == 0:
         return live[0], live[1]
-    # Cut first along the dimensions that duplicate the fewest boxes across slabs.
+    # Cut first along the dimensions that put the fewest boxes into several slabs.
     cost = []
     for d in range(ndim):
-        cuts = sorted({boxes[i].offsets[d] for i in live} | {boxes[i].offsets[d] + boxes[i].sizes[d] for i in live})
+        extents = _extents(boxes, live, d)
+        cuts = _cuts(extents)
         spans = 0
-        for i in live:
-            a, b = _slab_range(cuts, boxes[i], d)
-            spans += b - a
+        for e, members in extents.items():
+            a, b = _slab_range(cuts, e)
+            spans += len(members) * (b - a)
         cost.append((spans, d))
-    dims = [d for _, d in sorted(cost)]
-    return _overlap(boxes, live, dims)
+    return _overlap(boxes, live, [d for _, d in sorted(cost)])
 
 
-def _slab_range(cuts: list[int], b: Box, d: int) -> tuple[int, int]:
+def _extents(boxes, idx: list[int], d: int) -> dict[tuple[int, int], list[int]]:
+    """Boxes grouped by their [start, end) along d (few distinct ones: one per shard position)."""
+    out: dict[tuple[int, int], list[int]] = {}
+    for i in idx:
+        o = boxes[i].offsets[d]
+        out.setdefault((o, o + boxes[i].sizes[d]), []).append(i)
+    return out
+
+
+def _cuts(extents) -> list[int]:
+    return sorted({x for e in extents for x in e})
+
+
+def _slab_range(cuts: list[int], extent: tuple[int, int]) -> tuple[int, int]:
     from bisect import bisect_left
-    return bisect_left(cuts, b.offsets[d]), bisect_left(cuts, b.offsets[d] + b.sizes[d])
+    return bisect_left(cuts, extent[0]), bisect_left(cuts, extent[1])
 
 
 def _overlap(boxes, idx: list[int], dims: list[int]) -> tuple[int, int] | None:
@@ -93,18 +106,17 @@ def _overlap(boxes, idx: list[int], dims: list[int]) -> tuple[int, int] | None:
             if boxes[i].offsets[d] + boxes[i].sizes[d] > boxes[reach].offsets[d] + boxes[reach].sizes[d]:
                 reach = i
         return None
-    first = boxes[idx[0]]
-    lo, hi = first.offsets[d], first.offsets[d] + first.sizes[d]
-    if all(boxes[i].offsets[d] == lo and boxes[i].offsets[d] + boxes[i].sizes[d] == hi for i in idx):
+    extents = _extents(boxes, idx, d)
+    if len(extents) == 1:
         return _overlap(boxes, idx, dims[1:])       # one slab: nothing to cut on d
-    cuts = sorted({boxes[i].offsets[d] for i in idx} | {boxes[i].offsets[d] + boxes[i].sizes[d] for i in idx})
+    cuts = _cuts(extents)
     slabs: dict[int, list[int]] = {}
-    for i in idx:
-        a, b = _slab_range(cuts, boxes[i], d)
+    for e, members in extents.items():
+        a, b = _slab_range(cuts, e)
         for s in range(a, b):
-            slabs.setdefault(s, []).append(i)
+            slabs.setdefault(s, []).extend(members)
     for s in sorted(slabs):
-        hit = _overlap(boxes, slabs[s], dims[1:])
+        hit = _overlap(boxes, sorted(slabs[s]), dims[1:])
         if hit is not None:
             return hit
     return None

@@ -194,27 +194,44 @@ def _plan_source(family: Family, cfg: ModelConfig, layout: Layout, inventories: 
     manifest: dict[str, dict] = {}
     position = 0
     groups: dict = {}
+    # Files of one (pp, ep) hold the same keys (TP ranks, and every EP rank's dense part): a key's global
+    # name, rule and array are worked out once, not once per file.
+    located: dict[tuple, tuple] = {}        # (pp, ep, chunk index, local key) -> globalize()
+    tensor_of: dict[str, tuple] = {}        # gkey -> (rule, copy_of, array base, expert)
+    implied: dict[tuple, dict] = {}         # global_shapes() per (rule, base, local shape, n, expert axis)
     for inv in inventories:
         items = []
         for v, (chunk, entries) in enumerate(sorted(inv.chunks.items(), key=lambda kv: int(kv[0][5:] or 0))):
             where = f"{inv.dirname}/{chunk}"
             for key, shape, dtype in entries:
-                gkey, loc, expert = namer.globalize(inv.coord, v, key, where)
+                lk = (inv.coord.pp, inv.coord.ep, v, key)
+                hit = located.get(lk)
+                if hit is None:
+                    hit = located[lk] = namer.globalize(inv.coord, v, key, where)
+                gkey, loc, expert = hit
                 position += 1
                 if loc.rest.endswith(EXTRA_STATE):
                     slot = namer.object_slot(gkey, loc, inv.coord)
                     items.append(("o", chunk, key, gkey, slot))
-                    manifest.setdefault(gkey, {"gkey": gkey, "kind": "object"})
-                    order.setdefault(gkey, _sort_key(loc, expert, position, family, groups))
+                    if gkey not in manifest:
+                        manifest[gkey] = {"gkey": gkey, "kind": "object"}
+                        order[gkey] = _sort_key(loc, expert, position, family, groups)
                     continue
                 if shape is None:
                     raise BadInput(f"{where}: key {key!r} is neither a tensor nor an _extra_state")
-                rule = family.rule(_strip_expert(family, loc), cfg)
-                copy_of = copies.get(gkey)
-                aloc = family.locate(copy_of) if copy_of else loc
-                base, g = namer.array_of(aloc)
+                info = tensor_of.get(gkey)
+                if info is None:
+                    rule = family.rule(_strip_expert(family, loc), cfg)
+                    copy_of = copies.get(gkey)
+                    aloc = family.locate(copy_of) if copy_of else loc
+                    info = tensor_of[gkey] = (rule, copy_of, *namer.array_of(aloc))
+                rule, copy_of, base, g = info
                 n, r = namer.split(rule, inv.coord)
-                glob = global_shapes(rule, base, shape, n, cfg.num_experts if g is not None else None)
+                shape = tuple(shape)
+                gk = (rule, base, shape, n, g is not None)
+                glob = implied.get(gk)
+                if glob is None:
+                    glob = implied[gk] = global_shapes(rule, base, shape, n, cfg.num_experts if g is not None else None)
                 if rule.kind == VOCAB:
                     vocab.add(base)
                 for arr, gshape in glob.items():
@@ -225,10 +242,10 @@ def _plan_source(family: Family, cfg: ModelConfig, layout: Layout, inventories: 
                         raise BadInput(
                             f"tensor {gkey!r}: shapes disagree across ranks: {where} implies {dtype} {gshape}, "
                             f"{prev[2]} implies {prev[1]} {prev[0]}")
-                items.append(("t", chunk, key, gkey, dtype, tuple(shape), rule, base, g, n, r))
-                if not copy_of:
-                    manifest.setdefault(gkey, {"gkey": gkey, "kind": "tensor", "dtype": dtype})
-                    order.setdefault(gkey, _sort_key(loc, expert, position, family, groups))
+                items.append(("t", chunk, key, gkey, dtype, shape, rule, base, g, n, r))
+                if not copy_of and gkey not in manifest:
+                    manifest[gkey] = {"gkey": gkey, "kind": "tensor", "dtype": dtype}
+                    order[gkey] = _sort_key(loc, expert, position, family, groups)
         raw.append(items)
 
     arr_shapes = {a: s for a, (s, _, _) in shapes.items()}
