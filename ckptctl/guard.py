@@ -133,6 +133,20 @@ def _holder(text: str) -> str:
         return "unknown holder"
 
 
+_held: set[int] = set()   # lock fds of this process
+
+
+def close_inherited_locks() -> None:
+    """In a forked worker: close the parent's lock fds. A flock belongs to the open file, which a fork
+    shares; a worker outliving a killed CLI by milliseconds would otherwise still hold the lock."""
+    for fd in list(_held):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held.clear()
+
+
 class DestLock:
     """An exclusive flock on `.DST.ckptctl.lock` beside the destination, held for the whole run. The
     kernel drops it when the holder dies, so a lock file left by a dead run is simply taken over."""
@@ -168,6 +182,7 @@ class DestLock:
             os.ftruncate(fd, 0)
             os.pwrite(fd, me.encode(), 0)
             self.fd = fd
+            _held.add(fd)
             return self
 
     def release(self) -> None:
@@ -176,6 +191,7 @@ class DestLock:
         try:
             self.path.unlink(missing_ok=True)   # while still locked: a waiter re-checks the inode
         finally:
+            _held.discard(self.fd)
             os.close(self.fd)
             self.fd = None
 

@@ -69,6 +69,7 @@ def forked(job_path: str, rank: int, world: int, port: int, log: str, parent: in
     try:
         from ckptctl import guard
         guard.reset_signals_in_worker()
+        guard.close_inherited_locks()
         if parent is not None:
             guard.die_with_parent(parent)
         guard.clean_worker_env(os.environ)
