@@ -26,24 +26,26 @@ def _within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-def check_disjoint(reads: dict[str, Path], writes: dict[str, Path]) -> None:
+_NEVER = "ckptctl never writes into, over or around what it reads: choose another path"
+
+
+def check_disjoint(reads: dict[str, Path], writes: dict[str, Path], why: str = _NEVER) -> None:
     """reads/writes: role ("the source", "--store" ...) -> path. One error naming both, exit 2."""
     for wrole, w in writes.items():
         rw = real(w)
         for rrole, r in reads.items():
             rr = real(r)
             if rw == rr:
-                why = "is"
+                rel = "is"
             elif _within(rw, rr):
-                why = "lies inside"
+                rel = "lies inside"
             elif _within(rr, rw):
-                why = "contains"
+                rel = "contains"
             else:
                 continue
             alias = "" if rw == Path(os.path.abspath(w)) and rr == Path(os.path.abspath(r)) else \
                 f" (after resolving symlinks: {rw} vs {rr})"
-            raise BadInput(f"{wrole} {w} {why} {rrole} {r}{alias}; ckptctl never writes into, over or around "
-                           "what it reads: choose another path")
+            raise BadInput(f"{wrole} {w} {rel} {rrole} {r}{alias}; {why}")
 
 
 def outside_links(src: Path) -> list[tuple[Path, Path]]:

@@ -39,6 +39,9 @@ def check(src: Path, dst: Path, to, store: Path | None, keep_store: bool, overwr
         if notes is not None:
             notes.append(f"read {target} through the symlink {link}, which leads outside the source")
     paths.check_disjoint(reads, writes)
+    outputs = [(r, w) for r, w in writes.items() if r != "the work folder"]
+    for i, (ra, a) in enumerate(outputs):   # one output inside another would be replaced with it
+        paths.check_disjoint({ra: a}, dict(outputs[i + 1:]), "one output would replace the other: choose another path")
     for role, p in writes.items():
         if role != "the work folder":
             paths.check_writable(p)

@@ -108,6 +108,9 @@ def test_store_and_kept_store_never_replace_what_exists(work, tmp_path):
     r = run_cli("convert", work, tmp_path / "o", "--to", "tp1pp1", "--store", other)
     check_refused(r, 2, r"--store .*other exists and is not empty; pass --overwrite", work, d, tmp_path, tmp_path / "o")
     assert (other / "keep.txt").read_text() == "mine"
+    r = run_cli("convert", work, tmp_path / "o", "--to", "tp1pp1", "--store", tmp_path / "o" / "st.zarr")
+    check_refused(r, 2, r"--store .*st.zarr lies inside the destination .*one output would replace the other",
+                  work, d, tmp_path, tmp_path / "o")
     (tmp_path / "o.zarr").mkdir()
     (tmp_path / "o.zarr" / "x").write_text("old store")
     r = run_cli("convert", work, tmp_path / "o", "--to", "tp1pp1", "--keep-store")
