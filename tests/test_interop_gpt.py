@@ -42,7 +42,7 @@ BASE = dict(num_layers=4, hidden_size=64, num_attention_heads=8, num_query_group
 CFGS = {
     "base": BASE,
     "gqa_swiglu": dict(BASE, num_query_groups=2, swiglu=True, position_embedding_type="rope",
-                       normalization="RMSNorm", add_bias_linear=False),
+                       normalization="RMSNorm", add_bias_linear=False, qk_layernorm=True),   # Qwen3-style
     "vocab127": dict(BASE, vocab_size=127, args_vocab_size=False),     # args.vocab_size = None
     "tied": dict(BASE, tied=True),
     "tied_l8": dict(BASE, tied=True, num_layers=8),
@@ -52,7 +52,7 @@ CFGS = {
 CASES = [
     ("tp2pp2-tp1pp1", "base", "tp2pp2", "tp1pp1"),
     ("tp1-tp4", "base", "tp1", "tp4"),
-    ("gqa-swiglu-tp2-tp4", "gqa_swiglu", "tp2", "tp4"),
+    ("gqa-swiglu-tp2-tp4", "gqa_swiglu", "tp2", "tp4"),          # with QK layernorm (per-head q/k norms)
     ("vocab127-tp1-tp4", "vocab127", "tp1", "tp4"),
     ("tied-pp2-pp1", "tied", "pp2", "pp1"),
     ("pp2vpp2-pp1", "base", "pp2vpp2", "pp1"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ckptctl.errors import UnknownKey
+from ckptctl.errors import BadInput, UnknownKey
 from ckptctl.layout import Layout
 from ckptctl.models.config import ModelConfig
 from ckptctl.models.rules import Rule
@@ -65,7 +65,10 @@ class Family:
     dist_saves_copies = False
 
     def locate(self, key: str) -> KeyLoc:
-        return parse_key(key, self.post_prefixes)
+        loc = parse_key(key, self.post_prefixes)
+        if loc.stack == "mtp" or key.startswith("mtp."):
+            raise BadInput(f"tensor {key!r}: multi-token prediction (MTP) layers are not supported")
+        return loc
 
     def rule(self, loc: KeyLoc, cfg: ModelConfig) -> Rule:  # pragma: no cover - abstract
         raise NotImplementedError

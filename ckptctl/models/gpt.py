@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from ckptctl.errors import LayoutError
+from ckptctl.errors import BadInput, LayoutError
 from ckptctl.layout import Layout
 from ckptctl.models.base import EXTRA_STATE, Family, KeyLoc, match_rule
 from ckptctl.models.config import ModelConfig
@@ -51,6 +51,10 @@ TOP_RULES = _table([
     (r"output_layer\.weight", VOCAB_ROWS),
 ])
 
+# MLA (DeepSeek-V2/V3) attention names: refused until their TP rules are pinned against megatron-core
+_MLA = re.compile(r"self_attention\.(linear_q_proj|linear_q_down_proj|linear_q_up_proj|linear_kv_down_proj"
+                  r"|linear_kv_up_proj|linear_qkv_down_proj|kv_layernorm)\.")
+
 EMBEDDING = "embedding.word_embeddings.weight"
 OUTPUT = "output_layer.weight"
 
@@ -68,6 +72,8 @@ class GPT(Family):
     dist_absent = ("output_layer._extra_state",)      # GPTModel.sharded_state_dict pops it (must be empty)
 
     def rule(self, loc: KeyLoc, cfg: ModelConfig) -> Rule:
+        if loc.section == "layer" and _MLA.match(loc.rest):
+            raise BadInput(f"tensor {loc.key()!r}: multi-latent attention (MLA) is not supported")
         table = self.layer_rules if loc.section == "layer" else self.top_rules
         return match_rule(table, loc.rest, cfg, loc.key())
 
@@ -79,6 +85,10 @@ class GPT(Family):
         return key == OUTPUT and cfg.tied and layout.pp > 1
 
     def validate(self, cfg: ModelConfig, layout: Layout) -> None:
+        if cfg.extra.get("multi_latent_attention"):
+            raise LayoutError("the model uses multi-latent attention (MLA): not supported")
+        if cfg.extra.get("mtp_num_layers"):
+            raise LayoutError("the model has multi-token prediction (MTP) layers: not supported")
         tp = layout.tp
         if not cfg.num_experts and (layout.ep > 1 or layout.expert_tp != tp):
             raise LayoutError(f"layout {layout} sets EP/ETP but the model has no experts: dense -> MoE conversion "
@@ -98,6 +108,9 @@ class GPT(Family):
         keys = self.norm_keys("input_layernorm", cfg)
         keys += self.linear("self_attention.linear_proj", (H, cfg.heads * hn), bias, (H,))
         keys += self.linear("self_attention.linear_qkv", (qkv, H), bias, (qkv,))
+        if cfg.extra.get("qk_layernorm"):   # per-head norms (Qwen3-style), replicated over TP
+            for name in ("q_layernorm", "k_layernorm"):
+                keys += self.norm_keys(f"self_attention.{name}", cfg, size=hn)
         keys += self.norm_keys("pre_mlp_layernorm", cfg)
         keys += self.mlp_keys(cfg, bias)
         return keys
@@ -109,11 +122,12 @@ class GPT(Family):
                 + self.linear("mlp.linear_fc2", (H, cfg.ffn), bias, (H,)))
 
     @staticmethod
-    def norm_keys(prefix: str, cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+    def norm_keys(prefix: str, cfg: ModelConfig, size: int | None = None) -> list[tuple[str, tuple[int, ...]]]:
         """A norm has a bias with LayerNorm (whatever add_bias_linear says), none with RMSNorm."""
-        keys = [(f"{prefix}.weight", (cfg.hidden,))]
+        n = size or cfg.hidden
+        keys = [(f"{prefix}.weight", (n,))]
         if cfg.extra.get("normalization", "LayerNorm") == "LayerNorm":
-            keys.append((f"{prefix}.bias", (cfg.hidden,)))
+            keys.append((f"{prefix}.bias", (n,)))
         return keys
 
     @staticmethod
