@@ -339,6 +339,12 @@ def test_torch_dist_relative_path_outside_the_checkpoint(tmp_path):
                       tmp_path / "o")
         assert run_cli("verify", td, td).code == 2
         md_path.write_bytes(orig)
+    blob = sorted(md_path.parent.glob("*.distcp"))[0]             # a data file that is a symlink out
+    shutil.move(blob, tmp_path / blob.name)
+    os.symlink(tmp_path / blob.name, blob)
+    d = digest(td)
+    r = run_cli("convert", td, tmp_path / "o", "--to", "tp1pp1")
+    check_refused(r, 2, rf"{blob.name} leads outside the checkpoint", td, d, tmp_path, tmp_path / "o")
 
 
 def test_symlink_out_of_the_source_is_named_and_protected(work, tmp_path):
