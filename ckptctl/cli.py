@@ -133,8 +133,10 @@ def example(
     if json_out:
         output.emit_json(res)
     else:
+        # The size on disk, as `ckptctl inspect` and `du` report it (weights, optimizer state and the rest).
+        on_disk = sum(p.stat().st_size for p in Path(res["out"]).rglob("*") if p.is_file())
         output.say(f"wrote {res['family']} example, layout {res['layout']}: {res['files']} rank files, "
-                   f"{output.human_bytes(res['bytes'])} -> {res['out']}")
+                   f"{output.human_bytes(on_disk)} on disk -> {res['out']}")
 
 
 @app.command(epilog="Examples:\n\n  ckptctl convert src dst --to tp4pp1\n\n"
