@@ -92,7 +92,12 @@ def example(
                                                help="BERT pooler and binary head (default: on)."),
     tokentypes: Optional[int] = typer.Option(None, help="BERT token types (default: 2 with the binary head, else 0)."),
     encoder_layers: Optional[int] = typer.Option(None, "--encoder-layers", help="T5 encoder layers (default: --layers)."),
-    position: Optional[str] = typer.Option(None, help="T5 positions: learned_absolute (default), relative or rope."),
+    position: Optional[str] = typer.Option(None, help="Positions: learned_absolute (default) or rope; T5 also relative."),
+    norm: Optional[str] = typer.Option(None, "--norm", help="Normalization: LayerNorm (default) or RMSNorm."),
+    qkv_bias: Optional[bool] = typer.Option(None, "--qkv-bias/--no-qkv-bias", help="Biases on QKV only "
+                                            "(Megatron's --add-qkv-bias, Qwen2-style; default: as --bias)."),
+    shared_gate: bool = typer.Option(False, "--shared-gate/--no-shared-gate", help="Sigmoid gate on the shared "
+                                     "expert (MoE; Megatron's --moe-shared-expert-gate)."),
     pattern: Optional[str] = typer.Option(None, help="Mamba hybrid layer pattern: M mamba, * attention, - MLP, "
                                           "E MoE, | stage boundary (default: M*M- repeated)."),
     mamba_heads: Optional[int] = typer.Option(None, "--mamba-heads", help="Mamba heads (default 8)."),
@@ -127,7 +132,7 @@ def example(
                 "swiglu": swiglu, "tied": tied, "dtype": dtype, "experts": experts,
                 "moe_ffn": moe_ffn, "grouped": grouped or None, "shared_ffn": shared_ffn, "bias": bias,
                 "binary_head": binary_head, "tokentypes": tokentypes, "encoder_layers": encoder_layers,
-                "position": position, "pattern": pattern, "mamba_heads": mamba_heads, "mamba_groups": mamba_groups,
+                "position": position, "norm": norm, "qkv_bias": qkv_bias, "shared_gate": shared_gate or None, "pattern": pattern, "mamba_heads": mamba_heads, "mamba_groups": mamba_groups,
                 "mamba_state": mamba_state, "mamba_head_dim": mamba_head_dim}, seed=seed, overwrite=overwrite, optimizer=optimizer,
                **extra)
     if json_out:

@@ -45,7 +45,7 @@ def make_args(cfg: ModelConfig, layout: Layout, dtype: str, seq: int, bias: bool
         padded_vocab_size=cfg.padded_vocab, vocab_size=cfg.true_vocab,
         make_vocab_size_divisible_by=cfg.vocab_divisor, max_position_embeddings=seq, seq_length=seq,
         position_embedding_type=cfg.extra.get("position_embedding_type", "learned_absolute"),
-        normalization=cfg.extra.get("normalization", "LayerNorm"), add_bias_linear=bias, add_qkv_bias=bias, qk_layernorm=bool(cfg.extra.get("qk_layernorm")),
+        normalization=cfg.extra.get("normalization", "LayerNorm"), add_bias_linear=bias, add_qkv_bias=bool(cfg.extra.get("add_qkv_bias", bias)), qk_layernorm=bool(cfg.extra.get("qk_layernorm")),
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
         num_layers_per_virtual_pipeline_stage=cfg.num_layers // (layout.pp * layout.vpp) if layout.vpp > 1 else None,
@@ -55,7 +55,8 @@ def make_args(cfg: ModelConfig, layout: Layout, dtype: str, seq: int, bias: bool
         sequence_parallel=False, params_dtype=getattr(torch, dtype), bf16=dtype == "bfloat16",
         fp16=dtype == "float16", use_distributed_optimizer=False, ckpt_format="torch",
         **{k: v for k, v in cfg.extra.items() if k not in ("position_embedding_type", "add_bias_linear", "normalization",
-                                                          "max_position_embeddings", "qk_layernorm")},
+                                                          "max_position_embeddings", "qk_layernorm",
+                                                          "add_qkv_bias")},
     )
 
 
@@ -65,6 +66,14 @@ def make_config(family: str, opts: dict) -> ModelConfig:
     heads = o["heads"]
     extra = {"add_bias_linear": o["bias"], "max_position_embeddings": o["seq"],
              "position_embedding_type": "learned_absolute"}
+    if o.get("position"):   # families with their own choices (T5) check and override it below
+        extra["position_embedding_type"] = o["position"]
+    if o.get("norm"):
+        if o["norm"] not in ("LayerNorm", "RMSNorm"):
+            raise BadInput(f"--norm: expected LayerNorm or RMSNorm, got {o['norm']!r}")
+        extra["normalization"] = o["norm"]
+    if o.get("qkv_bias") is not None:
+        extra["add_qkv_bias"] = bool(o["qkv_bias"])
     extra.update(fam.example_extra(o))
     extra.update(o.get("extra") or {})
     return ModelConfig(

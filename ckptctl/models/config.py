@@ -85,7 +85,8 @@ def config_from_args(args: dict, family: str, true_vocab: int | None = None) -> 
         "mamba_num_groups", "num_tokentypes", "bert_binary_head", "encoder_num_layers",
         "decoder_num_layers", "moe_grouped_gemm", "moe_shared_expert_intermediate_size",
         "moe_layer_freq", "add_bias_linear", "position_embedding_type", "max_position_embeddings",
-        "qk_layernorm", "moe_router_enable_expert_bias", "multi_latent_attention", "mtp_num_layers")
+        "qk_layernorm", "moe_router_enable_expert_bias", "multi_latent_attention", "mtp_num_layers",
+        "add_qkv_bias", "moe_shared_expert_gate")
         if args.get(k) is not None}
     if split.layout:
         extra["pipeline_model_parallel_layout"] = split.layout

@@ -107,7 +107,8 @@ class GPT(Family):
         qkv = (cfg.heads + 2 * cfg.groups) * hn
         keys = self.norm_keys("input_layernorm", cfg)
         keys += self.linear("self_attention.linear_proj", (H, cfg.heads * hn), bias, (H,))
-        keys += self.linear("self_attention.linear_qkv", (qkv, H), bias, (qkv,))
+        # megatron-core: the QKV bias exists with add_bias_linear or add_qkv_bias (Qwen2-style)
+        keys += self.linear("self_attention.linear_qkv", (qkv, H), bias or bool(cfg.extra.get("add_qkv_bias")), (qkv,))
         if cfg.extra.get("qk_layernorm"):   # per-head norms (Qwen3-style), replicated over TP
             for name in ("q_layernorm", "k_layernorm"):
                 keys += self.norm_keys(f"self_attention.{name}", cfg, size=hn)

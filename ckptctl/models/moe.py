@@ -226,6 +226,8 @@ def _example_extra(self, opts: dict) -> dict:
     extra = {"moe_grouped_gemm": bool(opts.get("grouped")), "moe_router_topk": 2}
     if opts.get("shared_ffn"):
         extra["moe_shared_expert_intermediate_size"] = int(opts["shared_ffn"])
+        if opts.get("shared_gate"):
+            extra["moe_shared_expert_gate"] = True
     if opts.get("moe_layer_freq") is not None:
         extra["moe_layer_freq"] = opts["moe_layer_freq"]
     return extra
