@@ -133,21 +133,30 @@ def resolve_target(family, cfg, to):
 
     A split given for the target is used as is. Without one the source's is kept when it fits the
     target (so A -> A and grid-only changes keep the args); at PP 1 every split is the one stage; any
-    other misfit asks for the target's split."""
-    from ckptctl.errors import LayoutError as _LE
+    other misfit asks for the target's split. Other refusals of the family come first, unchanged."""
     if to.split is not None:
-        family.layer_ranges(cfg, to)
+        family.validate(cfg, to)
         return to
     try:
-        family.layer_ranges(cfg, to)
+        family.validate(cfg, to)
         return to
-    except _LE as e:
-        own = split_of(cfg, to)
-        if not own.even and to.pp == 1 and to.vpp == 1:
-            return to.with_(split=PipelineSplit())
-        raise _LE(f"{e}; the source's pipeline split is {own}: choose the target's with "
-                  "--decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers (0 = none) "
-                  "or --pipeline-model-parallel-layout") from None
+    except LayoutError as e:
+        refusal = e
+    try:
+        family.layer_ranges(cfg, to)
+    except LayoutError as e:
+        if str(e) != str(refusal):
+            raise refusal from None                 # the family refuses the layout for another reason
+    else:
+        raise refusal
+    own = split_of(cfg, to)
+    if not own.even and to.pp == 1 and to.vpp == 1:
+        fixed = to.with_(split=PipelineSplit())
+        family.validate(cfg, fixed)
+        return fixed
+    raise LayoutError(f"{refusal}; the source's pipeline split is {own}: choose the target's with "
+                      "--decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers (0 = none) "
+                      "or --pipeline-model-parallel-layout") from None
 
 
 def with_split_args(args: dict, layout) -> dict:

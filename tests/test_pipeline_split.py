@@ -154,7 +154,7 @@ def test_target_split_given_for_pp8():
 
 def test_source_split_kept_when_it_fits_and_dropped_at_pp1():
     assert resolve_target(GPT, CFG, Layout(pp=16, tp=2)).split is None          # args keep the source's
-    assert resolve_target(GPT, CFG, Layout(tp=4)).split == PipelineSplit()      # one stage: no split
+    assert resolve_target(GPT, CFG, Layout(tp=2)).split == PipelineSplit()      # one stage: no split
     assert with_options(Layout(pp=2), 0, 0, None).split == PipelineSplit()     # 0 = unset: even
 
 
