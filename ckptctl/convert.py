@@ -118,15 +118,18 @@ def _check_dst(dst: Path, overwrite: bool) -> None:
 
 
 def _commit(tmp: Path, dst: Path) -> None:
-    """Rename into place: the destination appears only when complete."""
-    if dst.exists() or dst.is_symlink():
-        from ckptctl.paths import remove
-        old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
-        dst.rename(old)
-        tmp.rename(dst)
-        remove(old)   # a file or a symlink too (rmtree would leave those behind)
-    else:
-        tmp.rename(dst)
+    """Rename into place: the destination appears only when complete. A signal waits for the renames
+    (ckptctl.guard.deferred): between them the old destination exists only under its `.old-` name."""
+    from ckptctl.guard import deferred
+    with deferred():
+        if dst.exists() or dst.is_symlink():
+            from ckptctl.paths import remove
+            old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
+            dst.rename(old)
+            tmp.rename(dst)
+            remove(old)   # a file or a symlink too (rmtree would leave those behind)
+        else:
+            tmp.rename(dst)
 
 
 def policy_report(src: Source, dst_layout: Layout | None, rng: str, optimizer: bool = True,

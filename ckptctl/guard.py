@@ -4,6 +4,7 @@ stale work folders of dead runs, signals turned into one clean stop, and refusal
 from __future__ import annotations
 
 import fcntl
+from contextlib import contextmanager
 import json
 import os
 import signal
@@ -19,13 +20,15 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 class Interrupted(CkptctlError):
     """A signal stopped the command. Exit code 128 + signal number, as shells report it."""
 
-    def __init__(self, signum: int, dst: Path | None = None):
-        self.signum, self.dst = signum, dst
+    def __init__(self, signum: int, dst: Path | None = None, committed: bool = False):
+        self.signum, self.dst, self.committed = signum, dst, committed
         self.exit_code = 128 + signum
         super().__init__()
 
     def __str__(self) -> str:
         name = signal.Signals(self.signum).name
+        if self.committed:
+            return f"interrupted by {name} after {self.dst or 'the output'} was written completely"
         return f"interrupted by {name}" + (f"; nothing written to {self.dst}" if self.dst else "")
 
 
@@ -39,7 +42,26 @@ def _handler(signum, frame):
     if _caught:
         return
     _caught.append(signum)
+    if _deferring:
+        return
     raise Interrupted(signum)
+
+
+_deferring: list[bool] = []
+
+
+@contextmanager
+def deferred():
+    """A signal during the block is held until it ends (the commit's renames), then raised as
+    `Interrupted(committed=True)`: the output is complete."""
+    _deferring.append(True)
+    try:
+        yield
+    finally:
+        _deferring.pop()
+    if _caught and not _raised:
+        _raised.append(_caught[0])
+        raise Interrupted(_caught[0], committed=True)
 
 
 def raise_pending() -> None:
@@ -221,8 +243,16 @@ def remove_stale(dst: Path, keep: Path | None = None) -> list[str]:
     from ckptctl.output import human_bytes
     from ckptctl.paths import remove, tree_bytes
     notes = []
+    dst = Path(os.path.abspath(dst))
+    olds = sorted((p for p in stale_work(dst, keep) if ".old-" in p.name), key=lambda p: p.stat().st_mtime)
+    if olds and not dst.exists() and not dst.is_symlink():
+        # a run killed between its commit's two renames: the old destination is all there is; put it back
+        olds[-1].rename(dst)
+        notes.append(f"restored {dst.name} from {olds[-1].name}, left by a run killed while replacing it")
     for p in stale_work(dst, keep):
         n = tree_bytes(p)
         remove(p)
-        notes.append(f"removed {p.name}, the work folder of an earlier run that did not finish ({human_bytes(n)})")
+        what = ("a replaced destination's old copy" if ".old-" in p.name
+                else "the work folder of an earlier run that did not finish")
+        notes.append(f"removed {p.name}, {what} ({human_bytes(n)})")
     return notes

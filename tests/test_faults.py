@@ -431,3 +431,20 @@ def test_resume_after_a_kill_is_byte_identical(src, reference, tmp_path, point):
     assert any(f"--resume: reusing {work.name}" in n for n in r.json()["notes"]), r.json()["notes"]
     assert tree_bytes(dst) == tree_bytes(reference)
     assert not [x for x in tmp_path.iterdir() if ".ckptctl" in x.name]
+
+
+def test_a_run_killed_inside_its_commit_loses_no_old_destination(work, tmp_path):
+    """Killed between the commit's renames, only `.DST.old-*` holds the previous destination: the next
+    run puts it back before anything else (and a signal during the renames waits for them)."""
+    dst = tmp_path / "o"
+    assert run_cli("convert", work, dst, "--to", "tp1pp1", "--nproc", "0").code == 0
+    before = digest(dst)
+    dst.rename(tmp_path / ".o.old-deadbeef")
+    r = run_cli("convert", work, dst, "--to", "tp2pp1", "--nproc", "0", "--json")   # no --overwrite: refused
+    assert r.code == 2 and digest(dst) == before
+    from ckptctl import guard
+    with pytest.raises(guard.Interrupted, match="after .* was written completely"):
+        with guard.deferred():
+            guard._caught.append(signal.SIGTERM)
+    guard._caught.clear()
+    guard._raised.clear()
