@@ -52,11 +52,16 @@ def build(tp: int, ep: int, etp: int, seed: int = 1234):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True)
+    # CPU initialisation draws each full weight from the default generator and slices it: seeding that
+    # generator alike on every rank makes DP/EP replicas equal, as a real run's are
+    torch.manual_seed(seed)
     cfg = TransformerConfig(
         num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS, ffn_hidden_size=FFN,
         gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
         num_moe_experts=EXPERTS, moe_ffn_hidden_size=MOE_FFN, moe_router_topk=2,
         moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
+        # aux-loss-free balancing (DeepSeek-V3): a persistent fp32 `router.expert_bias` buffer per layer
+        moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid",
         tensor_model_parallel_size=tp, expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
         sequence_parallel=tp > 1, use_cpu_initialization=True, perform_initialization=True,
         pipeline_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.05)
@@ -74,6 +79,9 @@ def build(tp: int, ep: int, etp: int, seed: int = 1234):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1 + 1.0)
             elif ".router." in name or "position_embeddings" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        for name, b in model.named_buffers():   # the expert bias starts at zero: make it count too
+            if name.endswith("router.expert_bias"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.01)
     assert ps.get_tensor_model_parallel_world_size() == tp
     return model
 
@@ -87,6 +95,7 @@ def megatron_args(tp: int, ep: int, etp: int, fmt: str = "torch") -> argparse.Na
         make_vocab_size_divisible_by=128, max_position_embeddings=SEQ, seq_length=SEQ,
         position_embedding_type="learned_absolute", normalization="LayerNorm", add_bias_linear=False,
         num_experts=EXPERTS, moe_ffn_hidden_size=MOE_FFN, moe_router_topk=2, moe_grouped_gemm=False,
+        moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid",
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None,
         expert_model_parallel_size=ep, expert_tensor_parallel_size=etp, context_parallel_size=1,
         data_parallel_size=world // tp, world_size=world, sequence_parallel=tp > 1, params_dtype=torch.float32,
