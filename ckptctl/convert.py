@@ -3,88 +3,24 @@ from __future__ import annotations
 
 import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ckptctl.errors import BadInput
-from ckptctl.formats import legacy
+from ckptctl.formats import registry
+from ckptctl.formats.base import Source
 from ckptctl.layout import Layout
-from ckptctl.models import detect_family, get_family
-from ckptctl.models.config import ModelConfig, config_from_args
+from ckptctl.models import get_family
+from ckptctl.models.config import ModelConfig
 from ckptctl.reshard import launch
-from ckptctl.reshard.plan import Inventory, SourcePlan, plan_source, plan_target
+from ckptctl.reshard.plan import plan_target
 from ckptctl.reshard.run import Job
 from ckptctl.store import Store
 
 
-@dataclass
-class Source:
-    """A legacy checkpoint, inspected: its files, config, family and source plan."""
-
-    ckpt: legacy.LegacyCheckpoint
-    family: str
-    cfg: ModelConfig
-    inventories: list[dict]
-    plan: SourcePlan
-    policies: dict[str, str]
-    fmt: str = "legacy"                 # ckptctl.formats: legacy | torch_dist
-    dist: dict | None = None            # torch_dist: {"iter_dir", "spec", "index"}
-    optim: dict | None = None           # ckptctl.optim: optimizer variant of the source (None: no state)
-
-    @property
-    def layout(self) -> Layout:
-        return self.ckpt.layout
-
-    def opener(self):
-        """FilePlan -> opened unit (rank file or DCP chunk), for the gather and the source phase."""
-        from ckptctl import formats
-        return formats.unit_opener(self.fmt, self.layout, self.inventories, self.dist)
-
-    def common_state(self) -> dict:
-        """The non-model state of the checkpoint (iteration, checkpoint_version, args ...)."""
-        if self.fmt == "torch_dist":
-            return self.ckpt.common
-        return legacy.load_pt(self.ckpt.file_list[0][1])
-
-    @property
-    def nbytes(self) -> int:
-        return sum(self.plan.owned_bytes(i) for i in range(len(self.plan.files)))
-
-
 def inspect(src: Path, true_vocab: int | None = None, family: str | None = None) -> Source:
-    """Read every rank file's key list (tensors stay on disk, memory-mapped) and plan the source side."""
-    from ckptctl.formats import torch_dist
-    if torch_dist.is_torch_dist(Path(src)):
-        return torch_dist.inspect(Path(src), true_vocab, family)
-    ck = legacy.open_legacy(Path(src))
-    from ckptctl import optim
-    invs, policies, keys, detected = [], {}, [], []
-    for fc, path in ck.file_list:
-        sd = legacy.load_pt(path)
-        detected.append(optim.detect(sd, path))
-        chunks = legacy.inventory(sd, path)
-        expected = ck.layout.vpp
-        if len(chunks) != expected:
-            raise BadInput(f"{path}: has {len(chunks)} model chunks, layout {ck.layout} expects {expected}")
-        policies.update(legacy.top_level_keys(sd, path))
-        invs.append({"coord": fc.to_json(), "dirname": path.parent.name, "path": str(path), "chunks": chunks})
-        keys += [k for c in chunks.values() for k, _, _ in c]
-        del sd
-    fam_name = family or detect_family(keys, ck.args)
-    fam = get_family(fam_name)
-    cfg = config_from_args(ck.args, fam_name, true_vocab)
-    fam.validate(cfg, ck.layout)
-    plan = plan_source(fam, cfg, ck.layout, [
-        Inventory(legacy.FileCoord(**i["coord"]), i["dirname"],
-                  {c: [(k, tuple(s) if s is not None else None, d) for k, s, d in e] for c, e in i["chunks"].items()})
-        for i in invs])
-    if cfg.padded_vocab is None:
-        emb = plan.arrays.get("model/embedding.word_embeddings.weight")
-        if emb:
-            cfg = ModelConfig(**{**cfg.__dict__, "padded_vocab": emb["shape"][0]})
-    info = optim.inspect_info(detected, [p for _, p in ck.file_list], cfg, ck.layout, ck.args)
-    return Source(ck, fam_name, cfg, invs, plan, policies, optim=info)
+    """Read every unit's key lists (tensors stay on disk) and plan the source side, in the checkpoint's format."""
+    return registry.detect(Path(src)).inspect(Path(src), true_vocab, family)
 
 
 @dataclass
@@ -118,30 +54,16 @@ def _check_dst(dst: Path, overwrite: bool) -> None:
 
 
 def _commit(tmp: Path, dst: Path) -> None:
-    """Rename into place: the destination appears only when complete. A signal waits for the renames
-    (ckptctl.guard.deferred): between them the old destination exists only under its `.old-` name."""
-    from ckptctl.guard import deferred
-    with deferred():
-        if dst.exists() or dst.is_symlink():
-            from ckptctl.paths import remove
-            old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
-            dst.rename(old)
-            tmp.rename(dst)
-            remove(old)   # a file or a symlink too (rmtree would leave those behind)
-        else:
-            tmp.rename(dst)
+    """Rename into place: the destination appears only when complete."""
+    from ckptctl.storage.commit import commit_dir
+    commit_dir(tmp, dst)
 
 
 def policy_report(src: Source, dst_layout: Layout | None, rng: str, optimizer: bool = True,
                   dst_format: str = "legacy", optim_sharding: str | None = None) -> dict:
     """What happens to each piece of non-weight state (DESIGN §3, §6): printed by convert, in --json."""
-    from ckptctl import optim
-    from ckptctl.formats import torch_dist_optim
-    forms = {}
-    if src.optim and src.fmt == "torch_dist":
-        forms["src_form"] = torch_dist_optim.form_text(src.optim, src.optim.get("sharding"))
-    if src.optim and dst_format == "torch_dist":
-        forms["dst_form"] = torch_dist_optim.form_text(src.optim, optim_sharding)
+    from ckptctl.optstate.state import policy_text
+    sfmt, dfmt = registry.get(src.fmt), registry.get(dst_format)
     out = {}
     for k, p in sorted(src.policies.items()):
         if p == "copy":
@@ -156,11 +78,11 @@ def policy_report(src: Source, dst_layout: Layout | None, rng: str, optimizer: b
         elif p == "dropped":
             out[k] = "dropped (per-rank state that cannot follow a layout change)"
         elif p == "optimizer":
-            out[k] = (optim.policy_text(src.optim, src.layout, dst_layout, **forms) if optimizer and src.optim else
+            out[k] = (policy_text(src.optim, src.layout, dst_layout, sfmt.optim_form(src.optim, src.optim.get("sharding")),
+                                  dfmt.optim_form(src.optim, optim_sharding), dfmt.indices_rebuilt)
+                      if optimizer and src.optim else
                       "dropped (--no-optimizer)" if src.optim else "DROPPED: not a recognised optimizer state")
-    if src.optim and src.optim["kind"] == "distributed" and dst_format != "torch_dist":
-        out[optim.DIST_FILE] = ("re-encoded per target model directory (flat buffers for the target's bucket "
-                                "layout and DP size)" if optimizer else "dropped (--no-optimizer)")
+    out.update(dfmt.policy_extra(src.optim, optimizer))   # state only the target format's files hold
     if "iteration" in src.policies:
         out["iteration"] = "copied (the same step count; the target resumes where the source stopped)"
     if "opt_param_scheduler" in src.policies:
@@ -213,9 +135,7 @@ def _convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = No
     notes = []
     from ckptctl import notes as convert_notes
     notes += convert_notes.source_notes(source, to, out_fmt, true_vocab)
-    if out_fmt == "torch_dist":
-        from ckptctl.formats import torch_dist_optim
-        optim_sharding = torch_dist_optim.check_sharding(optim_sharding)
+    optim_sharding = registry.get(out_fmt).check_options(optim_sharding)
     if to is None and not to_store:
         raise BadInput("give a target layout with --to (or a destination ending in .zarr to write only the store)")
     if to is not None:
@@ -226,13 +146,11 @@ def _convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = No
         # Validate the whole target plan before any byte is written.
         plan_target(get_family(source.family), source.cfg, to, source.plan.manifest, source.plan.arrays,
                     set(source.plan.slots))
-        if out_fmt == "torch_dist":
-            from ckptctl.formats import torch_dist
-            torch_dist.plan_target(get_family(source.family), source.cfg, to, source.plan.manifest,
-                                   source.plan.arrays, set(source.plan.slots))
+        registry.get(out_fmt).check_target(get_family(source.family), source.cfg, to, source.plan.manifest,
+                                           source.plan.arrays, set(source.plan.slots))
         if optimizer and source.optim:
-            from ckptctl import optim
-            optim.TargetSide(get_family(source.family), source.cfg, to, source.optim, None)
+            from ckptctl.optstate.subopt import TargetState
+            TargetState(get_family(source.family), source.cfg, to, source.optim, None)
     n = _workers(nproc, len(source.plan.files), len(to.model_files) if to else 1, nodes)
     if nproc > 0 and n < nproc and not nodes.multi:
         notes.append(f"{n} workers, not {nproc}: at most one per rank file of the larger side "
@@ -303,11 +221,8 @@ def _workers(nproc: int, files_in: int, files_out: int, nodes: launch.Nodes) -> 
 
 
 def _out_format(to_format: str | None, source_format: str) -> str:
-    from ckptctl.formats import FORMATS, canonical
-    fmt = canonical(to_format) or source_format
-    if fmt not in FORMATS:
-        raise BadInput(f"--to-format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
-    return fmt
+    return registry.get(registry.canonical(to_format) or source_format, "--to-format").name
+
 
 
 def _store_to_legacy(src: Path, dst: Path, to: Layout | None, nproc: int, rng: str, progress, t0,

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from ckptctl.core.diff import Difference
+from ckptctl.storage.pickles import load_pt
+
 
 def _scalar(v):
     if torch.is_tensor(v):
@@ -53,14 +56,12 @@ def rank_state(sd: dict) -> tuple[dict, dict]:
 
 def check(src, rep, side: str) -> None:
     """Append a Difference to `rep` for each hyperparameter or step that differs between rank files."""
-    from ckptctl.formats import legacy
-    from ckptctl.verify import Difference
     files = getattr(src.ckpt, "file_list", None)   # legacy rank files; torch_dist keeps one common copy
     if not files or not getattr(src, "optim", None):
         return
     first = None
     for _, path in files:
-        sd = legacy.load_pt(path)
+        sd = load_pt(path)
         groups, steps = rank_state(sd)
         del sd
         name = f"{path.parent.name}"

@@ -9,25 +9,11 @@ from pathlib import Path
 import torch
 
 from ckptctl.box import Box
-from ckptctl.convert import Source, inspect
+from ckptctl.convert import inspect
+from ckptctl.core.diff import Difference, _bytes, _flat, _hex, _nd, byte_diff as _diff  # noqa: F401
+from ckptctl.core.dtypes import torch_dtype
 from ckptctl.errors import BadInput
-from ckptctl.store import torch_dtype
-
-
-@dataclass
-class Difference:
-    key: str
-    reason: str
-    dtype_a: str | None = None
-    dtype_b: str | None = None
-    shape_a: list | None = None
-    shape_b: list | None = None
-    count: int = 0
-    first_index: int | None = None
-    first_nd_index: list | None = None
-    a_hex: str | None = None
-    b_hex: str | None = None
-    where: str | None = None
+from ckptctl.formats.base import Source
 
 
 @dataclass
@@ -61,11 +47,9 @@ class Gatherer:
     so the process's RSS holds the regions being compared, never the rank files."""
 
     def __init__(self, src: Source, release: bool = False):
-        from ckptctl.formats import legacy
         self.src = src
         self.open = src.opener()
-        self.release = release and src.fmt == "legacy"
-        self._mapped = legacy.LegacyUnit
+        self.release = release and src.format.memory_mapped   # units are memory-mapped files
         self._units: dict[str, object] = {}
         self._files = {fp.dirname: fp for fp in src.plan.files}
         self.by_array: dict[str, list] = {}
@@ -111,51 +95,9 @@ class Gatherer:
                     at = [i + o - g for i, o, g in zip(_nd(inter.sizes, idx), inter.offsets, p.gbox.offsets)]
                     problems.append(Difference(array.removeprefix("model/"), "replica differs", count=count,
                                                first_index=_flat(at, p.gbox.sizes), where=f"{dirname}/{t.chunk}[{t.key}]"))
-            if self.release and isinstance(unit, self._mapped):
+            if self.release:
                 stream.release_pages(view)
         return out, problems
-
-
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    t = t.contiguous()
-    return t.reshape(-1).view(torch.uint8).reshape(t.numel(), t.element_size()) if t.numel() else t.view(torch.uint8)
-
-
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _diff(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int] | None:
-    """(differing element count, first differing flat index), comparing raw bytes; None if equal."""
-    if a.numel() == 0:
-        return None
-    iv = _INT_VIEW.get(a.element_size())
-    if iv is not None and a.dtype != torch.bool:   # same-width integer view: bits compared, one bool per element
-        neq = (a.contiguous().view(iv) != b.contiguous().view(iv)).reshape(-1)
-    else:
-        neq = (_bytes(a) != _bytes(b)).any(dim=1)
-    count = int(neq.sum())
-    if count == 0:
-        return None
-    return count, int(neq.nonzero()[0, 0])
-
-
-def _hex(t: torch.Tensor, flat: int) -> str:
-    return _bytes(t.reshape(-1)[flat:flat + 1]).flatten().flip(0).numpy().tobytes().hex()
-
-
-def _nd(shape, flat: int) -> list[int]:
-    idx = []
-    for s in reversed(shape):
-        idx.append(flat % s)
-        flat //= s
-    return list(reversed(idx))
-
-
-def _flat(idx, shape) -> int:
-    f = 0
-    for i, s in zip(idx, shape):
-        f = f * s + i
-    return f
 
 
 def blocks(shape: tuple[int, ...], itemsize: int, limit: int | None) -> list[Box]:
@@ -278,8 +220,8 @@ def verify(a: Path, b: Path, true_vocab: int | None = None, max_memory: int | No
         progress.update(task, completed=rep.bytes_compared)
     rep.weights_only = weights_only
     if not weights_only:   # --weights-only: a fine-tuning copy converted with --no-optimizer can verify green
-        from ckptctl import optim
-        optim.verify_optimizer(sa, sb, rep)
+        from ckptctl.verify_optim import verify_optimizer
+        verify_optimizer(sa, sb, rep)
         from ckptctl import optim_ranks   # every rank file's param groups and step, not only the first's
         optim_ranks.check(sa, rep, "a")
         optim_ranks.check(sb, rep, "b")

@@ -104,7 +104,7 @@ def test_adam_keys_and_chunks_as_megatron_core_saves_them(oracle):
     shapes, dtypes and chunk boxes are megatron-core's, the chunks byte-equal; so is the common `optimizer`
     (common_step and param groups) and the content metadata (no sharding type)."""
     from ckptctl.formats import torch_dist
-    from ckptctl.optim import canon
+    from ckptctl.optstate.subopt import canon
     work = oracle[0]
     ours, theirs = torch_dist.open_dist(work / "A_adam_td"), torch_dist.open_dist(work / "A_adam")
     opt = lambda ix: {k: (v["shape"], v["dtype"], sorted((c[0], c[1]) for c in v["chunks"]))  # noqa: E731

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from ckptctl import optim
+from ckptctl.formats.legacy.optim_codec import DIST_FILE
+from ckptctl.optstate.buffers import buffer_layout, saved_offsets
 from tests.conftest import load, raw_bytes
 
 
@@ -15,7 +16,7 @@ from tests.conftest import load, raw_bytes
 
 def test_layout_hand_computed():
     # Reverse order, 64-aligned starts, one bucket: p2 [0,64), p1 [64,74), p0 [128,228).
-    offs, n = optim.saved_offsets([100, 10, 64], [False] * 3, None, dp=2)
+    offs, n = saved_offsets([100, 10, 64], [False] * 3, None, dp=2)
     assert offs == [128, 64, 0] and n == 228
 
 
@@ -23,13 +24,13 @@ def test_layout_shared_embedding_and_buckets_hand_computed():
     # p0 shared (embedding, first stage): the bucket before it closes at its aligned start.
     # reverse: p2 [0,70) p1 [128,138) -> bucket 0 closes at 192 (aligned start of p0), unpadded 192,
     # padded to lcm(2,128)=128 -> 256; p0 [256, 256+50) own bucket, unpadded 50.
-    where, buckets = optim.buffer_layout([50, 10, 70], [True, False, False], None, dp=2)
+    where, buckets = buffer_layout([50, 10, 70], [True, False, False], None, dp=2)
     assert where == [(256, 306, 1), (128, 138, 0), (0, 70, 0)]
     assert buckets == [(0, 256, 192), (256, 384, 50)]
-    offs, n = optim.saved_offsets([50, 10, 70], [True, False, False], None, dp=2)
+    offs, n = saved_offsets([50, 10, 70], [True, False, False], None, dp=2)
     assert offs == [192, 128, 0] and n == 242
     # bucket_size 100: p2 [0,70) p1 [128,138) closes (138 >= 100) -> padded 256 (dp 3: lcm 384)
-    where, buckets = optim.buffer_layout([50, 10, 70], [False] * 3, 100, dp=3)
+    where, buckets = buffer_layout([50, 10, 70], [False] * 3, 100, dp=3)
     assert buckets == [(0, 384, 138), (384, 768, 50)] and where[0] == (384, 434, 1)
 
 
@@ -54,7 +55,7 @@ def test_layout_matches_megatron_core():
             ps = [P(n, s) for n, s in zip(numels, shared)]
             lay = DistributedOptimizer._compute_per_buffer_param_layout(
                 ps, bs, dp, SimpleNamespace(pad_buckets_for_high_nccl_busbw=high))
-            where, buckets = optim.buffer_layout(numels, shared, bs, dp, high)
+            where, buckets = buffer_layout(numels, shared, bs, dp, high)
             assert where == [lay.param_index_map[p] for p in ps]
             assert [(s, e) for s, e, _ in buckets] == lay.bucket_indices
             assert [u for _, _, u in buckets] == lay.per_bucket_numel_unpadded
@@ -69,7 +70,7 @@ def _example(cli, tmp_path, name, *args):
 
 
 def _dist_files(root):
-    return sorted(root.rglob(optim.DIST_FILE))
+    return sorted(root.rglob(DIST_FILE))
 
 
 def test_distributed_tp_dp_change_and_back(cli, tmp_path):
@@ -158,7 +159,7 @@ def test_vocab_padding_rows_follow_weights(cli, tmp_path):
     round trip drops them again bit for bit."""
     s = _example(cli, tmp_path, "s", "--layout", "tp1pp1dp2", "--vocab", "130")
     assert cli("convert", s, tmp_path / "d", "--to", "tp4pp1dp1", "--nproc", "0").code == 0
-    last = load(sorted((tmp_path / "d").rglob(optim.DIST_FILE))[-1])[0][(torch.float32, torch.float32)]
+    last = load(sorted((tmp_path / "d").rglob(DIST_FILE))[-1])[0][(torch.float32, torch.float32)]
     sd = load(sorted((tmp_path / "d").rglob("model_optim_rng.pt"))[-1])
     emb = sd["model"]["embedding.word_embeddings.weight"]            # rows 384..512 of 512: all added
     assert emb.shape[0] == 128 and not bool(emb.any())

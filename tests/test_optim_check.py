@@ -1,4 +1,4 @@
-"""State attached to the right parameter (issue 10; ckptctl/optim_check.py, ckptctl/param_order.py): convert
+"""State attached to the right parameter (issue 10; ckptctl/optstate/check.py, ckptctl/optstate/order.py): convert
 refuses (exit 2, naming the tensor) and verify reports (exit 1) a master that is not its weight, and a file
 whose parameter order is not the model's is refused naming the parameter. In process, no megatron-core."""
 from __future__ import annotations
@@ -104,7 +104,7 @@ def test_model_order_hand_written():
     parameter the config lacks (tied copy) just before its module's first key; unknown: None."""
     from types import SimpleNamespace
 
-    from ckptctl.param_order import ModelOrder
+    from ckptctl.optstate.order import ModelOrder
     fam = SimpleNamespace(global_keys=lambda cfg: [(k, (1,)) for k in (
         "embedding.word_embeddings.weight", "decoder.layers.0.self_attention.linear_proj.weight",
         "decoder.layers.0.self_attention.linear_qkv.weight", "decoder.layers.0.self_attention.linear_qkv.bias",
@@ -133,7 +133,7 @@ def test_bucket_chunk_boundaries():
     from types import SimpleNamespace
 
     from ckptctl.errors import BadInput
-    from ckptctl.optim_check import check_bucket_chunks
+    from ckptctl.optstate.check import check_bucket_chunks
     a, b = SimpleNamespace(key="a", numel=100), SimpleNamespace(key="b", numel=30)
     # saved: b at [0, 30), gap [30, 64), a at [64, 164), DP boundary at 82
     chunks = [[[0], [30]], [[30], [34]], [[64], [18]], [[82], [82]]]

@@ -10,7 +10,9 @@ import shutil
 import pytest
 import torch
 
-from ckptctl import optim
+from ckptctl.errors import BadInput
+from ckptctl.formats.legacy.optim_codec import DIST_FILE
+from ckptctl.optstate.subopt import canon, merge_subs
 from tests.conftest import load, raw_bytes, rank_files, run_cli
 
 TINY = ("--layers", "1", "--hidden", "16", "--heads", "2", "--ffn", "32", "--moe-ffn", "8", "--experts", "4",
@@ -61,12 +63,12 @@ def test_ep1_ep2_ep1_round_trip(cli, tmp_path, split, kind):
         assert isinstance(sd["optimizer"], list) and len(sd["optimizer"]) == 2
     rep = _convert(cli, d, tmp_path / "b", src)
     assert "sub-optimizers 2 -> 1" in rep["policies"]["optimizer"]
-    for name in ("model_optim_rng.pt", optim.DIST_FILE):
+    for name in ("model_optim_rng.pt", DIST_FILE):
         a, b = _files(s, name), _files(tmp_path / "b", name)
         assert sorted(a) == sorted(b)
         for d in a:
-            oa, ob = (a[d], b[d]) if name == optim.DIST_FILE else (a[d]["optimizer"], b[d]["optimizer"])
-            assert optim.canon(oa) == optim.canon(ob), (name, d)     # tensors by raw bytes
+            oa, ob = (a[d], b[d]) if name == DIST_FILE else (a[d]["optimizer"], b[d]["optimizer"])
+            assert canon(oa) == canon(ob), (name, d)     # tensors by raw bytes
     assert cli("verify", s, tmp_path / "b").code == 0
 
 
@@ -89,12 +91,12 @@ def test_split_expected_buffers_by_hand(split):
     (sdir, ssd), = _files(s, "model_optim_rng.pt").items()
     src_params = [(k, t.numel()) for k, t in ssd["model"].items() if torch.is_tensor(t)]
     soff, sn = _hand_flat(src_params)
-    sbuf = _files(s, optim.DIST_FILE)[sdir][0][F32]
+    sbuf = _files(s, DIST_FILE)[sdir][0][F32]
     assert sbuf["numel_unpadded"] == sn
     shapes = {k: t.shape for k, t in ssd["model"].items() if torch.is_tensor(t)}
     local = 2                                   # 4 experts over EP 2
     tfiles = _files(d, "model_optim_rng.pt")
-    tdist = _files(d, optim.DIST_FILE)
+    tdist = _files(d, DIST_FILE)
     assert sorted(tfiles) == ["mp_rank_00_000", "mp_rank_00_001"] == sorted(tdist)
     for dn, sd in tfiles.items():
         ep = int(dn.rsplit("_", 1)[1])
@@ -125,7 +127,7 @@ def test_split_expected_buffers_by_hand(split):
 def test_verify_catches_corrupted_expert_moment_and_group(cli, tmp_path, split):
     s, d, _ = split
     shutil.copytree(d, tmp_path / "d")
-    f = sorted((tmp_path / "d").rglob(optim.DIST_FILE))[1]
+    f = sorted((tmp_path / "d").rglob(DIST_FILE))[1]
     st = load(f)
     st[1][0][F32]["exp_avg"].view(torch.int32)[3] ^= 1      # the expert sub-optimizer of EP rank 1
     torch.save(st, f)
@@ -164,11 +166,11 @@ def test_merge_and_split_common_unit():
     dense = {"optimizer": {"param_groups": [{**base, "is_expert_parallel": False},
                                            {**base, "wd_mult": 0.0, "is_expert_parallel": False}]}}
     expert = {"optimizer": {"param_groups": [{**base, "is_expert_parallel": True}]}}
-    assert optim.merge_subs([dense, expert], "distributed", "x") == [dense]
+    assert merge_subs([dense, expert], "distributed", "x") == [dense]
     bad = {"optimizer": {"param_groups": [{**base, "lr": 2e-3, "is_expert_parallel": True}]}}
-    with pytest.raises(optim.BadInput, match="expert param group 0 .*lr=0.002"):
-        optim.merge_subs([dense, bad], "distributed", "x")
+    with pytest.raises(BadInput, match="expert param group 0 .*lr=0.002"):
+        merge_subs([dense, bad], "distributed", "x")
     scaled = {**expert, "grad_scaler": {"scale": torch.tensor(2.0)}}
-    with pytest.raises(optim.BadInput, match="grad scaler"):
-        optim.merge_subs([dense, scaled], "distributed", "x")
-    assert optim.canon(-0.0) != optim.canon(0.0) and optim.canon(torch.tensor(1.0)) != optim.canon(torch.tensor(1))
+    with pytest.raises(BadInput, match="grad scaler"):
+        merge_subs([dense, scaled], "distributed", "x")
+    assert canon(-0.0) != canon(0.0) and canon(torch.tensor(1.0)) != canon(torch.tensor(1))

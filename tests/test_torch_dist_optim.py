@@ -11,7 +11,7 @@ import torch
 
 from ckptctl.errors import BadInput
 from ckptctl.formats import torch_dist as td
-from ckptctl.formats import torch_dist_optim as tdo
+from ckptctl.formats.torch_dist import optim_info as tdo
 from conftest import flip_dist_chunk
 
 OPTS = ["--swiglu", "--groups", "2", "--layers", "2", "--optimizer", "distributed"]
@@ -189,7 +189,7 @@ def adam(tmp_path_factory):
 def test_adam_round_trip_is_byte_equal(adam, dt):
     """The whole `optimizer` entry of every rank file (state tensors, step, param groups with their indices,
     fp32 masters, grad scaler) comes back byte for byte."""
-    from ckptctl.optim import canon
+    from ckptctl.optstate.subopt import canon
     files = sorted((adam / dt).glob("iter_*/*/model_optim_rng.pt"))
     assert len(files) == 4
     for f in files:
@@ -316,7 +316,7 @@ def moe(tmp_path_factory):
 def test_moe_round_trip_through_a_sub_optimizer_change_is_byte_equal(moe, src, back):
     """Every rank file's optimizer entry (and distrib_optim.pt: per sub-optimizer flat buffers, None where
     the rank writes none) comes back byte for byte through torch_dist (distributed: EP2 -> EP1 -> EP2)."""
-    from ckptctl.optim import canon
+    from ckptctl.optstate.subopt import canon
     files = sorted((moe / src).glob("iter_*/*/*.pt"))
     assert len(files) == (4 if src == "leg" else 2)
     for f in files:

@@ -2,7 +2,7 @@
 
 megatron-core's fully parallel save merges the ranks' write plans, so the key order of `.metadata` follows the
 DP ranks' shares, not the model. A source whose `.metadata` key order is shuffled on purpose must convert to
-byte-identical output; ckptctl derives the order of the DDP buffers from the model (ckptctl/param_order.py).
+byte-identical output; ckptctl derives the order of the DDP buffers from the model (ckptctl/optstate/order.py).
 No megatron-core needed.
 """
 from __future__ import annotations

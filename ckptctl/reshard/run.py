@@ -6,28 +6,26 @@ share of the files, and touches only the store regions the plan gives it.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ckptctl.box import Box
 from ckptctl.errors import BadInput
-from ckptctl import formats, optim
-from ckptctl.formats import legacy
-from ckptctl.layout import FileCoord, Layout
+from ckptctl.formats import registry
+from ckptctl.layout import Layout
 from ckptctl.models import get_family
 from ckptctl.models.config import ModelConfig
+from ckptctl.optstate.state import store_attrs
 from ckptctl.reshard.comm import Comm, assign
 from ckptctl.reshard import stream
-from ckptctl.reshard.plan import OBJECTS, FilePlan, Inventory, ObjectItem, TensorItem, plan_target
-from ckptctl.store import FORMAT, FORMAT_VERSION, Crc32cCodec, Store, configure, torch_dtype
+from ckptctl.storage.build import build_file, lazy_tensor  # noqa: F401 - the phases' file builder
+from ckptctl.storage.objects import COMMON, OPTIM_COMMON, get_object, put_object, rng_for  # noqa: F401
+from ckptctl.storage.progress import Progress
+from ckptctl.store import FORMAT, FORMAT_VERSION, Store, configure
 
-COMMON = "common"
-OPTIM_COMMON = "optimizer@common"
 
 
 @dataclass
@@ -61,71 +59,16 @@ class Job:
         return cls(**json.loads(Path(path).read_text()))
 
 
-class Progress:
-    """Bytes done by this worker, in a file the launcher sums (cheap, no communication)."""
-
-    def __init__(self, workdir: str | None, rank: int):
-        self.path = Path(workdir) / "progress" / f"rank{rank}" if workdir else None
-        self.done, self._last = 0, 0.0
-        if self.path:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def add(self, n: int, force: bool = False) -> None:
-        self.done += n
-        now = time.monotonic()
-        if self.path and (force or now - self._last > 0.2):
-            self._last = now
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(str(self.done))
-            os.replace(tmp, self.path)
-
-
-def inventories_of(job: Job) -> list[Inventory]:
-    return [Inventory(FileCoord(**i["coord"]), i["dirname"],
-                      {c: [(k, tuple(s) if s is not None else None, d) for k, s, d in e] for c, e in i["chunks"].items()})
-            for i in job.inventories]
-
-
-# --- objects in the store (extra state, args, RNG): torch.save bytes as 1-D uint8 arrays -----------
-
-def _object_name(slot: str) -> str:
-    return OBJECTS + slot.replace("|", "@").replace("/", "_")
-
-
-def put_object(store: Store, slot: str, value) -> str:
-    if value is None:
-        return "none"
-    data = np.frombuffer(legacy.dumps_bytes(value), dtype=np.uint8)
-    store.group.create_array(_object_name(slot), shape=data.shape, dtype="uint8", chunks=data.shape or (1,),
-                             compressors=Crc32cCodec(), filters=None, fill_value=0, overwrite=True)[...] = data
-    return "bytes"
-
-
-def get_object(store: Store, slot: str, enc: str):
-    if enc == "none":
-        return None
-    return legacy.loads_bytes(store.group[_object_name(slot)][...].tobytes(), slot)
-
-
-def empty_like_encoding(value):
-    """The empty value of an _extra_state's encoding: written when a module's shard changed."""
-    if value is None:
-        return None
-    if torch.is_tensor(value):
-        return torch.empty(0, dtype=value.dtype)
-    import io
-    return io.BytesIO()
-
-
 # --- source phase --------------------------------------------------------------------------------
 
 def source_phase(job: Job, comm: Comm, progress: Progress) -> dict:
     family = get_family(job.family)
     cfg = ModelConfig.from_json(job.cfg)
     layout = Layout.from_json(job.src_layout)
-    plan = formats.source_plan(job.src_format, family, cfg, layout, job.inventories, job.dist)
-    open_unit = formats.unit_opener(job.src_format, layout, job.inventories, job.dist)
-    oside = formats.optim_source(job.src_format, family, cfg, layout, job.optim, plan, job.dist) if job.optim else None
+    fmt = registry.get(job.src_format)
+    plan = fmt.source_plan(family, cfg, layout, job.inventories, job.dist)
+    open_unit = fmt.unit_opener(layout, job.inventories, job.dist)
+    oside = fmt.optim_source(family, cfg, layout, job.optim, plan, job.dist) if job.optim else None
     own_units = getattr(oside, "run", None)       # torch_dist: decodes per model-parallel rank, not per unit
     from ckptctl.reshard import resume
     keep = resume.keep_store(job)   # --resume: an interrupted run's store and finished files are kept
@@ -155,7 +98,7 @@ def source_phase(job: Job, comm: Comm, progress: Progress) -> dict:
             tensor = sd.tensor(t)
             if tuple(tensor.shape) != t.shape or str(tensor.dtype).removeprefix("torch.") != t.dtype:
                 raise BadInput(f"{fp.dirname}: tensor {t.key!r} changed since inspection")
-            mapped = isinstance(sd, legacy.LegacyUnit)   # memory-mapped rank file: pages can be dropped
+            mapped = fmt.memory_mapped   # memory-mapped rank file: pages can be dropped
             for p, owned in zip(t.pieces, t.owned):
                 if owned:
                     put_piece(store, p, tensor[p.local.slices], budget.block, progress, mapped)
@@ -191,30 +134,13 @@ def source_phase(job: Job, comm: Comm, progress: Progress) -> dict:
             "objects": encs, "source_files": [fp.dirname for fp in plan.files],
             "vocab": {"true": cfg.true_vocab, "padded": cfg.padded_vocab, "divisor": cfg.vocab_divisor},
             "tied": cfg.tied, "iteration": job.iteration, "dropped": [d for d in dropped.split(",") if d],
-            **({"optimizer": optim.store_attrs(job.optim)} if job.optim else {}),
+            **({"optimizer": store_attrs(job.optim)} if job.optim else {}),
         })
     comm.barrier()
     return {"arrays": len(plan.arrays), "bytes": sum(plan.owned_bytes(i) for i in range(len(plan.files)))}
 
 
 # --- target phase --------------------------------------------------------------------------------
-
-def rng_for(policy: str, src_layout: Layout, dst_layout: Layout, fp: FilePlan, encs: dict) -> str | None:
-    """Which stored RNG state a target file gets (DESIGN §3): carry when TP and PP are unchanged."""
-    if policy == "drop":
-        return None
-    same = src_layout.tp == dst_layout.tp and src_layout.pp == dst_layout.pp
-    if policy in ("auto", "carry") and same:
-        slot = "rng@" + fp.dirname
-        if slot in encs:
-            return slot
-        if policy == "carry":
-            raise BadInput(f"--rng carry: no source RNG state for {fp.dirname}")
-    elif policy == "carry":
-        raise BadInput("--rng carry needs the same TP and PP on both sides; use replicate or drop")
-    first = sorted(k for k in encs if k.startswith("rng@"))
-    return first[0] if first else None
-
 
 def put_piece(store: Store, p, part: torch.Tensor, block: int, progress: Progress, mapped: bool) -> None:
     """One source piece into the store in blocks of whole chunk rows of at most `block` bytes."""
@@ -237,134 +163,9 @@ def put_piece(store: Store, p, part: torch.Tensor, block: int, progress: Progres
         progress.add(sub.numel() * sub.element_size())
 
 
-def lazy_tensor(store: Store, item: TensorItem, block: int, progress: Progress) -> stream.LazyTensor:
-    """A target tensor produced block by block (rows of dim 0) from the store when its file is written."""
-    dtype = torch_dtype(item.dtype)
-    shape = tuple(item.shape)
-    vol = int(np.prod(shape)) if shape else 1
-    full = item.covered == vol
-
-    def fill(write):
-        if not shape:
-            t = torch.zeros((), dtype=dtype)
-            for p in item.pieces:
-                t = store.read(p.array, p.gbox).reshape(())
-            write(t)
-            progress.add(t.element_size())
-            return
-        row = (vol // shape[0]) * dtype.itemsize if shape[0] else 0
-        for r0, r1 in stream.row_blocks(shape[0], row, block):
-            lbox = Box((r0,) + (0,) * (len(shape) - 1), (r1 - r0,) + shape[1:])
-            subs = list(_with_arrays(item, lbox))
-            if full and len(subs) == 1 and subs[0][0][0] == lbox:   # one piece: the read is the block
-                (lb, gb), arr = subs[0]
-                t = store.read(arr, gb).reshape(lb.sizes)
-            else:
-                t = (torch.empty if full else torch.zeros)((r1 - r0,) + shape[1:], dtype=dtype)
-                for (lb, gb), arr in subs:
-                    t[lb.shift(tuple(-o for o in lbox.offsets)).slices] = store.read(arr, gb).reshape(lb.sizes)
-            write(t)
-            progress.add(t.numel() * t.element_size())
-            del t
-
-    return stream.LazyTensor(shape, dtype, fill)
-
-
-def _with_arrays(item: TensorItem, lbox: Box):
-    for p in item.pieces:
-        s = stream.sub_piece(p, lbox)
-        if s is not None:
-            yield s, p.array
-
-
-def build_file(store: Store, fp: FilePlan, common: dict, encs: dict, progress: Progress,
-               block: int | None = None) -> dict:
-    """The target file's state dict; with `block`, tensors are LazyTensors filled when the file is saved."""
-    sd = dict(common)
-    for chunk in fp.chunks:
-        sd[chunk] = {}
-    for item in fp.items:
-        if isinstance(item, ObjectItem):
-            enc = encs.get(item.slot)
-            if enc is not None:
-                sd[item.chunk][item.key] = get_object(store, item.slot, enc)
-            else:  # the module's shard changed: its FP8 scaling state cannot follow
-                sample = next((s for s in encs if s.startswith(item.gkey + "|")), None)
-                sd[item.chunk][item.key] = empty_like_encoding(get_object(store, sample, encs[sample]) if sample else None)
-            continue
-        if block is not None:
-            sd[item.chunk][item.key] = lazy_tensor(store, item, block, progress)
-            continue
-        dtype = torch_dtype(item.dtype)
-        vol = int(np.prod(item.shape)) if item.shape else 1
-        t = (torch.empty if item.covered == vol else torch.zeros)(item.shape, dtype=dtype)
-        for p in item.pieces:
-            t[p.local.slices] = store.read(p.array, p.gbox).reshape(p.local.sizes)
-            progress.add(p.local.volume * t.element_size())
-        sd[item.chunk][item.key] = t
-    return sd
-
-
-def open_target(job: Job):
-    """The complete store a target phase reads, and what its attributes say: (store, attrs, family,
-    config, source layout, target layout, object encodings)."""
-    store = Store.open(Path(job.store))
-    attrs = store.attrs
-    if not attrs.get("complete"):
-        raise BadInput(f"{job.store}: the store is incomplete (its source phase did not finish)")
-    return (store, attrs, get_family(attrs["family"]), ModelConfig.from_json(attrs["config"]),
-            Layout.from_json(attrs["source_layout"]), Layout.from_json(job.dst_layout), attrs["objects"])
-
-
 def target_phase(job: Job, comm: Comm, progress: Progress) -> dict:
-    if job.dst_format == "torch_dist":
-        from ckptctl.formats import torch_dist
-        return torch_dist.target_phase(job, comm, progress)
-    store, attrs, family, cfg, src_layout, dst, encs = open_target(job)
-    files = plan_target(family, cfg, dst, attrs["manifest"], attrs["arrays"], set(encs))
-    common = get_object(store, COMMON, encs.get(COMMON, "none")) or {}
-    iteration = attrs.get("iteration", "release")
-    padded = cfg.vocab_for_tp(dst.tp) if cfg.true_vocab is not None else cfg.padded_vocab
-    if "args" in common:
-        common["args"] = _namespace(family.layout_args(
-            legacy.rewrite_args(legacy.args_dict(common["args"]), dst, padded, cfg.num_layers), cfg, dst))
-    out = Path(job.out)
-    it_dir = out / legacy.iter_dirname(iteration)
-    tside = None
-    if attrs.get("optimizer"):
-        tside = optim.TargetSide(family, cfg, dst, attrs["optimizer"], get_object(store, OPTIM_COMMON, encs[OPTIM_COMMON]),
-                                   files=files)
-    mine = assign([f.nbytes() + 1 for f in files], comm.world)[comm.rank]
-    budget = stream.Budget(job.max_memory)
-    from ckptctl.reshard import resume
-    for i in mine:
-        fp = files[i]
-        if resume.target_done(job, i):   # finished by an interrupted run, its files intact (crc32c)
-            progress.add(fp.nbytes())
-            continue
-        sd = build_file(store, fp, common, encs, progress, block=budget.block)
-        if tside is not None:
-            (it_dir / fp.dirname).mkdir(parents=True, exist_ok=True)
-            progress.add(tside.write(store, fp, sd, it_dir / fp.dirname))
-        slot = rng_for(job.rng, src_layout, dst, fp, encs)
-        if slot is not None:
-            sd["rng_state"] = get_object(store, slot, encs[slot])
-        d = it_dir / fp.dirname
-        d.mkdir(parents=True, exist_ok=True)
-        stream.save_streaming(sd, d / legacy.MODEL_FILE)
-        del sd
-        resume.mark_target(job, i, d)
-    progress.add(0, force=True)
-    comm.barrier()
-    if comm.rank == 0:
-        legacy.write_tracker(out, iteration)
-    comm.barrier()
-    return {"files": len(files), "bytes": sum(f.nbytes() for f in files)}
-
-
-def _namespace(d: dict):
-    import argparse
-    return argparse.Namespace(**d)
+    """Every worker: its share of the target files, written by the target format."""
+    return registry.get(job.dst_format).target_phase(job, comm, progress)
 
 
 def run_job(job: Job) -> dict:

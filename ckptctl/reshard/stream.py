@@ -162,11 +162,11 @@ def _rebuild_args(lazy: LazyTensor):
 
 
 def _pickler_class(pure: bool):
-    """The C pickler, or the pure-Python one of ckptctl.formats.legacy when Megatron stand-ins
+    """The C pickler, or the pure-Python one of ckptctl.storage.pickles when Megatron stand-ins
     must be written back under their own names."""
     import pickle
 
-    from ckptctl.formats.legacy import _Pickler
+    from ckptctl.storage.pickles import _Pickler
 
     class StreamPickler(_Pickler if pure else pickle.Pickler):
         """torch.save's pickling (storages as persistent ids), plus LazyTensor placeholders."""
@@ -217,7 +217,7 @@ def save_streaming(obj, path: Path) -> int:
     path = Path(path)
     records: list = []
     buf = io.BytesIO()
-    from ckptctl.formats.legacy import _with_stand_ins
+    from ckptctl.storage.pickles import _with_stand_ins
     _pickler_class(_with_stand_ins(obj))(buf, records).dump(obj)
     data = buf.getvalue()
     w = torch._C.PyTorchFileWriter(str(path), True, 64)

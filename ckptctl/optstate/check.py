@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from ckptctl.core.diff import Difference
 from ckptctl.errors import BadInput
 
 
@@ -58,7 +59,6 @@ def check_file(params, tensors: dict, weight_of, where: str) -> None:
 
 def verify_invariant(side: str, array: str, master: torch.Tensor, weight: torch.Tensor):
     """verify's check of one global array (both gathered independently): None, or a Difference."""
-    from ckptctl.verify import Difference
     if tuple(master.shape) != tuple(weight.shape):
         return Difference(f"optim/param/{array.removeprefix('model/')}",
                           f"{side}: master shape {tuple(master.shape)}, weight {tuple(weight.shape)}")
@@ -74,45 +74,6 @@ def verify_invariant(side: str, array: str, master: torch.Tensor, weight: torch.
                       f"{side}: the fp32 master is not the weight ({n} elements differ after rounding to "
                       f"{str(weight.dtype).removeprefix('torch.')}): state attached to the wrong parameter",
                       count=n, first_index=int(ne.nonzero()[0]))
-
-
-class DistWeights:
-    """The local weights of a legacy-view rank plan, read from a torch_dist source's model chunks."""
-
-    def __init__(self, plan, dist: dict, layout):
-        from pathlib import Path
-
-        from ckptctl.formats import torch_dist
-        self.by_array: dict[str, list] = {}
-        self.unit = torch_dist.DistUnit(Path(dist["iter_dir"]), dist["index"], layout, None)
-        for fp in plan.files:
-            for t in fp.tensors:
-                for p in t.pieces:
-                    self.by_array.setdefault(p.array, []).append((t, p))
-
-    def region(self, array: str, box, dtype) -> torch.Tensor:
-        out = torch.empty(box.sizes, dtype=dtype)
-        got = 0
-        for t, p in self.by_array.get(array, ()):
-            hit = p.gbox.intersect(box)
-            if hit is None:
-                continue
-            x = self.unit.tensor(t)
-            src = hit.shift(tuple(lo - g for lo, g in zip(p.local.offsets, p.gbox.offsets)))
-            out[hit.shift(tuple(-o for o in box.offsets)).slices] = x[src.slices]
-            got += hit.volume
-        if got != box.volume:
-            raise BadInput(f"{array}: the torch_dist chunks cover {got} of the {box.volume} elements a rank holds")
-        return out
-
-    def weight(self, fp, p) -> torch.Tensor:
-        """Param `p` of legacy-view plan `fp`: its local tensor (new vocab rows, if any, are zero)."""
-        t = fp.tensors[p.index]
-        dtype = getattr(torch, p.dtype)
-        buf = (torch.empty if t.covered == p.numel else torch.zeros)(p.shape, dtype=dtype)
-        for piece in t.pieces:
-            buf[piece.local.slices] = self.region(piece.array, piece.gbox, dtype).reshape(piece.local.sizes)
-        return buf
 
 
 def check_bucket_chunks(chunks: list, key: str, members: list, n: int, where: str) -> None:

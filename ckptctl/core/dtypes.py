@@ -1,0 +1,66 @@
+"""Dtype naming and the store's chunk grid (pure: no storage library). The planner and the formats use these
+to describe arrays; `ckptctl.store` uses them to lay the arrays out."""
+from __future__ import annotations
+
+from math import gcd
+
+import torch
+
+from ckptctl.box import Box
+from ckptctl.errors import BadInput
+
+# torch dtype name -> (numpy storage dtype, torch view dtype used to move bytes)
+BITVIEW = {
+    "bfloat16": ("uint16", torch.uint16),
+    "float8_e4m3fn": ("uint8", torch.uint8),
+    "float8_e5m2": ("uint8", torch.uint8),
+}
+NATIVE = {
+    "float16": "float16", "float32": "float32", "float64": "float64", "int8": "int8", "int16": "int16",
+    "int32": "int32", "int64": "int64", "uint8": "uint8", "bool": "bool",
+}
+_ITEMSIZE = {"uint8": 1, "int8": 1, "bool": 1, "uint16": 2, "int16": 2, "float16": 2, "int32": 4, "float32": 4,
+             "int64": 8, "float64": 8}
+
+
+def dtype_name(t: torch.dtype) -> str:
+    return str(t).removeprefix("torch.")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def storage_dtype(name: str) -> str:
+    """The dtype the store keeps a tensor dtype as (bf16 and fp8 as unsigned ints of their width: bytes kept)."""
+    if name in BITVIEW:
+        return BITVIEW[name][0]
+    if name in NATIVE:
+        return NATIVE[name]
+    raise BadInput(f"unsupported tensor dtype {name}")
+
+
+def itemsize(name: str) -> int:
+    """Bytes per element of a tensor dtype name."""
+    return _ITEMSIZE[storage_dtype(name)]
+
+
+def chunk_shape(shape: tuple[int, ...], boxes: list[Box], itemsize: int, max_bytes: int = 64 << 20) -> tuple[int, ...]:
+    """A chunk grid in which every chunk lies inside one writer's box (gcd of all box edges),
+    then cut along dim 0 (by a divisor) until a chunk is at most `max_bytes`."""
+    if not shape:
+        return ()
+    c = list(shape)
+    for b in boxes:
+        for d in range(len(shape)):
+            c[d] = gcd(c[d], gcd(b.offsets[d], b.sizes[d]))
+    c = [max(1, x) for x in c]
+    rest = itemsize
+    for x in c[1:]:
+        rest *= x
+    while c[0] > 1 and c[0] * rest > max_bytes:
+        for div in range(2, c[0] + 1):
+            if c[0] % div == 0:
+                c[0] //= div
+                break
+    return tuple(c)

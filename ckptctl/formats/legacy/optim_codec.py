@@ -1,0 +1,197 @@
+"""The optimizer codec of legacy rank files (DESIGN §6): decode a rank file's optimizer state into per-parameter
+tensors and encode it back for a target layout.
+
+* **distributed** (`--use-distributed-optimizer`): `distrib_optim.pt` beside each model file, the flat fp32
+  buffers (`ckptctl.optstate.flat`), plus the `optimizer` key of `model_optim_rng.pt` (param groups with
+  `step`, no tensors).
+* **adam** (non-distributed): the `optimizer` key holds torch's state dict (FP32Optimizer: bare
+  `{"state", "param_groups"}`; Float16Optimizer: `{"optimizer", "fp32_from_fp16_params", ["grad_scaler"]}`)
+  whose state indices are rebuilt from the model dict order and Megatron's standard param groups.
+
+Supported: the coalesced `distrib_optim.pt` format (Megatron-LM since 2024-02, checked against
+megatron-core 0.19.2 / Megatron-LM core_v0.19.0) with torch Adam/AdamW state. Refused with a one-line
+error: non-coalesced (older) files, per-DP `optim.pt`, layer-wise optimizer files, precision-aware
+optimizer state, other optimizers, non-standard param groups, merging sub-optimizers whose param
+groups, steps or grad scalers disagree.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ckptctl.errors import BadInput
+from ckptctl.optstate.flat import _sub_list, decode_distributed, encode_distributed
+from ckptctl.optstate.params import ADAM_KEYS, HALF, Param, group_of, split_subs
+from ckptctl.optstate.state import Context, FileState, fill_tensors, target_comps
+from ckptctl.optstate.subopt import merge_subs, strip_adam
+from ckptctl.storage.pickles import load_pt, save_pt
+
+DIST_FILE = "distrib_optim.pt"
+
+
+def detect(sd: dict, model_path: Path) -> dict | None:
+    """The optimizer variant of a rank file, or None when it carries no optimizer state."""
+    d = Path(model_path).parent
+    for bad in sorted(d.glob("layer_wise_optimizer_*.pt"))[:1]:
+        raise BadInput(f"{bad}: layer-wise distributed optimizer state is not supported")
+    if (d / "optim.pt").exists() or (d / "model_rng.pt").exists():
+        raise BadInput(f"{d}: pre-2023 distributed optimizer layout (per-DP optim.pt) is not supported")
+    if "optimizer" not in sd:
+        return None
+    opt = sd["optimizer"]
+    first = next((o for o in opt if o is not None), None) if isinstance(opt, list) else opt
+    if not isinstance(first, dict):
+        raise BadInput(f"{model_path}: 'optimizer' is a {type(first).__name__}, not a state dict")
+    n = len(opt) if isinstance(opt, list) else 1
+    if "param_state" in first or "param_state_sharding_type" in first:
+        raise BadInput(f"{model_path}: optimizer state in a torch_dist layout inside a legacy file is not supported")
+    if "state" in first and "param_groups" in first:
+        return _with_merge({"kind": "adam", "variant": "fp32", "subs": n}, opt, model_path)
+    inner = first.get("optimizer")
+    if not isinstance(inner, dict) or "param_groups" not in inner:
+        raise BadInput(f"{model_path}: unrecognised 'optimizer' entry (keys {sorted(map(str, first))[:6]})")
+    if "state" in inner:
+        if "fp32_from_fp16_params" not in first:
+            raise BadInput(f"{model_path}: mixed-precision optimizer state without fp32_from_fp16_params")
+        return _with_merge({"kind": "adam", "variant": "float16", "subs": n}, opt, model_path)
+    if not (d / DIST_FILE).is_file():
+        raise BadInput(f"missing {d / DIST_FILE}: the optimizer key says distributed optimizer")
+    return _with_merge({"kind": "distributed", "variant": "distributed", "subs": n}, opt, model_path)
+
+
+def _with_merge(d: dict, opt, model_path: Path) -> dict:
+    """With several sub-optimizers: why they could not be merged into one (None: they can), checked
+    before any output is written."""
+    if d["subs"] > 1:
+        subs = opt if d["kind"] == "distributed" else [strip_adam(s, d["variant"]) for s in opt]
+        try:
+            merge_subs(subs, d["kind"], str(model_path))
+            d["merge"] = None
+        except BadInput as e:
+            d["merge"] = str(e)
+    return d
+
+
+
+def decode_adam(obj, subs: list[list[Param]], variant: str, args: dict, where: str) -> tuple[dict, list, float | None]:
+    out: dict[int, dict] = {}
+    commons, steps = [], set()
+    for s, (state, params) in enumerate(zip(_sub_list(obj, len(subs), where), subs)):
+        inner = state if variant == "fp32" else state["optimizer"]
+        groups = inner["param_groups"]
+        members: list[list[Param]] = [[] for _ in groups]
+        for p in params:
+            members[group_of(p, groups, args, where)].append(p)
+        masters = state.get("fp32_from_fp16_params") if variant == "float16" else None
+        for gi, (g, ps) in enumerate(zip(groups, members)):
+            if len(g["params"]) != len(ps):
+                raise BadInput(f"{where}: param group {gi} lists {len(g['params'])} params, the model places "
+                               f"{len(ps)} there (non-standard param groups are not supported)")
+            halves = [p for p in ps if p.dtype in HALF]
+            if masters is not None and len(masters[gi]) != len(halves):
+                raise BadInput(f"{where}: fp32_from_fp16_params group {gi} has {len(masters[gi])} tensors, "
+                               f"expected {len(halves)}")
+            for idx, p in zip(g["params"], ps):
+                st = inner["state"].get(idx)
+                if st is None:
+                    raise BadInput(f"{where}: no optimizer state for parameter {p.key!r} (index {idx}); "
+                                   "partial state (params never stepped) is not supported")
+                comp = {}
+                for k in ADAM_KEYS:
+                    t = st.get(k)
+                    if t is None or tuple(t.shape) != p.shape:
+                        raise BadInput(f"{where}: state {k} of {p.key!r} has shape "
+                                       f"{None if t is None else tuple(t.shape)}, the parameter {p.shape}")
+                    if t.dtype != torch.float32:
+                        raise BadInput(f"{where}: state {k} of {p.key!r} is {t.dtype}; only fp32 state is supported")
+                    comp[k] = t
+                if set(st) - {"step", *ADAM_KEYS}:
+                    raise BadInput(f"{where}: state of {p.key!r} has keys {sorted(st)}; only Adam is supported")
+                if "step" in st:
+                    steps.add(float(st["step"]))
+                out[p.index] = comp
+            if masters is not None:
+                for p, m in zip(halves, masters[gi]):
+                    if tuple(m.shape) != p.shape:
+                        raise BadInput(f"{where}: fp32 master of {p.key!r} has shape {tuple(m.shape)}, expected {p.shape}")
+                    out[p.index]["param"] = m
+        commons.append(strip_adam(state, variant))
+    if len(steps) > 1:
+        raise BadInput(f"{where}: parameters have different Adam steps {sorted(steps)}")
+    return out, commons, (steps.pop() if steps else None)
+
+
+
+def decode_file(ctx: Context, fp, sd: dict, model_path: Path) -> FileState:
+    """Per-parameter fp32 state of one source rank file."""
+    where = str(model_path)
+    params = ctx.params(fp)
+    subs, bufs = ctx.layout_of(fp, params)
+    kind = ctx.info["kind"]
+    if "optimizer" not in sd:
+        raise BadInput(f"{where}: no 'optimizer' entry while other rank files have one")
+    if kind == "distributed":
+        dpath = Path(model_path).parent / DIST_FILE
+        tensors = decode_distributed(load_pt(dpath), subs, bufs, str(dpath)) if dpath.is_file() else {}
+        common = sd["optimizer"]
+        steps = {g.get("step") for c in _sub_list(common, len(subs), where) if c for g in c["optimizer"]["param_groups"]}
+        step = next(iter(steps)) if len(steps) == 1 else None
+        return FileState(tensors, common, step)
+    tensors, commons, step = decode_adam(sd["optimizer"], subs, ctx.info["variant"], ctx.args, where)
+    if ctx.info["variant"] == "float16":
+        for p in params:   # fp32 params of a mixed-precision model are their own master
+            if p.dtype == "float32":
+                tensors[p.index]["param"] = sd[p.chunk][p.key]
+    return FileState(tensors, {"subs": commons, "step": step}, step)
+
+
+
+def encode_adam(ctx: Context, fp, params, tensors: dict[int, dict], common: dict) -> object:
+    subs = split_subs(params, ctx.info["subs"])
+    step = common.get("step")
+    out = []
+    for sub, c in zip(subs, common["subs"]):
+        groups = c["param_groups"]
+        members: list[list[Param]] = [[] for _ in groups]
+        for p in sub:
+            members[group_of(p, groups, ctx.args, fp.dirname)].append(p)
+        state, pgs, masters, idx = {}, [], [], 0
+        for g, ps in zip(groups, members):
+            ids = []
+            for p in ps:
+                st = {}
+                if step is not None:
+                    st["step"] = torch.tensor(step, dtype=torch.float32)
+                st["exp_avg"] = tensors[p.index]["exp_avg"]
+                st["exp_avg_sq"] = tensors[p.index]["exp_avg_sq"]
+                state[idx] = st
+                ids.append(idx)
+                idx += 1
+            pgs.append({**g, "params": ids})
+            masters.append([tensors[p.index]["param"] for p in ps if p.dtype in HALF])
+        inner = {"state": state, "param_groups": pgs}
+        if ctx.info["variant"] == "fp32":
+            out.append(inner)
+        else:
+            sd = {"optimizer": inner}
+            if "grad_scaler" in c:
+                sd["grad_scaler"] = c["grad_scaler"]
+            sd["fp32_from_fp16_params"] = masters
+            out.append(sd)
+    return out[0] if len(out) == 1 else out
+
+
+
+def write_target(ctx: Context, reader, fp, sd: dict, out_dir: Path, common) -> int:
+    """Put the optimizer state of one target file into `sd` (and distrib_optim.pt into out_dir)."""
+    params = ctx.params(fp)
+    comps = target_comps(ctx.info)
+    tensors = fill_tensors(reader, fp, params, comps)
+    if ctx.info["kind"] == "distributed":
+        save_pt(encode_distributed(ctx, fp, params, tensors), Path(out_dir) / DIST_FILE)
+        sd["optimizer"] = common
+    else:
+        sd["optimizer"] = encode_adam(ctx, fp, params, tensors, common)
+    return sum(p.numel * 4 * len(comps) for p in params)
+

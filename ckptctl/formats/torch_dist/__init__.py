@@ -1,0 +1,79 @@
+"""megatron-core's `torch_dist` format (`--ckpt-format torch_dist`, PyTorch DCP underneath): `.metadata` and
+blobs (`metadata`), key names (`names`), the source planner and units (`source`), the target planner
+(`target`) and writer (`writer`), the optimizer state (`optim_info`, `optim_read`, `optim_write`)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ckptctl.formats.base import Format, Source
+
+
+class TorchDistFormat(Format):
+    name = "torch_dist"
+    megatron_name = "torch_dist"
+    detect_order = 10             # its root also has a tracker file: tried before legacy
+
+    def detect(self, path: Path) -> bool:
+        from ckptctl.formats.torch_dist.metadata import is_torch_dist
+        return is_torch_dist(path)
+
+    def inspect(self, path, true_vocab=None, family=None) -> Source:
+        from ckptctl.formats.torch_dist.inspect import inspect
+        return inspect(Path(path), true_vocab, family)
+
+    def check_options(self, optim_sharding):
+        from ckptctl.formats.torch_dist.optim_info import check_sharding
+        return check_sharding(optim_sharding)     # default dp_reshardable, as Megatron-LM saves
+
+    def check_target(self, family, cfg, layout, manifest, arrays, slots):
+        from ckptctl.formats.torch_dist.target import plan_target
+        plan_target(family, cfg, layout, manifest, arrays, slots)
+
+    def optim_form(self, info, sharding=None) -> str:
+        from ckptctl.formats.torch_dist.optim_info import form_text
+        return form_text(info, sharding)
+
+    def target_files(self, to, family, cfg, manifest, arrays, slots, iteration) -> list[str]:
+        # megatron-core's torch_dist writer: .distcp files of the saving ranks, plus metadata
+        from ckptctl.formats.megatron import TRACKER, iter_dirname
+        from ckptctl.formats.torch_dist.target import plan_target
+        plan = plan_target(family, cfg, to, manifest, arrays, slots)
+        it = iter_dirname(iteration)
+        return [f"{it}/{f}" for f in (f"__*_0.distcp ({len(plan.chunks)} chunks)", ".metadata", "metadata.json",
+                                      "common.pt")] + [TRACKER]
+
+    def common_state(self, src: Source) -> dict:
+        return src.ckpt.common
+
+    def source_plan(self, family, cfg, layout, inventories, dist):
+        from ckptctl.formats.torch_dist.source import plan_source
+        return plan_source(family, cfg, layout, dist["index"], dist["spec"])
+
+    def unit_opener(self, layout, inventories, dist):
+        from ckptctl.formats.torch_dist.source import DistUnit
+        return lambda fp: DistUnit(Path(dist["iter_dir"]), dist["index"], layout, fp)
+
+    def optim_source(self, family, cfg, layout, info, plan, dist):
+        from ckptctl.formats.torch_dist.optim_read import DistOptimSource
+        return DistOptimSource(family, cfg, layout, info, plan, dist)
+
+    def target_phase(self, job, comm, progress) -> dict:
+        from ckptctl.formats.torch_dist.writer import target_phase
+        return target_phase(job, comm, progress)
+
+    def optim_gather(self, src: Source):
+        from ckptctl.formats.torch_dist.optim_read import DistGather
+        return DistGather(src)
+
+
+FORMAT = TorchDistFormat()
+
+# Stage-1 re-exports for callers not yet moved to the registry (removed with them).
+from ckptctl.formats.torch_dist.inspect import inspect  # noqa: E402,F401
+from ckptctl.formats.torch_dist.metadata import *  # noqa: E402,F401,F403
+from ckptctl.formats.torch_dist.metadata import _iter_dir  # noqa: E402,F401
+from ckptctl.formats.torch_dist.names import *  # noqa: E402,F401,F403
+from ckptctl.formats.torch_dist.source import *  # noqa: E402,F401,F403
+from ckptctl.formats.torch_dist.target import *  # noqa: E402,F401,F403
+from ckptctl.formats.torch_dist.writer import target_phase, write_metadata  # noqa: E402,F401
+from ckptctl.formats.torch_dist.example import example  # noqa: E402,F401

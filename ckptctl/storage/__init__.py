@@ -1,0 +1,1 @@
+"""Storage and processes: the Zarr pivot's helpers, safe pickling, atomic commits, progress (below the formats)."""

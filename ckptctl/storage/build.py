@@ -1,0 +1,81 @@
+"""A target rank file's state dict built from the store: tensors read region by region through the plan's
+pieces (or as LazyTensors filled block by block while the file is written), objects from their slots."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ckptctl.box import Box
+from ckptctl.core.dtypes import torch_dtype
+from ckptctl.reshard.stream import LazyTensor, row_blocks, sub_piece
+from ckptctl.reshard.plan import FilePlan, ObjectItem, TensorItem
+from ckptctl.storage.objects import empty_like_encoding, get_object
+from ckptctl.storage.progress import Progress
+
+
+def lazy_tensor(store, item: TensorItem, block: int, progress: Progress) -> LazyTensor:
+    """A target tensor produced block by block (rows of dim 0) from the store when its file is written."""
+    dtype = torch_dtype(item.dtype)
+    shape = tuple(item.shape)
+    vol = int(np.prod(shape)) if shape else 1
+    full = item.covered == vol
+
+    def fill(write):
+        if not shape:
+            t = torch.zeros((), dtype=dtype)
+            for p in item.pieces:
+                t = store.read(p.array, p.gbox).reshape(())
+            write(t)
+            progress.add(t.element_size())
+            return
+        row = (vol // shape[0]) * dtype.itemsize if shape[0] else 0
+        for r0, r1 in row_blocks(shape[0], row, block):
+            lbox = Box((r0,) + (0,) * (len(shape) - 1), (r1 - r0,) + shape[1:])
+            subs = list(_with_arrays(item, lbox))
+            if full and len(subs) == 1 and subs[0][0][0] == lbox:   # one piece: the read is the block
+                (lb, gb), arr = subs[0]
+                t = store.read(arr, gb).reshape(lb.sizes)
+            else:
+                t = (torch.empty if full else torch.zeros)((r1 - r0,) + shape[1:], dtype=dtype)
+                for (lb, gb), arr in subs:
+                    t[lb.shift(tuple(-o for o in lbox.offsets)).slices] = store.read(arr, gb).reshape(lb.sizes)
+            write(t)
+            progress.add(t.numel() * t.element_size())
+            del t
+
+    return LazyTensor(shape, dtype, fill)
+
+
+def _with_arrays(item: TensorItem, lbox: Box):
+    for p in item.pieces:
+        s = sub_piece(p, lbox)
+        if s is not None:
+            yield s, p.array
+
+
+def build_file(store, fp: FilePlan, common: dict, encs: dict, progress: Progress,
+               block: int | None = None) -> dict:
+    """The target file's state dict; with `block`, tensors are LazyTensors filled when the file is saved."""
+    sd = dict(common)
+    for chunk in fp.chunks:
+        sd[chunk] = {}
+    for item in fp.items:
+        if isinstance(item, ObjectItem):
+            enc = encs.get(item.slot)
+            if enc is not None:
+                sd[item.chunk][item.key] = get_object(store, item.slot, enc)
+            else:  # the module's shard changed: its FP8 scaling state cannot follow
+                sample = next((s for s in encs if s.startswith(item.gkey + "|")), None)
+                sd[item.chunk][item.key] = empty_like_encoding(get_object(store, sample, encs[sample]) if sample else None)
+            continue
+        if block is not None:
+            sd[item.chunk][item.key] = lazy_tensor(store, item, block, progress)
+            continue
+        dtype = torch_dtype(item.dtype)
+        vol = int(np.prod(item.shape)) if item.shape else 1
+        t = (torch.empty if item.covered == vol else torch.zeros)(item.shape, dtype=dtype)
+        for p in item.pieces:
+            t[p.local.slices] = store.read(p.array, p.gbox).reshape(p.local.sizes)
+            progress.add(p.local.volume * t.element_size())
+        sd[item.chunk][item.key] = t
+    return sd

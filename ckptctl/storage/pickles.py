@@ -1,0 +1,160 @@
+"""Safe (un)pickling of Megatron checkpoint objects: every load is `torch.load(weights_only=True)` with an
+explicit allow-list; Megatron's own classes (enums in args) get stand-ins that write themselves back
+under the same name. Used by every format and by the store's pickled objects (args, RNG, extra state)."""
+from __future__ import annotations
+
+import argparse
+import io
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ckptctl.errors import BadInput
+
+
+# Globals a Megatron checkpoint may name besides torch's own: args is a Namespace; TE extra state may
+# be a BytesIO. Megatron's enums in args get a stand-in that writes itself back under the same name.
+SAFE_GLOBALS: list = [argparse.Namespace, io.BytesIO]
+# Megatron-LM's RNG state holds numpy's RandomState state: an ndarray of uint32.
+SAFE_GLOBALS += [np._core.multiarray._reconstruct, (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+                 np.ndarray, np.dtype] + [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+FOREIGN_PREFIXES = ("megatron.",)
+
+
+class ForeignObject:
+    """An object of a class we do not import (a Megatron enum in args), kept by name and arguments."""
+
+    qualname = ""
+
+    def __init__(self, *args):
+        self.args = args
+
+    def __repr__(self):
+        return f"{self.qualname}{self.args!r}"
+
+    def __eq__(self, other):
+        return type(other) is type(self) and other.args == self.args
+
+    def __hash__(self):
+        return hash((self.qualname, self.args))
+
+
+_foreign: dict[str, type] = {}
+
+
+def _stand_in(qualname: str) -> type:
+    if qualname not in _foreign:
+        _foreign[qualname] = type(qualname.rsplit(".", 1)[1], (ForeignObject,), {"qualname": qualname})
+    return _foreign[qualname]
+
+
+class _Pickler(pickle._Pickler):
+    """Writes stand-ins back as the global they were read from, so Megatron sees its own enum."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, ForeignObject):
+            return (_GlobalRef(obj.qualname), obj.args)
+        return NotImplemented
+
+    def save_global(self, obj, name=None):
+        if isinstance(obj, _GlobalRef):
+            mod, _, nm = obj.qualname.rpartition(".")
+            self.write(pickle.GLOBAL + f"{mod}\n{nm}\n".encode())
+            self.memoize(obj)
+            return
+        super().save_global(obj, name)
+
+
+class _GlobalRef:
+    def __init__(self, qualname):
+        self.qualname = qualname
+
+    def __call__(self, *args):  # pickle requires reduce functions to be callable
+        return _stand_in(self.qualname)(*args)
+
+
+class _PickleModule:
+    Pickler = _Pickler
+    Unpickler = pickle.Unpickler
+    load = pickle.load
+    dump = pickle.dump
+
+
+def _with_stand_ins(obj) -> bool:
+    if isinstance(obj, ForeignObject):
+        return True
+    if isinstance(obj, argparse.Namespace):
+        obj = vars(obj)
+    if isinstance(obj, dict):
+        return any(_with_stand_ins(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_with_stand_ins(v) for v in obj)
+    return False
+
+
+def _dispatch_global(self, obj, name=None):  # pure-python pickler hook for _GlobalRef
+    return _Pickler.save_global(self, obj, name)
+
+
+_Pickler.dispatch = dict(pickle._Pickler.dispatch)
+_Pickler.dispatch[_GlobalRef] = _dispatch_global
+
+
+def save_pt(obj, path: Path) -> None:
+    """torch.save, routing through our pickler only when Megatron stand-ins must be written back."""
+    if _with_stand_ins(obj):
+        torch.save(obj, path, pickle_module=_PickleModule)
+    else:
+        torch.save(obj, path)
+
+
+def load_pt(path: Path, mmap: bool = True):
+    """Load one rank file safely. Missing, truncated or unexpected content is a BadInput naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"missing rank file {path}")
+    try:
+        return _weights_only_load(path, str(path), mmap)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise BadInput(f"{path}: truncated or corrupt rank file ({str(e).splitlines()[0][:120]})") from None
+
+
+def _weights_only_load(src, what: str, mmap: bool = False):
+    """torch.load(weights_only=True) with our allow-list; Megatron's own classes get stand-ins as met."""
+    extra = [(_stand_in(q), q) for q in _foreign]
+    for _ in range(16):
+        if isinstance(src, io.BytesIO):
+            src.seek(0)
+        try:
+            with torch.serialization.safe_globals(SAFE_GLOBALS + extra):
+                return torch.load(src, map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as e:
+            m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+            if m and m.group(1).startswith(FOREIGN_PREFIXES) and all(q != m.group(1) for _, q in extra):
+                extra.append((_stand_in(m.group(1)), m.group(1)))
+                continue
+            # name what was refused, never torch's advice to load with weights_only=False
+            g = m or re.search(r"GLOBAL ([\w.]+)", str(e))
+            why = re.search(r"WeightsUnpickler error: (.*)", str(e))
+            name = g.group(1) if g else (why.group(1).strip() if why else str(e).strip().splitlines()[-1])[:160]
+            raise BadInput(f"{what}: refusing to unpickle {name} (not on the allow-list)") from None
+    raise BadInput(f"{what}: too many unknown globals")
+
+
+
+def loads_bytes(data: bytes, what: str):
+    """Unpickle an object we stored (args, RNG state ...) with the same allow-list as rank files."""
+    try:
+        return _weights_only_load(io.BytesIO(data), f"stored object {what}")
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise BadInput(f"stored object {what}: cannot be read back ({str(e).splitlines()[0][:120]})") from None
+
+
+def dumps_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    save_pt(obj, buf)
+    return buf.getvalue()
+
