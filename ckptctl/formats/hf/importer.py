@@ -111,7 +111,7 @@ def import_hf(src: Path, dst: Path, layout: Layout, *, to_format: str = "legacy"
                                if to_format == "torch_dist" else tmp)
         if to_format == "torch_dist":
             from ckptctl.convert import convert
-            convert(tmp / "legacy", tmp / "dist", None, to_format="torch_dist", nproc=nproc, optimizer=False)
+            convert(tmp / "legacy", tmp / "dist", layout, to_format="torch_dist", nproc=nproc, optimizer=False)
             shutil.rmtree(tmp / "legacy")
             (tmp / "dist").rename(tmp / "x")
             for p in (tmp / "x").iterdir():
