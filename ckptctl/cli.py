@@ -195,7 +195,7 @@ def convert(
 ):
     """Convert a checkpoint to another parallel layout (through worker processes and a Zarr store)."""
     from ckptctl.guard import refuse_under_launcher
-    refuse_under_launcher()   # before the heavy imports: under torchrun/srun every copy refuses within a second
+    refuse_under_launcher(nnodes)   # before the heavy imports: under torchrun/srun every copy refuses within a second
     from ckptctl.convert import convert as run
     from ckptctl.reshard.launch import Nodes
     from ckptctl.reshard.stream import parse_size

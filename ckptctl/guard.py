@@ -116,15 +116,18 @@ def die_with_parent(parent_pid: int) -> None:
 
 # --- torchrun / srun ------------------------------------------------------------------------------
 
-def refuse_under_launcher() -> None:
+def refuse_under_launcher(nnodes: int = 1) -> None:
     """ckptctl convert starts its own workers; started once per rank by torchrun or srun, the copies
-    would all write the same destination. Refuse at once, saying how to run it."""
+    would all write the same destination. Refuse at once, saying how to run it. One process per node of
+    a `--nnodes N` job (srun --ntasks-per-node=1, torchrun --nproc-per-node 1) is the intended use."""
     n = 1
     for var in ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS"):   # torchrun; srun (a job step, not the batch script)
         try:
             n = max(n, int(os.environ.get(var) or 1))
         except ValueError:
             pass
+    if nnodes > 1 and n == nnodes:
+        return
     if n > 1 or ("RANK" in os.environ and os.environ.get("RANK") != "0"):
         raise BadInput(f"ckptctl convert was started as one of {n} processes (torchrun/srun: RANK/WORLD_SIZE set); "
                        "it starts its own workers: run it once per node, without torchrun/srun "

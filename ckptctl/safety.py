@@ -69,7 +69,7 @@ def guarded(src: Path, dst: Path, to, kw: dict, resume: bool = False):
     """Around one convert: yields a list the caller appends to its report's notes. Interruptions by a
     signal leave through here as `guard.Interrupted` naming the destination. `resume`: the newest work
     folder an interrupted run left is reused (ckptctl.reshard.resume), the others removed."""
-    guard.refuse_under_launcher()
+    guard.refuse_under_launcher(getattr(kw.get("nodes"), "nnodes", 1))
     store, keep_store = kw.get("store"), kw.get("keep_store", False)
     notes: list[str] = []
     writes = check(src, dst, to, store, keep_store, kw.get("overwrite", False), notes)

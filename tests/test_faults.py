@@ -314,6 +314,19 @@ def test_under_torchrun_refused_at_once(work, tmp_path, monkeypatch):
     check_refused(r, 2, r"started as one of 2 processes .*without torchrun/srun", work, d, tmp_path, tmp_path / "o")
 
 
+def test_one_srun_task_per_node_of_a_multinode_job_is_allowed(monkeypatch):
+    """examples/04_slurm_multinode.sbatch: srun --ntasks-per-node=1 with --nnodes equal to the task count."""
+    from ckptctl.errors import BadInput
+    from ckptctl.guard import refuse_under_launcher
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    refuse_under_launcher(nnodes=2)              # each task is one node of the job
+    with pytest.raises(BadInput, match="one of 2 processes"):
+        refuse_under_launcher(nnodes=1)          # two copies of a single-node job
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    with pytest.raises(BadInput, match="one of 4 processes"):
+        refuse_under_launcher(nnodes=2)          # two tasks per node
+
+
 def test_agent_store_variable_alone_does_not_hang(work, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
     r = run_cli("convert", work, tmp_path / "o", "--to", "tp1pp1", "--nproc", "2")
