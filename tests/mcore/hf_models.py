@@ -121,6 +121,7 @@ def compare(got: dict, exp: dict, cfg: dict) -> tuple[list, dict]:
     in HF) are checked apart: ckptctl's must be zero. Returns (mismatches, {key: padding rows all zero})."""
     from megatron.core import parallel_state as ps
     V, tp = cfg["vocab_size"], ps.get_tensor_model_parallel_rank()
+    got, exp = dict(got), dict(exp)     # the caller loads `got` afterwards
     vocab = [k for k in exp if k.endswith(("word_embeddings.weight", "output_layer.weight"))]
     bad, padding = [], {}
     for k in vocab:
