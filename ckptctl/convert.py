@@ -110,7 +110,8 @@ def _convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = No
             nproc: int | None = None, true_vocab: int | None = None, rng: str = "auto",
             overwrite: bool = False, progress=None, optimizer: bool = True,
             max_memory: int | None = None, nodes: launch.Nodes | None = None,
-            to_format: str | None = None, optim_sharding: str | None = None, dry_run: bool = False) -> ConvertReport:
+            to_format: str | None = None, optim_sharding: str | None = None, dry_run: bool = False,
+            format_options: dict | None = None) -> ConvertReport:
     """`dry_run`: every check of a real run, then `ckptctl.dryrun.plan`'s report (a dict) instead of any write."""
     src, dst = Path(src), Path(dst)
     nodes = nodes or launch.Nodes()
@@ -131,8 +132,17 @@ def _convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = No
         return _store_to_legacy(src, dst, to, nproc, rng, progress, t0, max_memory, to_format, optim_sharding,
                                 dry_run=dry_run)
     source = inspect(src, true_vocab)
-    out_fmt = _out_format(to_format, source.fmt)
-    notes = []
+    out_fmt = _out_format(to_format, source.fmt, to)
+    dfmt = registry.get(out_fmt)
+    format_options = dfmt.check_format_options(format_options)
+    if to is None and not to_store and dfmt.layout_free:
+        to = Layout()          # a target without a parallel layout (Hugging Face): planned as TP1PP1
+    if optimizer and source.optim and not dfmt.holds_optimizer:
+        optimizer = False
+        notes_first = [f"optimizer state not converted: the {out_fmt} format holds weights only"]
+    else:
+        notes_first = []
+    notes = notes_first
     from ckptctl import notes as convert_notes
     notes += convert_notes.source_notes(source, to, out_fmt, true_vocab)
     optim_sharding = registry.get(out_fmt).check_options(optim_sharding)
@@ -180,6 +190,7 @@ def _convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = No
                   out=str(work / "out"), dst_layout=to.to_json() if to else None, rng=rng,
                   iteration=source.ckpt.iteration, src_format=source.fmt, dist=source.dist, dst_format=out_fmt,
                   optim=source.optim if optimizer else None, max_memory=max_memory, optim_sharding=optim_sharding,
+                  format_options=format_options,
                   phases=("source",) if to_store else ("source", "target"))
         from ckptctl.dryrun import optimizer_bytes
         wbytes, obytes = source.nbytes, optimizer_bytes(source.optim if optimizer else None, source.plan.arrays)
@@ -220,8 +231,11 @@ def _workers(nproc: int, files_in: int, files_out: int, nodes: launch.Nodes) -> 
     return min(nproc, max(files_in, files_out)) if nproc > 0 else 0
 
 
-def _out_format(to_format: str | None, source_format: str) -> str:
-    return registry.get(registry.canonical(to_format) or source_format, "--to-format").name
+def _out_format(to_format: str | None, source_format: str, to: Layout | None = None) -> str:
+    default = source_format
+    if to is not None and registry.get(source_format).layout_free:
+        default = registry.example_writer().name   # a layout asked of a layout-free source: Megatron's default format
+    return registry.get(registry.canonical(to_format) or default, "--to-format").name
 
 
 
@@ -239,7 +253,7 @@ def _store_to_legacy(src: Path, dst: Path, to: Layout | None, nproc: int, rng: s
     to = resolve_target(get_family(attrs["family"]), cfg, to)
     files = plan_target(get_family(attrs["family"]), cfg, to, attrs["manifest"], attrs["arrays"], set(attrs["objects"]))
     nbytes = sum(f.nbytes() for f in files)
-    out_fmt = _out_format(to_format, attrs.get("source_format", "legacy"))
+    out_fmt = _out_format(to_format, attrs.get("source_format") or registry.fallback().name)
     n = min(nproc, len(files)) if nproc > 0 else 0
     if dry_run:
         from ckptctl import dryrun

@@ -10,7 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ckptctl import formats
+from ckptctl.formats import registry
 from ckptctl.inspect_cmd import layout_json
 
 
@@ -52,25 +52,8 @@ def optimizer_bytes(info: dict | None, arrays: dict) -> int:
 
 
 def target_files(to, out_fmt: str, family, cfg, manifest, arrays, slots, iteration) -> list[str]:
-    """The files a target phase writes, relative to DST."""
-    from ckptctl.formats import legacy
-    it = legacy.iter_dirname(iteration)
-    return [f"{it}/{f}" for f in _TARGET_FILES[out_fmt](to, family, cfg, manifest, arrays, slots)] + \
-        ["latest_checkpointed_iteration.txt"]
-
-
-def _legacy_files(to, family, cfg, manifest, arrays, slots) -> list[str]:
-    return [f"{fc.dirname(to)}/model_optim_rng.pt" for fc in to.model_files]
-
-
-def _dist_files(to, family, cfg, manifest, arrays, slots) -> list[str]:
-    # megatron-core's torch_dist writer: .distcp files of the saving ranks, plus metadata.
-    from ckptctl.formats import torch_dist
-    plan = torch_dist.plan_target(family, cfg, to, manifest, arrays, slots)
-    return [f"__*_0.distcp ({len(plan.chunks)} chunks)", ".metadata", "metadata.json", "common.pt"]
-
-
-_TARGET_FILES = {formats.LEGACY: _legacy_files, formats.TORCH_DIST: _dist_files}
+    """The files a target phase writes, relative to DST (the target format lists them)."""
+    return registry.get(out_fmt).target_files(to, family, cfg, manifest, arrays, slots, iteration)
 
 
 def plan(*, src: Path, dst: Path, source_layout, to, family: str, cfg, out_fmt: str, src_fmt: str,
@@ -100,7 +83,7 @@ def plan(*, src: Path, dst: Path, source_layout, to, family: str, cfg, out_fmt: 
         "ok": not refusals, "dry_run": True, "src": str(src), "dst": str(dst), "family": family,
         "source_layout": layout_json(source_layout), "target_layout": layout_json(to) if to is not None else None,
         "source_format": src_fmt, "target_format": None if to_store else out_fmt,
-        "megatron_ckpt_format": None if to_store else formats.MEGATRON_NAME.get(out_fmt, out_fmt),
+        "megatron_ckpt_format": None if to_store else registry.megatron_name(out_fmt),
         "phases": (["target"] if from_store else ["source"] if to_store else ["source", "target"]),
         "bytes": {"weights": weights, "optimizer": opt, "moved_per_phase": moved,
                   "written": sum(n for _, _, n in writes)},

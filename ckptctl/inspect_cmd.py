@@ -1,13 +1,13 @@
 """`ckptctl inspect CKPT`: what a checkpoint holds, read from its metadata and key lists (no tensor data).
 
-Works for every source format `convert.inspect` reads and for a ckptctl store (.zarr). Format-specific
-wording goes through the `_FORMS` table, keyed by the format constants of `ckptctl.formats`.
+Works for every registered format and for a ckptctl store (.zarr). Format-specific wording comes from the
+format (`Format.optim_form`, `Format.megatron_name`).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from ckptctl import formats
+from ckptctl.formats import registry
 from ckptctl.layout import Layout
 
 # Non-model state a checkpoint may carry, by the policy key `convert.inspect` reports for it.
@@ -16,23 +16,9 @@ _STATE = {"iteration": "iteration", "opt_param_scheduler": "learning-rate schedu
           "args": "Megatron args (consumed samples, hyperparameters)"}
 
 
-def _legacy_optim(src) -> str:
-    from ckptctl import optim
-    return optim.form_text(src.optim)
-
-
-def _dist_optim(src) -> str:
-    from ckptctl.formats import torch_dist_optim
-    return torch_dist_optim.form_text(src.optim, src.optim.get("sharding"))
-
-
 def _iteration_files(src) -> list[Path]:
     """Every file of the iteration directory (model_optim_rng.pt, distrib_optim.pt, *.distcp ...)."""
     return [p for p in Path(src.ckpt.iter_dir).rglob("*") if p.is_file()]
-
-
-# format -> (optimizer sharding form, files on disk)
-_FORMS = {formats.LEGACY: (_legacy_optim, _iteration_files), formats.TORCH_DIST: (_dist_optim, _iteration_files)}
 
 
 def layout_json(layout: Layout) -> dict:
@@ -78,13 +64,11 @@ def describe(path: Path, true_vocab: int | None = None) -> dict:
     path = Path(path)
     if (path / "zarr.json").is_file():
         return _describe_store(path)
-    from ckptctl.convert import inspect
-    src = inspect(path, true_vocab)
-    # A format added later without an entry still inspects: no sharding text, every file of its iteration.
-    optim_form, files_of = _FORMS.get(src.fmt, (lambda s: None, _iteration_files))
-    files = files_of(src)
+    fmt = registry.detect(path)
+    src = fmt.inspect(path, true_vocab)
+    files = _iteration_files(src)
     weights = _weights(src.plan.arrays)
-    opt = _optimizer(src.optim, src.plan.arrays, optim_form(src) if src.optim else None)
+    opt = _optimizer(src.optim, src.plan.arrays, fmt.optim_form(src.optim, src.optim.get("sharding")) if src.optim else None)
     if opt is None and src.policies.get("optimizer") == "optimizer":
         # State is there but no decoder knows its form (convert drops it and says so).
         opt = {"kind": "unrecognised", "variant": None, "sub_optimizers": 0, "components": [], "sharding": None,
@@ -95,7 +79,7 @@ def describe(path: Path, true_vocab: int | None = None) -> dict:
     extra = sum(len(fp.objects) for fp in src.plan.files)
     return {
         "ok": True, "path": str(path), "kind": "checkpoint",
-        "format": src.fmt, "megatron_ckpt_format": formats.MEGATRON_NAME.get(src.fmt, src.fmt),
+        "format": src.fmt, "megatron_ckpt_format": registry.megatron_name(src.fmt),
         "family": src.family, "layout": layout_json(src.layout), "iteration": src.ckpt.iteration,
         "model": src.cfg.to_json(),
         "optimizer": opt,
@@ -122,7 +106,7 @@ def _describe_store(path: Path) -> dict:
     info = attrs.get("optimizer")
     opt = _optimizer(info, arrays, None) if info else None
     files = [p for p in path.rglob("*") if p.is_file()]
-    fmt = attrs.get("source_format", formats.LEGACY)
+    fmt = attrs.get("source_format") or registry.fallback().name
     return {
         "ok": True, "path": str(path), "kind": "store", "complete": bool(attrs.get("complete")),
         "format": "store", "source_format": fmt, "megatron_ckpt_format": None,

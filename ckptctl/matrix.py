@@ -47,12 +47,9 @@ def run_pair(family: str, src: str, dst: str, opts: dict, root: Path, nproc: int
     shutil.rmtree(d, ignore_errors=True)
     try:
         # opts "format" / "to_format": source and target checkpoint formats (legacy, torch_dist).
-        if opts.get("format") == "torch_dist":
-            from ckptctl.formats.torch_dist import example as make_dist
-            make_dist(family, parse_layout(src), d / "src", opts)
-        else:
-            row["optimizer"] = example(family, parse_layout(src), d / "src", opts,
-                                       optimizer=opts.get("optimizer")).get("optimizer")
+        res = example(family, parse_layout(src), d / "src", opts, optimizer=opts.get("optimizer"), fmt=opts.get("format"))
+        if "format" not in res:     # written directly (a converted example carries no optimizer by default)
+            row["optimizer"] = res.get("optimizer")
         t0 = time.monotonic()
         rep = convert(d / "src", d / "dst", parse_layout(dst), nproc=nproc, progress=progress,
                       to_format=opts.get("to_format"))

@@ -1,7 +1,7 @@
 """The Megatron-LM arguments that load a converted checkpoint ("next: ..." after convert)."""
 from __future__ import annotations
 
-from ckptctl import formats
+from ckptctl.formats import registry
 
 
 def megatron_flags(dst: str, layout, out_fmt: str, optimizer: dict | None, optimizer_kept: bool,
@@ -24,7 +24,7 @@ def megatron_flags(dst: str, layout, out_fmt: str, optimizer: dict | None, optim
                 f += [flag, str(v)]
     if layout.cp > 1:
         f += ["--context-parallel-size", str(layout.cp)]
-    f += ["--ckpt-format", formats.MEGATRON_NAME.get(out_fmt, out_fmt)]
+    f += ["--ckpt-format", registry.megatron_name(out_fmt)]
     if optimizer and optimizer_kept:
         if optimizer.get("kind") == "distributed":
             f += ["--use-distributed-optimizer"]

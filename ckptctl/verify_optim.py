@@ -6,11 +6,11 @@ from __future__ import annotations
 from ckptctl.core.diff import Difference, byte_diff
 from ckptctl.optstate.check import verify_invariant
 from ckptctl.optstate.params import ADAM_KEYS, optim_array
+from ckptctl.verify_gather import Gatherer as WeightGather, compare_arrays
 
 
 def verify_optimizer(sa, sb, rep) -> None:
     """Compare optimizer state of two checkpoints bitwise, tensor by tensor (DESIGN §9)."""
-    from ckptctl.verify import Gatherer as WeightGather, compare_arrays
     ia, ib = getattr(sa, "optim", None), getattr(sb, "optim", None)
     if ia is None and ib is None:
         return

@@ -133,7 +133,7 @@ def test_workers_stay_under_the_budget_with_a_tensor_larger_than_it(tmp_path, cl
 
 def test_verify_in_boxes_finds_the_same_first_difference(tmp_path):
     """compare_regions with boxes of a few elements reports what one whole-tensor comparison reports."""
-    from ckptctl.verify import VerifyReport, compare_arrays, compare_regions
+    from ckptctl.verify_gather import VerifyReport, compare_arrays, compare_regions
     g = torch.Generator().manual_seed(1)
     a = torch.randn(7, 5, 3, generator=g).to(torch.bfloat16)
     b = a.clone()

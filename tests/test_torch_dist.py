@@ -336,7 +336,8 @@ def test_moe_layer_freq_makes_numbered_keys():
     # TransformerBlock: moe_layer_freq > 1 (or a list) -> non-homogeneous layers -> `decoder.layers.<i>.` keys,
     # the expert axis first; a stacked model with every layer MoE keeps the layer axis.
     moe = get_family("moe")
-    assert moe.dist_stacked(moe_cfg()) and not moe.dist_stacked(moe_cfg(moe_layer_freq=[0, 1]))
+    from ckptctl.formats.torch_dist import traits
+    assert traits.stacked(moe, moe_cfg()) and not traits.stacked(moe, moe_cfg(moe_layer_freq=[0, 1]))
     c = moe_cfg(moe_layer_freq=[0, 1])
     fc1 = "decoder.layers.1.mlp.experts.experts.linear_fc1.weight"
     ix = index({fc1: {"shape": [4, 16, 4], "dtype": "float32",

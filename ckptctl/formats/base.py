@@ -71,6 +71,8 @@ class Format:
     writes_examples: bool = False    # `example` writes it directly; other formats go through convert
     memory_mapped: bool = False      # units are memory-mapped files (readers may drop pages after a copy)
     indices_rebuilt: bool = False    # the optimizer encoding keeps per-parameter indices (convert's report)
+    layout_free: bool = False        # a target without a parallel layout (no --to; planned as TP1PP1)
+    holds_optimizer: bool = True     # False: a target of weights only (convert drops optimizer state, says so)
 
     # --- CLI process ---------------------------------------------------------------------------
     def detect(self, path: Path) -> bool:
@@ -85,6 +87,13 @@ class Format:
     def check_options(self, optim_sharding: str | None) -> str | None:
         """The target's options normalised (`--optim-sharding`; a format without such options passes it on)."""
         return optim_sharding
+
+    def check_format_options(self, opts: dict | None) -> dict:
+        """`convert --format-option KEY=VALUE` of a target in this format, checked (CLI process)."""
+        if opts:
+            from ckptctl.errors import BadInput
+            raise BadInput(f"--format-option: the {self.name} format takes none (got {', '.join(opts)})")
+        return {}
 
     def check_target(self, family, cfg, layout: Layout, manifest: list, arrays: dict, slots: set) -> None:
         """Validate this format's whole target plan before any byte is written (no writes). The generic
@@ -104,6 +113,13 @@ class Format:
 
     def common_state(self, src: Source) -> dict:
         """The checkpoint's non-model state (verify compares iteration and version)."""
+        raise NotImplementedError
+
+    def write_example(self, fam, cfg, layout: Layout, out: Path, src: SourcePlan, arrays: dict, dtype: str,
+                      seed: int, optim) -> dict:
+        """CLI process, `writes_examples` formats only: `ckptctl example`'s global `arrays` (planned as `src`,
+        TP1PP1) written at `layout` into the new folder `out`; `optim`: (arrays, common, info) or None.
+        Returns {"files", "bytes"}. Other formats get the example converted."""
         raise NotImplementedError
 
     # --- workers -------------------------------------------------------------------------------

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import random
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from ckptctl.errors import BadInput
 from ckptctl.layout import Layout
@@ -84,3 +88,36 @@ def rewrite_args(args: dict, layout: Layout, padded_vocab: int | None, num_layer
     return with_split_args(a, layout)      # the target's pipeline split, when it carries its own
 
 
+# --- what a fresh Megatron-LM run of a model saves besides its tensors (`ckptctl example`) -------------
+
+def make_args(cfg, layout: Layout, dtype: str, seq: int, bias: bool) -> argparse.Namespace:
+    """The Megatron-LM args fields that describe the model and the layout (names as arguments.py)."""
+    return argparse.Namespace(
+        num_layers=cfg.num_layers, hidden_size=cfg.hidden, ffn_hidden_size=cfg.ffn,
+        num_attention_heads=cfg.heads, num_query_groups=cfg.groups, group_query_attention=cfg.groups != cfg.heads,
+        kv_channels=cfg.kv_channels, swiglu=cfg.glu, untie_embeddings_and_output_weights=not cfg.tied,
+        padded_vocab_size=cfg.padded_vocab, vocab_size=cfg.true_vocab,
+        make_vocab_size_divisible_by=cfg.vocab_divisor, max_position_embeddings=seq, seq_length=seq,
+        position_embedding_type=cfg.extra.get("position_embedding_type", "learned_absolute"),
+        normalization=cfg.extra.get("normalization", "LayerNorm"), add_bias_linear=bias, add_qkv_bias=bool(cfg.extra.get("add_qkv_bias", bias)), qk_layernorm=bool(cfg.extra.get("qk_layernorm")),
+        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+        num_layers_per_virtual_pipeline_stage=cfg.num_layers // (layout.pp * layout.vpp) if layout.vpp > 1 else None,
+        expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.expert_tp,
+        context_parallel_size=layout.cp, data_parallel_size=layout.dp, world_size=layout.world,
+        num_experts=cfg.num_experts or None, moe_ffn_hidden_size=cfg.moe_ffn,
+        sequence_parallel=False, params_dtype=getattr(torch, dtype), bf16=dtype == "bfloat16",
+        fp16=dtype == "float16", use_distributed_optimizer=False, ckpt_format="torch",
+        **{k: v for k, v in cfg.extra.items() if k not in ("position_embedding_type", "add_bias_linear", "normalization",
+                                                          "max_position_embeddings", "qk_layernorm",
+                                                          "add_qkv_bias")},
+    )
+
+
+def rng_state(seed: int) -> dict:
+    """An RNG state shaped like Megatron-LM's `get_rng_state` entry (without CUDA)."""
+    r = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    return {"random_rng_state": r.getstate(), "np_rng_state": np.random.RandomState(seed).get_state(),
+            "torch_rng_state": g.get_state(), "cuda_rng_state": torch.zeros(16, dtype=torch.uint8),
+            "rng_tracker_states": {}}

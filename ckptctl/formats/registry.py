@@ -70,7 +70,7 @@ def detect(path: Path):
     for f in fs:
         if f.detect(Path(path)):
             return f
-    return next(f for f in fs if f.fallback)
+    return fallback()
 
 
 def megatron_name(name: str) -> str:
@@ -82,3 +82,9 @@ def megatron_name(name: str) -> str:
 def example_writer():
     """The format `ckptctl example` writes directly; any other format is that example converted."""
     return next(f for f in formats() if f.writes_examples)
+
+
+def fallback():
+    """The format inspected when none detects a path; also the source format of stores that predate
+    recording one."""
+    return next(f for f in formats() if f.fallback)

@@ -54,15 +54,6 @@ class Family:
     name = "base"
     post_prefixes: tuple[str, ...] = ()
     stacks: tuple[str, ...] = ("decoder",)
-    def dist_stacked(self, cfg: ModelConfig) -> bool:
-        """torch_dist: whether megatron-core stacks a block's layers on a leading axis (`decoder.layers.<rest>`,
-        TransformerBlock of like layers) or keeps numbered keys (`decoder.layers.<i>.<rest>`)."""
-        return True
-    # torch_dist: keys the legacy files have and megatron-core's sharded state dict leaves out
-    dist_absent: tuple[str, ...] = ()
-    # torch_dist: whether `tied_copies` are saved under their own keys (aliased modules, T5) rather than
-    # as replicas of the original's key (GPT's tied output layer)
-    dist_saves_copies = False
 
     def locate(self, key: str) -> KeyLoc:
         loc = parse_key(key, self.post_prefixes)

@@ -37,7 +37,6 @@ def tokentypes(cfg: ModelConfig) -> int:
 class BERT(GPT):
     name = "bert"
     stacks = ("encoder",)
-    dist_absent = ()
     post_prefixes = ("encoder.final_layernorm", "lm_head.", "output_layer.", "binary_head.", "pooler.")
     top_rules = BERT_TOP_RULES
     # Tied embeddings (GPT.tied_copies/emits_copy): with PP > 1 the last stage holds an

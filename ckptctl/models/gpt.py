@@ -69,7 +69,6 @@ class GPT(Family):
     post_prefixes = ("decoder.final_layernorm", "decoder.final_norm", "output_layer")
     layer_rules = LAYER_RULES
     top_rules = TOP_RULES
-    dist_absent = ("output_layer._extra_state",)      # GPTModel.sharded_state_dict pops it (must be empty)
 
     def rule(self, loc: KeyLoc, cfg: ModelConfig) -> Rule:
         if loc.section == "layer" and _MLA.match(loc.rest):

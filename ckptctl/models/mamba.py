@@ -150,7 +150,6 @@ class Mamba(MoE):
     name = "mamba"
     post_prefixes = ("decoder.final_layernorm", "decoder.final_norm", "output_layer")
     layer_rules = MAMBA_RULES
-    dist_absent = ()                                   # HybridModel keeps output_layer._extra_state
 
     def rule(self, loc: KeyLoc, cfg: ModelConfig) -> Rule:
         if loc.section == "layer":
@@ -163,9 +162,6 @@ class Mamba(MoE):
                                f"pattern {raw_pattern(cfg)!r}, this tensor belongs to a {allowed[0]!r} layer")
             return match_rule(self.layer_rules, loc.rest, cfg, loc.key())
         return super().rule(loc, cfg)
-
-    def dist_stacked(self, cfg: ModelConfig) -> bool:
-        return False                                   # HybridStack: numbered keys
 
     def layer_ranges(self, cfg: ModelConfig, layout: Layout) -> dict[str, list[list[range]]]:
         segs = target_pattern(cfg, layout).split(PIPE)

@@ -143,14 +143,6 @@ class MoE(GPT):
                 raise LayoutError(f"{k} is set: interleaved GLU expert weights are not supported")
         layout.model_files  # raises when the layout is not representable in the legacy format
 
-    def dist_stacked(self, cfg: ModelConfig) -> bool:
-        # TransformerBlock.sharded_state_dict: moe_layer_freq > 1 or a list makes the layers non-homogeneous
-        freq = cfg.extra.get("moe_layer_freq", 1)
-        if isinstance(freq, str):
-            import ast
-            freq = ast.literal_eval(freq.strip())
-        return isinstance(freq, int) and freq <= 1
-
     @staticmethod
     def moe_ffn(cfg: ModelConfig) -> int:
         return int(cfg.moe_ffn or cfg.ffn)

@@ -48,8 +48,6 @@ def positions(cfg: ModelConfig) -> str:
 class T5(GPT):
     name = "t5"
     stacks = ("encoder", "decoder")
-    dist_absent = ()
-    dist_saves_copies = True
     post_prefixes = ("encoder.final_layernorm", "decoder.final_layernorm", "lm_head.", "output_layer.")
     top_rules = T5_TOP_RULES
 

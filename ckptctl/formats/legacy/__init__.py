@@ -55,7 +55,7 @@ class LegacyFormat(Format):
         from ckptctl.formats.legacy.files import LegacyUnit
         from ckptctl.storage.pickles import load_pt
         paths = {i["dirname"]: Path(i["path"]) for i in inventories}
-        return lambda fp: LegacyUnit(load_pt(paths[fp.dirname]), fp.dirname)
+        return lambda fp: LegacyUnit(load_pt(paths[fp.dirname]), fp.dirname, paths[fp.dirname])
 
     def optim_source(self, family, cfg, layout, info, plan, dist):
         from ckptctl.formats.legacy.optim_sides import SourceSide
@@ -64,6 +64,10 @@ class LegacyFormat(Format):
     def target_phase(self, job, comm, progress) -> dict:
         from ckptctl.formats.legacy.writer import target_phase
         return target_phase(job, comm, progress)
+
+    def write_example(self, fam, cfg, layout, out, src, arrays, dtype, seed, optim) -> dict:
+        from ckptctl.formats.legacy.example import write_example
+        return write_example(fam, cfg, layout, out, src, arrays, dtype, seed, optim)
 
     def optim_gather(self, src: Source):
         from ckptctl.formats.legacy.optim_sides import LegacyGather

@@ -11,6 +11,7 @@ from ckptctl.box import Box
 from ckptctl.core.dtypes import chunk_shape, itemsize as _itemsize, storage_dtype
 from ckptctl.errors import BadInput
 from ckptctl.formats.megatron import TOP_LEVEL_POLICY
+from ckptctl.formats.torch_dist import traits
 from ckptctl.formats.torch_dist.metadata import COMMON_KEY, COMMON_PT, BACKEND, RNG_KEY, load_object, load_tensor
 from ckptctl.formats.torch_dist.names import (DROPPED_PREFIXES, expert_keys, parse_shard, rng_slot, segment_of,
                                                 split_fqn, store_key)
@@ -147,7 +148,7 @@ def plan_source(family: Family, cfg: ModelConfig, layout: Layout, index: dict, s
         slots[slot] = 0
         note(gkey, loc, "object", position[key])
     # Objects the legacy format has and torch_dist leaves out (values: the encoding's empty value).
-    for key in family.dist_absent:
+    for key in traits.absent(family):
         if key not in manifest and key in _fresh_objects(family, cfg):
             note(key, family.locate(key), "object", len(order))
     ordered = [manifest[k] for k in sorted(manifest, key=lambda k: sort[k])]
@@ -180,11 +181,18 @@ class DistUnit:
         for c in self.index["tensors"][t.chunk]["chunks"]:
             if c[0] == off:
                 x = load_tensor(self.iter_dir, c[2:], t.chunk)
+                from ckptctl.formats.torch_dist.offsets import BlobLocator
+                self._locator = (x.untyped_storage().data_ptr(), BlobLocator(self.iter_dir / c[2], c[3], c[4]))
                 if tuple(x.shape) != tuple(c[1]) or str(x.dtype).removeprefix("torch.") != t.dtype:
                     raise BadInput(f"{self.iter_dir / c[2]}: chunk {off} of {t.chunk!r} holds {x.dtype} "
                                    f"{tuple(x.shape)}, the metadata says {t.dtype} {tuple(c[1])}")
                 return x
         raise BadInput(f"{self.iter_dir}: no chunk {off} of {t.chunk!r}")
+
+    def locate(self, tensor: torch.Tensor) -> tuple[str, int] | None:
+        """(file, offset of the tensor's storage's first byte) for a tensor of the blob read last."""
+        ptr, loc = getattr(self, "_locator", (None, None))
+        return loc(tensor) if loc is not None and tensor.untyped_storage().data_ptr() == ptr else None
 
     def object(self, o: ObjectItem):
         return load_object(self.iter_dir, self.index["objects"][o.chunk], o.chunk)

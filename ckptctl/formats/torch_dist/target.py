@@ -10,6 +10,7 @@ import torch
 from ckptctl.box import Box
 from ckptctl.core.dtypes import itemsize as _itemsize, torch_dtype
 from ckptctl.formats.megatron import args_dict, rewrite_args
+from ckptctl.formats.torch_dist import traits
 from ckptctl.formats.torch_dist.metadata import BACKEND
 from ckptctl.formats.torch_dist.names import _EXPERT_ARRAY, dist_rest, is_local_spec
 from ckptctl.layout import Layout
@@ -81,7 +82,7 @@ def plan_target(family: Family, cfg: ModelConfig, layout: Layout, manifest: list
     order: dict[str, None] = {}
     experts = cfg.num_experts
     local_names = is_local_spec(e["gkey"] for e in manifest)
-    stacked = family.dist_stacked(cfg)
+    stacked = traits.stacked(family, cfg)
     for fp in files:
         for item in fp.items:
             loc = family.locate(item.gkey)
@@ -98,7 +99,7 @@ def plan_target(family: Family, cfg: ModelConfig, layout: Layout, manifest: list
             if ex is not None:                              # the expert axis follows the layer axis
                 pre_off, pre_shape = pre_off + (ex[1],), pre_shape + (experts,)
             if isinstance(item, ObjectItem):
-                if item.gkey in family.dist_absent:
+                if item.gkey in traits.absent(family):
                     continue
                 # TEGroupedMLP's one state per linear: mcore splits it per expert; written empty
                 grouped = ex is None and loc.section == "layer" and _EXPERT_ARRAY.match(rest)
@@ -110,7 +111,7 @@ def plan_target(family: Family, cfg: ModelConfig, layout: Layout, manifest: list
                         objects[name] = (name, item.gkey, None if grouped else item.slot)
                         order.setdefault(name)
                 continue
-            if item.gkey in copies and not family.dist_saves_copies:
+            if item.gkey in copies and not traits.saves_copies(family):
                 continue
             rule = family.rule(_strip_expert(family, loc), cfg)
             n, r = namer.split(rule, fp.coord)
