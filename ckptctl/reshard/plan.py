@@ -17,7 +17,8 @@ from ckptctl.layout import FileCoord, Layout
 from ckptctl.models.base import EXTRA_STATE, Family, KeyLoc
 from ckptctl.models.config import ModelConfig
 from ckptctl.models.rules import VOCAB, Piece, Rule, global_shapes, pieces
-from ckptctl.store import chunk_shape, storage_dtype
+from ckptctl.core.coverage import coverage_problems
+from ckptctl.core.dtypes import chunk_shape, storage_dtype
 
 MODEL = "model/"
 OBJECTS = "objects/"
@@ -88,6 +89,16 @@ class Inventory:
     coord: FileCoord
     dirname: str
     chunks: dict[str, list[tuple[str, tuple[int, ...] | None, str | None]]]
+
+    def to_json(self) -> dict:
+        return {"coord": self.coord.to_json(), "dirname": self.dirname,
+                "chunks": {c: [[k, None if s is None else list(s), d] for k, s, d in e] for c, e in self.chunks.items()}}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Inventory":
+        """The one way an inventory is rebuilt from JSON (inspect's report, a job file); other keys are ignored."""
+        return cls(FileCoord(**d["coord"]), d["dirname"],
+                   {c: [(k, tuple(s) if s is not None else None, dt) for k, s, dt in e] for c, e in d["chunks"].items()})
 
 
 def chunk_name(layout: Layout, v: int) -> str:
@@ -287,12 +298,9 @@ def _plan_source(family: Family, cfg: ModelConfig, layout: Layout, inventories: 
                            f"without matching it ({ki!r} in {files[fi].dirname})")
     arrays = {}
     for a, (shape, dtype, _) in shapes.items():
-        vol = 1
-        for s in shape:
-            vol *= s
-        got = sum(b.volume for b in owners[a])
-        if got != vol:
-            raise BadInput(f"tensor {a.removeprefix(MODEL)!r}: the source files cover {got} of its {vol} elements")
+        bad = coverage_problems(tuple(shape), list(owners[a]))
+        if bad:
+            raise BadInput(f"tensor {a.removeprefix(MODEL)!r}: the source files {bad[0]}")
         import numpy as np
         arrays[a] = {"shape": list(shape), "dtype": dtype, "vocab": a in vocab,
                      "chunks": list(chunk_shape(shape, list(owners[a]), np.dtype(storage_dtype(dtype)).itemsize))}

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import torch
 
 from ckptctl.box import Box
+from ckptctl.core.coverage import missing
 from ckptctl.errors import BadInput
 from ckptctl.formats.torch_dist.metadata import COMMON_KEY, COMMON_PT, load_object, load_tensor
 from ckptctl.formats.torch_dist.optim_info import (ADAM_NAMES, DIST_NAMES, STATE, adam_common, bucket_key,
@@ -73,9 +74,9 @@ class ModelSpace:
             src = hit.shift(tuple(lo - g for lo, g in zip(p.local.offsets, p.gbox.offsets)))
             out[hit.shift(tuple(-o for o in box.offsets)).slices] = x[src.slices]
             got += hit.volume
-        if got != box.volume:
-            raise BadInput(f"{self.iter_dir}: the fully_reshardable chunks of {name!r} cover {got} of the "
-                           f"{box.volume} elements a rank needs")
+        if missing(got, box.volume):
+            raise BadInput(f"{self.iter_dir}: the fully_reshardable chunks of {name!r} {missing(got, box.volume)} "
+                           "a rank needs")
         return out
 
 
@@ -96,8 +97,8 @@ class BucketSpace:
                 raise BadInput(f"{self.iter_dir / ref[0]}: chunk {off} of {key!r} holds {x.dtype} {tuple(x.shape)}")
             out[off[0]:off[0] + sizes[0]] = x
             got += sizes[0]
-        if got != n:
-            raise BadInput(f"{self.iter_dir}: the chunks of {key!r} cover {got} of its {n} elements")
+        if missing(got, n):
+            raise BadInput(f"{self.iter_dir}: the chunks of {key!r} {missing(got, n)}")
         return out
 
     def state(self, g: int, bufs: list, comps, expected: list[list[int]], where: str, pre: str = "",
@@ -270,8 +271,8 @@ class DistWeights:
             src = hit.shift(tuple(lo - g for lo, g in zip(p.local.offsets, p.gbox.offsets)))
             out[hit.shift(tuple(-o for o in box.offsets)).slices] = x[src.slices]
             got += hit.volume
-        if got != box.volume:
-            raise BadInput(f"{array}: the torch_dist chunks cover {got} of the {box.volume} elements a rank holds")
+        if missing(got, box.volume):
+            raise BadInput(f"{array}: the torch_dist chunks {missing(got, box.volume)} a rank holds")
         return out
 
     def weight(self, fp, p) -> torch.Tensor:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ckptctl.box import Box
+from ckptctl.core.coverage import coverage_problems
 from ckptctl.core.dtypes import chunk_shape, itemsize as _itemsize, storage_dtype
 from ckptctl.errors import BadInput
 from ckptctl.formats.megatron import TOP_LEVEL_POLICY
@@ -105,9 +106,6 @@ def plan_source(family: Family, cfg: ModelConfig, layout: Layout, index: dict, s
             for lay in (range(off[0], off[0] + sizes[0]) if stack is not None else [None]):
                 lsizes, goffs = (sizes[1:], off[1:]) if stack is not None else (sizes, off)
                 gbox = Box(tuple(goffs), tuple(lsizes))
-                for b in boxes[names[lay]]:
-                    if b.intersect(gbox) is not None:
-                        raise BadInput(f"torch_dist key {fqn!r}: chunk at {off} overlaps another chunk")
                 boxes[names[lay]].append(gbox)
                 piece = Piece(Box.full(lsizes), names[lay], gbox)
                 key = json.dumps([off, None if lay is None else lay - off[0]])
@@ -115,12 +113,9 @@ def plan_source(family: Family, cfg: ModelConfig, layout: Layout, index: dict, s
             units.append(FilePlan(FileCoord(0, 0), f"{fname}@{boff}", (fqn,), items))
 
     for a, spec_ in arrays.items():
-        vol = 1
-        for s in spec_["shape"]:
-            vol *= s
-        got = sum(b.volume for b in boxes[a])
-        if got != vol:
-            raise BadInput(f"tensor {a.removeprefix(MODEL)!r}: the torch_dist chunks cover {got} of its {vol} elements")
+        bad = coverage_problems(tuple(spec_["shape"]), boxes[a])
+        if bad:
+            raise BadInput(f"tensor {a.removeprefix(MODEL)!r}: the torch_dist chunks {bad[0]}")
         spec_["chunks"] = list(chunk_shape(tuple(spec_["shape"]), boxes[a], _itemsize(spec_["dtype"])))
 
     for name in order:
