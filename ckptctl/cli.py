@@ -177,7 +177,11 @@ def convert(
     master_addr: Optional[str] = typer.Option(None, "--master-addr", help="Node 0's address (multi-node)."),
     master_port: Optional[int] = typer.Option(None, "--master-port", help="A free port on node 0 (multi-node)."),
     to_format: Optional[str] = typer.Option(None, "--to-format", help="legacy (Megatron's --ckpt-format torch; `torch` "
-                                            "is accepted) or torch_dist (default: the source's format)."),
+                                            "is accepted), torch_dist or hf (Hugging Face safetensors; no --to) "
+                                            "(default: the source's format; legacy from an hf source given --to)."),
+    format_option: Optional[list[str]] = typer.Option(None, "--format-option", help="A target format's option "
+                                                      "KEY=VALUE, repeatable (hf: shard_size=5GB, dtype=bfloat16, "
+                                                      "arch=mistral, bos_token_id=1, eos_token_id=2)."),
     optim_sharding: Optional[str] = typer.Option(None, "--optim-sharding", help="torch_dist target: distributed-optimizer "
                                                  "state as dp_reshardable (default, as Megatron-LM saves) or fully_reshardable."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check everything and print the plan (files, bytes per "
@@ -207,7 +211,8 @@ def convert(
                   rng=rng, overwrite=overwrite, progress=prog, optimizer=not no_optimizer,
                   max_memory=parse_size(max_memory), nodes=Nodes(nnodes, node_rank, master_addr, master_port),
                   to_format=to_format, optim_sharding=optim_sharding, dry_run=dry_run,
-                  allow_divergent_replicas=allow_divergent_replicas, resume=resume)
+                  allow_divergent_replicas=allow_divergent_replicas, resume=resume,
+                  format_options=cli_style.key_values(format_option, "--format-option"))
     if dry_run:
         from ckptctl import dryrun
         output.emit_json(rep) if json_out else dryrun.render(rep, output.say)

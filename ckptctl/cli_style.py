@@ -35,3 +35,15 @@ def families() -> str:
 def layout_parts(text: str) -> dict[str, int]:
     """The parts a layout string names explicitly, e.g. 'tp4pp1' -> {'tp': 4, 'pp': 1}."""
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"(vpp|etp|tp|pp|ep|dp|cp)(\d+)", text.lower())}
+
+
+def key_values(items, option: str) -> dict[str, str]:
+    """Repeated KEY=VALUE options as a dict; a malformed one is refused naming the option."""
+    out = {}
+    for it in items or []:
+        k, sep, v = it.partition("=")
+        if not sep or not k.strip():
+            from ckptctl.errors import BadInput
+            raise BadInput(f"{option}: expected KEY=VALUE, got {it!r}")
+        out[k.strip()] = v.strip()
+    return out

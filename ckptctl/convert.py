@@ -64,6 +64,8 @@ def policy_report(src: Source, dst_layout: Layout | None, rng: str, optimizer: b
     """What happens to each piece of non-weight state (DESIGN §3, §6): printed by convert, in --json."""
     from ckptctl.optstate.state import policy_text
     sfmt, dfmt = registry.get(src.fmt), registry.get(dst_format)
+    if not dfmt.holds_optimizer:   # a weights-only target (Hugging Face): no other state follows the weights
+        return {k: f"not written (the {dst_format} format holds weights only)" for k in sorted(src.policies)}
     out = {}
     for k, p in sorted(src.policies.items()):
         if p == "copy":
@@ -130,19 +132,17 @@ def _convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = No
         if to_store:
             raise BadInput(f"{src} is already a store: give a target layout with --to to write a checkpoint from it")
         return _store_to_legacy(src, dst, to, nproc, rng, progress, t0, max_memory, to_format, optim_sharding,
-                                dry_run=dry_run)
+                                dry_run=dry_run, format_options=format_options)
     source = inspect(src, true_vocab)
     out_fmt = _out_format(to_format, source.fmt, to)
     dfmt = registry.get(out_fmt)
     format_options = dfmt.check_format_options(format_options)
     if to is None and not to_store and dfmt.layout_free:
         to = Layout()          # a target without a parallel layout (Hugging Face): planned as TP1PP1
+    notes = []
     if optimizer and source.optim and not dfmt.holds_optimizer:
         optimizer = False
-        notes_first = [f"optimizer state not converted: the {out_fmt} format holds weights only"]
-    else:
-        notes_first = []
-    notes = notes_first
+        notes.append(f"optimizer state not converted: the {out_fmt} format holds weights only")
     from ckptctl import notes as convert_notes
     notes += convert_notes.source_notes(source, to, out_fmt, true_vocab)
     optim_sharding = registry.get(out_fmt).check_options(optim_sharding)
@@ -241,7 +241,8 @@ def _out_format(to_format: str | None, source_format: str, to: Layout | None = N
 
 def _store_to_legacy(src: Path, dst: Path, to: Layout | None, nproc: int, rng: str, progress, t0,
                      max_memory: int | None = None, to_format: str | None = None,
-                     optim_sharding: str | None = None, dry_run: bool = False) -> ConvertReport:
+                     optim_sharding: str | None = None, dry_run: bool = False,
+                     format_options: dict | None = None) -> ConvertReport:
     st = Store.open(src)
     attrs = st.attrs
     if not attrs.get("complete"):
@@ -272,7 +273,7 @@ def _store_to_legacy(src: Path, dst: Path, to: Layout | None, nproc: int, rng: s
     try:
         job = Job(workdir=str(work), store=str(src), out=str(work / "out"), dst_layout=to.to_json(), rng=rng,
                   phases=("target",), max_memory=max_memory, optim_sharding=optim_sharding,
-                  dst_format=out_fmt)
+                  dst_format=out_fmt, format_options=registry.get(out_fmt).check_format_options(format_options))
         timings = {"inspect": round(time.monotonic() - t0, 3)}
         res = launch.run(job, n, nbytes, progress, label=f"store -> {to}")
         timings.update({k: v["seconds"] for k, v in (res or {}).items() if isinstance(v, dict) and "seconds" in v})

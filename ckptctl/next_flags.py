@@ -5,9 +5,12 @@ from ckptctl.formats import registry
 
 
 def megatron_flags(dst: str, layout, out_fmt: str, optimizer: dict | None, optimizer_kept: bool,
-                   rng: str) -> dict:
+                   rng: str) -> dict | None:
     """`layout`: the target layout; `optimizer`: the source's optimizer info (None: none);
-    `rng`: convert's --rng. Returns {"flags": [...], "line": str, "world_size": int}."""
+    `rng`: convert's --rng. Returns {"flags": [...], "line": str, "world_size": int}; None for a format
+    Megatron-LM does not load (Hugging Face)."""
+    if not registry.megatron_name(out_fmt):
+        return None
     f = ["--load", str(dst), "--tensor-model-parallel-size", str(layout.tp),
          "--pipeline-model-parallel-size", str(layout.pp)]
     if layout.vpp > 1:

@@ -86,7 +86,15 @@ def config_from_args(args: dict, family: str, true_vocab: int | None = None) -> 
         "decoder_num_layers", "moe_grouped_gemm", "moe_shared_expert_intermediate_size",
         "moe_layer_freq", "add_bias_linear", "position_embedding_type", "max_position_embeddings",
         "qk_layernorm", "moe_router_enable_expert_bias", "multi_latent_attention", "mtp_num_layers",
-        "add_qkv_bias", "moe_shared_expert_gate")
+        "add_qkv_bias", "moe_shared_expert_gate",
+        # what an exact Hugging Face mapping depends on (ckptctl.formats.hf.arch)
+        "swiglu", "rotary_base", "rotary_percent", "rotary_interleaved", "use_rope_scaling",
+        "rotary_seq_len_interpolation_factor", "norm_epsilon", "apply_residual_connection_post_layernorm",
+        "window_size", "softmax_type", "use_mup", "experimental_attention_variant", "moe_router_topk",
+        "moe_router_score_function", "moe_router_pre_softmax", "moe_router_topk_scaling_factor",
+        "moe_router_num_groups", "moe_router_group_topk", "moe_mlp_glu_interleave_size",
+        "moe_shared_expert_glu_interleave_size", "moe_input_jitter_eps", "moe_shared_expert_overlap",
+        "init_method_std", "seq_length")
         if args.get(k) is not None}
     if split.layout:
         extra["pipeline_model_parallel_layout"] = split.layout

@@ -50,6 +50,7 @@ class Job:
     optim: dict | None = None                  # ckptctl.optim: the source's optimizer variant (None: not converted)
     max_memory: int | None = None              # per-worker RSS budget in bytes (ckptctl.reshard.stream)
     optim_sharding: str | None = None          # torch_dist target: distributed-optimizer sharding type
+    format_options: dict = field(default_factory=dict)   # the target format's --format-option KEY=VALUE, checked
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.__dict__))

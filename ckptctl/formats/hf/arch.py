@@ -60,7 +60,9 @@ def refuse(feature: str, arch: str | None = None) -> BadInput:
 
 
 def choose(family: str, cfg: ModelConfig, args: dict, want: str | None = None) -> Arch:
-    """The HF architecture of a Megatron model (`want`: a model_type the user asked for), or a refusal."""
+    """The HF architecture of a Megatron model (`want`: a model_type the user asked for), or a refusal.
+    `args`: the checkpoint's args; the config's extra (the same fields, kept in every store) fills gaps."""
+    args = {**cfg.extra, **{k: v for k, v in args.items() if v is not None}}
     if family in REFUSED_FAMILIES:
         raise refuse(REFUSED_FAMILIES[family])
     if want is not None and want not in ARCHS:
@@ -229,7 +231,7 @@ def from_hf_config(c: dict, path: str) -> tuple[str, Arch, ModelConfig, dict]:
         raise BadInput(f"{path}: attention_bias {c.get('attention_bias')} with mlp_bias {c.get('mlp_bias')}: "
                        "Megatron's add_bias_linear sets both")
     arch = Arch(mt, qkv_bias, linear_bias, linear_bias, moe, mt == "qwen2_moe")
-    extra = {"normalization": "RMSNorm", "position_embedding_type": "rope", "add_bias_linear": linear_bias,
+    extra = {"normalization": "RMSNorm", "position_embedding_type": "rope", "add_bias_linear": linear_bias, "swiglu": True,
              "add_qkv_bias": qkv_bias, "max_position_embeddings": int(c.get("max_position_embeddings") or 4096)}
     args = {"rotary_base": float(rope.get("rope_theta", c.get("rope_theta", 10000.0))), "rotary_percent": 1.0,
             "norm_epsilon": float(c.get("rms_norm_eps", 1e-6)), "swiglu": True, "rotary_interleaved": False,

@@ -8,7 +8,7 @@ read back with it.
 """
 from __future__ import annotations
 
-import os
+import json
 import shutil
 import uuid
 from math import prod
@@ -29,7 +29,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def store_args(store) -> dict:
     """The Megatron-LM args the store kept (the source's common state), as a dict."""
-    from ckptctl.reshard.run import COMMON, get_object
+    from ckptctl.storage.objects import COMMON, get_object
     encs = store.attrs.get("objects", {})
     common = get_object(store, COMMON, encs.get(COMMON, "none")) or {}
     a = common.get("args")
@@ -98,24 +98,34 @@ def read_entry(store, e: Entry, cfg: ModelConfig, spec: dict, cache: dict) -> to
 
 
 def write_shards(plan: Plan, folder: Path, which: list[int]) -> None:
+    """Shards `which` of the plan into `folder`, a tensor at a time from the store."""
     from ckptctl.store import Store
     store = Store.open(plan.store_path)
     by_name = {e.hf: e for e in plan.entries}
     dtype = getattr(torch, plan.dtype)
     for i in which:
         cache: dict = {}
-        tensors = {}
-        for name in plan.shards[i]:
+
+        def produce(name):
             e = by_name[name]
             t = read_entry(store, e, plan.cfg, plan.arrays[e.array], cache)
-            tensors[name] = t if t.dtype == dtype else t.to(dtype)
-        files.write_shard(folder / plan.names[i], tensors)
+            return t if t.dtype == dtype else t.to(dtype)
+        files.write_shard(folder / plan.names[i], [(n, plan.shapes[n], plan.dtype) for n in plan.shards[i]], produce)
+
+
+def write_folder_files(plan: Plan, folder: Path) -> None:
+    """The index (several shards), config.json and generation_config.json."""
+    if len(plan.shards) > 1:
+        files.write_index(folder, {k: plan.names[i] for i, s in enumerate(plan.shards) for k in s}, plan.total)
+    files.write_json(folder / files.CONFIG, plan.config)
+    files.write_json(folder / files.GENERATION, archmod.generation_config(plan.config))
 
 
 def export(store_path: Path, out: Path, *, true_vocab: int | None = None, dtype: str | None = None,
-           hf_arch: str | None = None, shard_size=DEFAULT_SHARD, overwrite: bool = False, nproc: int | None = None,
+           hf_arch: str | None = None, shard_size=DEFAULT_SHARD, overwrite: bool = False,
            token_ids: dict | None = None) -> dict:
-    """Write the HF folder `out` from a complete store; returns a report (plan.describe() and the files)."""
+    """The HF folder `out` from a complete store, in this process (convert's workers do the same in
+    parallel: `ckptctl.formats.hf.target`); written beside `out` and renamed into place."""
     out = Path(out)
     plan = Plan(store_path, true_vocab, dtype, hf_arch, shard_size, token_ids)
     if (out.is_dir() and any(out.iterdir()) or out.is_file()) and not overwrite:
@@ -123,16 +133,8 @@ def export(store_path: Path, out: Path, *, true_vocab: int | None = None, dtype:
     tmp = out.with_name(f".{out.name}.ckptctl-hf-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
-        n = len(plan.shards) if nproc is None else max(0, min(nproc, len(plan.shards)))
-        n = min(n, os.cpu_count() or 1, 8)
-        if n <= 1:
-            write_shards(plan, tmp, list(range(len(plan.shards))))
-        else:
-            _parallel(plan, tmp, n)
-        if len(plan.shards) > 1:
-            files.write_index(tmp, {k: plan.names[i] for i, s in enumerate(plan.shards) for k in s}, plan.total)
-        files.write_json(tmp / files.CONFIG, plan.config)
-        files.write_json(tmp / files.GENERATION, archmod.generation_config(plan.config))
+        write_shards(plan, tmp, list(range(len(plan.shards))))
+        write_folder_files(plan, tmp)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         tmp.rename(out)
@@ -141,30 +143,17 @@ def export(store_path: Path, out: Path, *, true_vocab: int | None = None, dtype:
     return {**plan.describe(), "out": str(out), "files": plan.names}
 
 
-def _parallel(plan: Plan, folder: Path, n: int) -> None:
-    """Shards over `n` forked workers, largest first; a worker's error is raised here."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-    order = sorted(range(len(plan.shards)), key=lambda i: -len(plan.shards[i]))
-    parts = [order[w::n] for w in range(n)]
-    with ProcessPoolExecutor(n, mp_context=mp.get_context("fork")) as pool:
-        for f in [pool.submit(write_shards, plan, folder, p) for p in parts]:
-            f.result()
-
-
 def export_checkpoint(src: Path, out: Path, *, true_vocab: int | None = None, nproc: int | None = None,
-                      max_memory: int | None = None, **kw) -> dict:
-    """Any Megatron checkpoint (legacy, torch_dist, any layout) or store -> HF: a source phase into a
-    temporary store beside `out` (convert's workers, memory budget and checks), then `export`."""
-    src, out = Path(src), Path(out)
-    if (src / "zarr.json").is_file():
-        return export(src, out, true_vocab=true_vocab, nproc=nproc, **kw)
+                      dtype: str | None = None, hf_arch: str | None = None, shard_size=None,
+                      overwrite: bool = False, token_ids: dict | None = None) -> dict:
+    """Any Megatron checkpoint (legacy, torch_dist, any layout) or store -> HF folder: `ckptctl convert SRC
+    OUT --to-format hf` (its workers, store, memory budget, checks and commit)."""
     from ckptctl.convert import convert
-    work = out.with_name(f".{out.name}.ckptctl-hfstore-{uuid.uuid4().hex[:8]}")
-    work.mkdir(parents=True)
-    try:
-        convert(src, work / "store.zarr", None, true_vocab=true_vocab, nproc=nproc, optimizer=False,
-                max_memory=max_memory)
-        return export(work / "store.zarr", out, true_vocab=true_vocab, nproc=nproc, **kw)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    opts = {k: v for k, v in (("dtype", dtype), ("arch", hf_arch), ("shard_size", shard_size)) if v is not None}
+    opts.update(token_ids or {})
+    convert(Path(src), Path(out), None, to_format="hf", true_vocab=true_vocab, nproc=nproc, overwrite=overwrite,
+            format_options=opts)
+    conf = json.loads((Path(out) / files.CONFIG).read_text())
+    names = sorted(p.name for p in Path(out).glob("*.safetensors"))
+    return {"out": str(out), "files": names, "architecture": conf["architectures"][0],
+            "model_type": conf["model_type"], "vocab": conf["vocab_size"], "dtype": conf["dtype"]}

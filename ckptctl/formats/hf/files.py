@@ -53,20 +53,47 @@ def shard_names(count: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
-def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """One shard through the safetensors library, then read back with it and compared byte for byte
-    (the file is what any loader will see)."""
+ST_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+def write_shard(path: Path, specs: list[tuple[str, tuple, str]], produce) -> None:
+    """One shard written to the safetensors spec, a tensor at a time (memory: one tensor, never the
+    shard): `specs` (name, shape, torch dtype name) in file order, `produce(name)` -> the tensor. Then the
+    file is opened with the safetensors library and every tensor's bytes checked against the crc32c taken
+    while writing (the file is what any loader will see)."""
+    import struct
+
+    import google_crc32c
     from safetensors import safe_open
-    from safetensors.torch import save_file
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    header, at = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, dtype in specs:
+        n = getattr(torch, dtype).itemsize
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [at, at + n]}
+        at += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)          # the spec's alignment padding (spaces), as the library writes
+    crcs = {}
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for name, shape, dtype in specs:
+            t = produce(name)
+            if tuple(t.shape) != tuple(shape) or t.dtype != getattr(torch, dtype):
+                raise RuntimeError(f"{path}: tensor {name} is {t.dtype} {tuple(t.shape)}, planned {dtype} {shape}")
+            b = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+            crcs[name] = google_crc32c.value(b)
+            f.write(b)
+            del t, b
     with safe_open(str(path), framework="pt") as f:
-        if sorted(f.keys()) != sorted(tensors):
-            raise RuntimeError(f"{path}: safetensors wrote keys {sorted(f.keys())[:3]}..., not the tensors given")
-        for k, v in tensors.items():
-            back = f.get_tensor(k)
-            if back.dtype != v.dtype or back.shape != v.shape or not torch.equal(
-                    back.reshape(-1).view(torch.uint8), v.contiguous().reshape(-1).view(torch.uint8)):
-                raise RuntimeError(f"{path}: tensor {k} reads back different from what was written")
+        if sorted(f.keys()) != sorted(crcs):
+            raise RuntimeError(f"{path}: the safetensors library reads other keys than were written")
+        for name, shape, dtype in specs:
+            back = f.get_tensor(name)
+            if (back.dtype != getattr(torch, dtype) or tuple(back.shape) != tuple(shape)
+                    or google_crc32c.value(back.contiguous().reshape(-1).view(torch.uint8).numpy()) != crcs[name]):
+                raise RuntimeError(f"{path}: tensor {name} reads back different from what was written")
 
 
 def write_index(folder: Path, weight_map: dict[str, str], total: int) -> None:
