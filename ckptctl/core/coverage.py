@@ -8,13 +8,14 @@ from math import prod
 from ckptctl.box import Box, find_overlap
 
 
-def coverage_problems(shape: tuple[int, ...], boxes: list[Box]) -> list[str]:
-    """What is wrong with `boxes` as a tiling of an array of `shape` (empty: each element has one owner)."""
+def coverage_problems(shape: tuple[int, ...], boxes: list[Box], disjoint: bool = False) -> list[str]:
+    """What is wrong with `boxes` as a tiling of an array of `shape` (empty: each element has one owner).
+    `disjoint`: the caller has already run find_overlap on these boxes (it names the files): not again."""
     out = []
     for b in boxes:
         if len(b.offsets) != len(shape) or any(o < 0 or o + s > n for o, s, n in zip(b.offsets, b.sizes, shape)):
             out.append(f"box at {list(b.offsets)} of size {list(b.sizes)} lies outside {list(shape)}")
-    hit = find_overlap(boxes)
+    hit = None if disjoint else find_overlap(boxes)
     if hit is not None:
         out.append(f"box at {list(boxes[hit[1]].offsets)} overlaps the one at {list(boxes[hit[0]].offsets)}")
     got, vol = sum(b.volume for b in boxes), prod(shape)

@@ -298,7 +298,7 @@ def _plan_source(family: Family, cfg: ModelConfig, layout: Layout, inventories: 
                            f"without matching it ({ki!r} in {files[fi].dirname})")
     arrays = {}
     for a, (shape, dtype, _) in shapes.items():
-        bad = coverage_problems(tuple(shape), list(owners[a]))
+        bad = coverage_problems(tuple(shape), list(owners[a]), disjoint=True)   # overlaps checked above
         if bad:
             raise BadInput(f"tensor {a.removeprefix(MODEL)!r}: the source files {bad[0]}")
         import numpy as np
