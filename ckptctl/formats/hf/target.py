@@ -26,6 +26,8 @@ def check_options(opts: dict | None) -> dict:
     from ckptctl.formats.hf.export import DTYPES
     if opts.get("dtype") not in (None, *DTYPES):
         raise BadInput(f"dtype: expected one of {', '.join(DTYPES)}, got {opts['dtype']!r}")
+    if opts.get("arch") is not None and opts["arch"] not in archmod.ARCHS:
+        raise BadInput(f"arch: expected one of {', '.join(archmod.ARCHS)}, got {opts['arch']!r}")
     for k in ("bos_token_id", "eos_token_id"):
         if k in opts:
             opts[k] = int(opts[k])
