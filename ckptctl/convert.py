@@ -191,7 +191,10 @@ def _convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = No
                   iteration=source.ckpt.iteration, src_format=source.fmt, dist=source.dist, dst_format=out_fmt,
                   optim=source.optim if optimizer else None, max_memory=max_memory, optim_sharding=optim_sharding,
                   format_options=format_options,
-                  phases=("source",) if to_store else ("source", "target"))
+                  phases=("source",) if to_store else ("source", "target"),
+                  # a hidden store, deleted after the commit, references the source's bytes (storage.refs);
+                  # a store the user keeps (STORE.zarr, --keep-store, --store) is self-contained
+                  refs=not (to_store or keep_store or store or nodes.multi))
         from ckptctl.dryrun import optimizer_bytes
         wbytes, obytes = source.nbytes, optimizer_bytes(source.optim if optimizer else None, source.plan.arrays)
         nbytes = wbytes + obytes

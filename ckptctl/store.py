@@ -178,6 +178,15 @@ class Store:
         self._group = group
         self._arrays: dict[str, ArrayInfo] = {}
         self._dirs: set[str] = set()
+        self._refs = None
+
+    @property
+    def refs(self):
+        """Chunks that are byte ranges of source files (ckptctl.storage.refs), loaded on first read."""
+        if self._refs is None:
+            from ckptctl.storage.refs import Refs
+            self._refs = Refs.load(self.path)
+        return self._refs
 
     @property
     def group(self) -> zarr.Group:
@@ -303,6 +312,8 @@ class Store:
         if 0 not in box.sizes:
             for idx, box_sl, chunk_sl, full in _grid(a.shape, a.chunks, box.offsets, box.sizes):
                 dst = out[box_sl]
+                if self.refs and self.refs.read(a, idx, dst, chunk_sl, full):
+                    continue
                 # a small whole chunk is read into place; a large one (or part of one) is copied from a
                 # memory map (about twice as fast as read() from the page cache here)
                 if full and a.chunk_nbytes <= _MMAP_MIN and dst.shape == a.chunks and dst.flags.c_contiguous:

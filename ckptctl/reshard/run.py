@@ -50,6 +50,7 @@ class Job:
     optim: dict | None = None                  # ckptctl.optim: the source's optimizer variant (None: not converted)
     max_memory: int | None = None              # per-worker RSS budget in bytes (ckptctl.reshard.stream)
     optim_sharding: str | None = None          # torch_dist target: distributed-optimizer sharding type
+    refs: bool = False                         # hidden store: chunks reference source byte ranges (storage.refs)
     format_options: dict = field(default_factory=dict)   # the target format's --format-option KEY=VALUE, checked
 
     def save(self, path: Path) -> None:
@@ -84,6 +85,8 @@ def source_phase(job: Job, comm: Comm, progress: Progress) -> dict:
     mine = assign([plan.owned_bytes(i) + 1 for i in range(len(plan.files))], comm.world)[comm.rank]
     budget = stream.Budget(job.max_memory)
     encodings: dict[str, str] = {}
+    from ckptctl.storage.refs import RefWriter, finish
+    refw = RefWriter(store, comm.rank) if job.refs else None
     for i in mine:
         fp = plan.files[i]
         done = resume.source_done(job, i) if keep else None
@@ -100,8 +103,9 @@ def source_phase(job: Job, comm: Comm, progress: Progress) -> dict:
             if tuple(tensor.shape) != t.shape or str(tensor.dtype).removeprefix("torch.") != t.dtype:
                 raise BadInput(f"{fp.dirname}: tensor {t.key!r} changed since inspection")
             mapped = fmt.memory_mapped   # memory-mapped rank file: pages can be dropped
+            where = refw and getattr(sd, "locate", lambda _: None)(tensor)
             for p, owned in zip(t.pieces, t.owned):
-                if owned:
+                if owned and not (where and refw.put(p, tensor, where, progress, mapped)):
                     put_piece(store, p, tensor[p.local.slices], budget.block, progress, mapped)
         for o in fp.objects:
             if plan.slots[o.slot] == i:
@@ -116,6 +120,8 @@ def source_phase(job: Job, comm: Comm, progress: Progress) -> dict:
             encodings[COMMON] = put_object(store, COMMON, sd.common())
             encodings["__dropped__"] = ",".join(k for k in sd.dropped() if not (oside and k == "optimizer"))
         del sd
+        if refw is not None:
+            refw.flush()   # before the unit is marked done: a resumed run finds its references
         resume.mark_source(job, i, {k: v for k, v in encodings.items() if k not in before or before[k] != v})
     if own_units is not None:
         encodings.update(own_units(store, comm, progress))
@@ -137,6 +143,8 @@ def source_phase(job: Job, comm: Comm, progress: Progress) -> dict:
             "tied": cfg.tied, "iteration": job.iteration, "dropped": [d for d in dropped.split(",") if d],
             **({"optimizer": store_attrs(job.optim)} if job.optim else {}),
         })
+        if job.refs:
+            finish(store)
     comm.barrier()
     return {"arrays": len(plan.arrays), "bytes": sum(plan.owned_bytes(i) for i in range(len(plan.files)))}
 

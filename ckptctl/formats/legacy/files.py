@@ -146,8 +146,16 @@ def inventory(sd: dict, path: Path) -> dict[str, list]:
 class LegacyUnit:
     """One rank file opened for the source phase and verify's gather (the reader interface of a format)."""
 
-    def __init__(self, sd: dict, dirname: str):
+    def __init__(self, sd: dict, dirname: str, path: Path | None = None):
         self.sd, self.dirname = sd, dirname
+        self._locate = None
+        if path is not None:   # memory-mapped: tensors can be located in the file (the reference pivot)
+            from ckptctl.formats.legacy.offsets import RankFileLocator
+            self._locate = RankFileLocator(path)
+
+    def locate(self, tensor) -> tuple[str, int] | None:
+        """(file, offset of the tensor's storage's first byte) when the file holds it as raw bytes."""
+        return self._locate(tensor) if self._locate is not None else None
 
     def tensor(self, t):
         return self.sd[t.chunk][t.key]
