@@ -178,18 +178,11 @@ class DistUnit:
                 x = load_tensor(self.iter_dir, c[2:], t.chunk)
                 from ckptctl.formats.torch_dist.offsets import BlobLocator
                 self._locator = (x.untyped_storage().data_ptr(), BlobLocator(self.iter_dir / c[2], c[3], c[4]))
-                from ckptctl.formats.torch_dist.offsets import BlobLocator
-                self._locator = (x.untyped_storage().data_ptr(), BlobLocator(self.iter_dir / c[2], c[3], c[4]))
                 if tuple(x.shape) != tuple(c[1]) or str(x.dtype).removeprefix("torch.") != t.dtype:
                     raise BadInput(f"{self.iter_dir / c[2]}: chunk {off} of {t.chunk!r} holds {x.dtype} "
                                    f"{tuple(x.shape)}, the metadata says {t.dtype} {tuple(c[1])}")
                 return x
         raise BadInput(f"{self.iter_dir}: no chunk {off} of {t.chunk!r}")
-
-    def locate(self, tensor: torch.Tensor) -> tuple[str, int] | None:
-        """(file, offset of the tensor's storage's first byte) for a tensor of the blob read last."""
-        ptr, loc = getattr(self, "_locator", (None, None))
-        return loc(tensor) if loc is not None and tensor.untyped_storage().data_ptr() == ptr else None
 
     def locate(self, tensor: torch.Tensor) -> tuple[str, int] | None:
         """(file, offset of the tensor's storage's first byte) for a tensor of the blob read last."""
