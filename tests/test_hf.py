@@ -66,7 +66,7 @@ def gathered(src: Path) -> tuple[dict, dict]:
     """Megatron's global tensors from the rank files (ckptctl's reference gather, never the store) and the
     checkpoint's args."""
     from ckptctl.convert import inspect
-    from ckptctl.verify import Gatherer
+    from ckptctl.verify_gather import Gatherer
     s = inspect(src)
     g = Gatherer(s)
     arrays = {}
@@ -276,8 +276,8 @@ def test_import_gives_back_megatron_and_hf_round_trip_is_byte_identical(made, ca
             assert not back[k][V:].view(torch.uint8).any(), f"{k}: padding rows not zero"
         else:
             assert same_bytes(back[k], meg[k]), k
-    from ckptctl.formats import legacy
-    args = legacy.load_pt(next((tmp_path / "meg").rglob("model_optim_rng.pt")))["args"]
+    import ckptctl.storage.pickles as pickles
+    args = pickles.load_pt(next((tmp_path / "meg").rglob("model_optim_rng.pt")))["args"]
     assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (layout.tp, layout.pp)
     assert args.padded_vocab_size == rep["padded_vocab"] and args.vocab_size == V
     assert args.normalization == "RMSNorm" and args.position_embedding_type == "rope" and args.swiglu
