@@ -21,13 +21,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ckptctl.example import _rng_state, make_args, make_config
-from ckptctl.formats import legacy
+from ckptctl.example import make_config
+from ckptctl.formats.megatron import make_args, rng_state as _rng_state
+import ckptctl.formats.legacy.files as legacy_files
+import ckptctl.formats.megatron as megatron
 from ckptctl.layout import FileCoord, Layout, parse_layout
 from ckptctl.models import get_family
 from ckptctl.models.config import ModelConfig, padded_vocab
 from ckptctl.reshard.plan import Inventory, plan_source, plan_target
-from ckptctl.reshard.run import Progress, build_file
+from ckptctl.storage.build import build_file
+from ckptctl.storage.progress import Progress
 from ckptctl.reshard.stream import save_streaming
 
 POOL = 1 << 24     # elements in the value pool
@@ -87,14 +90,14 @@ def generate(out: Path, layout: Layout, opts: dict, block: int = 256 << 20) -> d
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
-    it_dir = out / legacy.iter_dirname(10)
+    it_dir = out / megatron.iter_dirname(10)
     total = 0
     for fp in files:
         sd = build_file(store, fp, common, {}, Progress(None, 0), block=block)
         sd["rng_state"] = [_rng_state(1234 + fp.coord.tp + 100 * fp.coord.pp)]
         (it_dir / fp.dirname).mkdir(parents=True)
-        total += save_streaming(sd, it_dir / fp.dirname / legacy.MODEL_FILE)
-    legacy.write_tracker(out, 10)
+        total += save_streaming(sd, it_dir / fp.dirname / legacy_files.MODEL_FILE)
+    megatron.write_tracker(out, 10)
     return {"out": str(out), "layout": str(layout), "files": len(files), "bytes": total, "options": opts}
 
 

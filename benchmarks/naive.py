@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from ckptctl.convert import inspect
-from ckptctl.formats import legacy
+import ckptctl.formats.legacy.files as legacy_files
+import ckptctl.formats.megatron as megatron
 from ckptctl.layout import parse_layout
 from ckptctl.models import get_family
 from ckptctl.reshard.plan import ObjectItem, plan_target
@@ -37,12 +38,12 @@ def convert(src: Path, dst: Path, to) -> dict:
             for p, owned in zip(t.pieces, t.owned):
                 if owned:
                     glob[p.array][p.gbox.slices] = local[p.local.slices].reshape(p.gbox.sizes)
-    common = {k: v for k, v in sds[s.plan.files[0].dirname].items() if legacy.TOP_LEVEL_POLICY.get(k) in ("copy", "rewrite")}
+    common = {k: v for k, v in sds[s.plan.files[0].dirname].items() if megatron.TOP_LEVEL_POLICY.get(k) in ("copy", "rewrite")}
     rng = sds[s.plan.files[0].dirname].get("rng_state")
     del sds
     # 3. split: every target file in memory
     files = plan_target(get_family(s.family), s.cfg, to, s.plan.manifest, s.plan.arrays, set())
-    args = legacy.rewrite_args(legacy.args_dict(common["args"]), to, s.cfg.vocab_for_tp(to.tp), s.cfg.num_layers)
+    args = megatron.rewrite_args(megatron.args_dict(common["args"]), to, s.cfg.vocab_for_tp(to.tp), s.cfg.num_layers)
     out = []
     for fp in files:
         sd = {**common, "args": argparse.Namespace(**args), "rng_state": rng}
@@ -57,11 +58,11 @@ def convert(src: Path, dst: Path, to) -> dict:
             sd[item.chunk][item.key] = t
         out.append((fp, sd))
     # 4. save
-    it = dst / legacy.iter_dirname(s.ckpt.iteration)
+    it = dst / megatron.iter_dirname(s.ckpt.iteration)
     for fp, sd in out:
         (it / fp.dirname).mkdir(parents=True, exist_ok=True)
-        torch.save(sd, it / fp.dirname / legacy.MODEL_FILE)
-    legacy.write_tracker(dst, s.ckpt.iteration)
+        torch.save(sd, it / fp.dirname / legacy_files.MODEL_FILE)
+    megatron.write_tracker(dst, s.ckpt.iteration)
     return {"files": len(out), "bytes": s.nbytes}
 
 

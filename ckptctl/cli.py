@@ -114,18 +114,11 @@ def example(
     json_out: JsonOpt = False,
 ):
     """Write a small random checkpoint in Megatron's legacy (or torch_dist) format."""
-    from ckptctl import formats
+    from ckptctl.example import example as make
+    from ckptctl.formats import registry
     from ckptctl.models import get_family
     get_family(family)   # an unknown family is refused naming the known ones, before anything is written
-    extra = {}
-    fmt = formats.canonical(fmt)
-    if fmt == formats.TORCH_DIST:
-        from ckptctl.formats.torch_dist import example as make
-        extra["optim_sharding"] = optim_sharding
-    elif fmt == formats.LEGACY:
-        from ckptctl.example import example as make
-    else:
-        raise BadInput(f"--format: expected legacy (or torch) or torch_dist, got {fmt!r}")
+    fmt = registry.get(registry.canonical(fmt)).name   # an unknown format is refused naming the choices
 
     res = make(family, parse_layout(layout), out,
                {"layers": layers, "hidden": hidden, "heads": heads, "groups": groups, "ffn": ffn, "vocab": vocab,
@@ -134,7 +127,7 @@ def example(
                 "binary_head": binary_head, "tokentypes": tokentypes, "encoder_layers": encoder_layers,
                 "position": position, "norm": norm, "qkv_bias": qkv_bias, "shared_gate": shared_gate or None, "pattern": pattern, "mamba_heads": mamba_heads, "mamba_groups": mamba_groups,
                 "mamba_state": mamba_state, "mamba_head_dim": mamba_head_dim}, seed=seed, overwrite=overwrite, optimizer=optimizer,
-               **extra)
+               fmt=fmt, optim_sharding=optim_sharding)
     if json_out:
         output.emit_json(res)
     else:

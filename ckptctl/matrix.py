@@ -78,7 +78,7 @@ def run_pair(family: str, src: str, dst: str, opts: dict, root: Path, nproc: int
 
 def run_matrix(model: str, pairs: str | None, nproc: int | None, workdir: Path | None, progress=None,
                optimizer: bool = True) -> list[dict]:
-    """`optimizer`: examples carry optimizer state (ckptctl.optim default kind) that convert and verify
+    """`optimizer`: examples carry optimizer state (ckptctl.optstate.example default kind) that convert and verify
     cover; False: examples without it (`--no-optimizer`)."""
     todo = parse_pairs(model, pairs) if pairs else default_pairs(model)
     if not optimizer:

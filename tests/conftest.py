@@ -66,11 +66,11 @@ def flip_dist_chunk(root: Path, out: Path, key: str, index: int | tuple) -> tupl
     in place in its .distcp file (same blob size), at element `index` of the chunk's int32 view.
     Returns the chunk's global offsets."""
     import shutil
-    from ckptctl.formats import torch_dist as td
+    import ckptctl.formats.torch_dist.metadata as td_metadata
     shutil.copytree(root, out)
-    ck = td.open_dist(out)
+    ck = td_metadata.open_dist(out)
     off, _, f, at, n = ck.index["tensors"][key]["chunks"][0]
-    t = td.load_tensor(ck.iter_dir, [f, at, n], key).clone()
+    t = td_metadata.load_tensor(ck.iter_dir, [f, at, n], key).clone()
     v = t.view(torch.int32)
     (v.reshape(-1) if isinstance(index, int) else v)[index] ^= 1
     buf = io.BytesIO()

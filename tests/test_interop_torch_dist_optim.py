@@ -53,8 +53,8 @@ def test_megatron_core_loads_bitwise(oracle, case):
 
 
 def _index(root: Path) -> dict:
-    from ckptctl.formats import torch_dist
-    return torch_dist.open_dist(root).index
+    import ckptctl.formats.torch_dist.metadata as td_metadata
+    return td_metadata.open_dist(root).index
 
 
 def test_dp_reshardable_chunks_as_megatron_core_saves_them(oracle):
@@ -103,10 +103,10 @@ def test_adam_keys_and_chunks_as_megatron_core_saves_them(oracle):
     """A -> A, non-distributed optimizer: ckptctl's optimizer.state.{exp_avg,exp_avg_sq,fp32_param}.* keys, global
     shapes, dtypes and chunk boxes are megatron-core's, the chunks byte-equal; so is the common `optimizer`
     (common_step and param groups) and the content metadata (no sharding type)."""
-    from ckptctl.formats import torch_dist
+    import ckptctl.formats.torch_dist.metadata as td_metadata
     from ckptctl.optstate.subopt import canon
     work = oracle[0]
-    ours, theirs = torch_dist.open_dist(work / "A_adam_td"), torch_dist.open_dist(work / "A_adam")
+    ours, theirs = td_metadata.open_dist(work / "A_adam_td"), td_metadata.open_dist(work / "A_adam")
     opt = lambda ix: {k: (v["shape"], v["dtype"], sorted((c[0], c[1]) for c in v["chunks"]))  # noqa: E731
                       for k, v in ix["tensors"].items() if k.startswith("optimizer.")}
     assert opt(ours.index) == opt(theirs.index)
@@ -115,8 +115,8 @@ def test_adam_keys_and_chunks_as_megatron_core_saves_them(oracle):
         if k.startswith("optimizer."):
             mine = {tuple(c[0]): c[2:] for c in t["chunks"]}
             for c in theirs.index["tensors"][k]["chunks"]:
-                a = torch_dist.load_tensor(ours.iter_dir, mine[tuple(c[0])], k)
-                b = torch_dist.load_tensor(theirs.iter_dir, c[2:], k)
+                a = td_metadata.load_tensor(ours.iter_dir, mine[tuple(c[0])], k)
+                b = td_metadata.load_tensor(theirs.iter_dir, c[2:], k)
                 assert a.dtype == b.dtype and raw_bytes(a) == raw_bytes(b), k
     assert canon(ours.common["optimizer"]) == canon(theirs.common["optimizer"])
     assert ours.common["content_metadata"] == theirs.common["content_metadata"]

@@ -28,15 +28,15 @@ torch.save({{"args": argparse.Namespace(attention_backend=AttnBackend.auto, para
 ''')
     # A process that does not know the class: load, re-save, and store the args as bytes.
     _run(f'''
-from ckptctl.formats import legacy
-sd = legacy.load_pt("{src}")
-legacy.save_pt(sd, "{out}")
-open("{blob}", "wb").write(legacy.dumps_bytes(sd["args"]))
+import ckptctl.storage.pickles as pickles
+sd = pickles.load_pt("{src}")
+pickles.save_pt(sd, "{out}")
+open("{blob}", "wb").write(pickles.dumps_bytes(sd["args"]))
 ''')
     # Another fresh process reads the stored bytes (it never loaded a rank file).
     assert "AttnBackend(5,)" in _run(f'''
-from ckptctl.formats import legacy
-print(legacy.loads_bytes(open("{blob}", "rb").read(), "args"))
+import ckptctl.storage.pickles as pickles
+print(pickles.loads_bytes(open("{blob}", "rb").read(), "args"))
 ''')
     # Megatron (here: the class defined again) reads our file back as its own enum.
     got = _run(MAKE_ENUM + f'''
@@ -51,8 +51,8 @@ def test_non_megatron_global_refused(tmp_path):
     import pytest
     import torch
     from ckptctl.errors import BadInput
-    from ckptctl.formats import legacy
+    import ckptctl.storage.pickles as pickles
     f = tmp_path / "x.pt"
     torch.save({"evil": os.system}, f)
     with pytest.raises(BadInput, match="allow-list"):
-        legacy.load_pt(f)
+        pickles.load_pt(f)

@@ -167,8 +167,8 @@ def test_args_carry_the_target_split():
             a["num_layers_in_first_pipeline_stage"], a["pipeline_model_parallel_layout"]) == (7, 6, 7, None)
     b = with_split_args(args, Layout(pp=4, split=PipelineSplit(layout="Ett|tt|tt|ttL")))
     assert b["pipeline_model_parallel_layout"] == "Ett|tt|tt|ttL" and b["decoder_first_pipeline_num_layers"] is None
-    from ckptctl.formats import legacy
-    assert legacy.rewrite_args(args, Layout(pp=8, split=PipelineSplit(7, 6)), 128, 61)["decoder_last_pipeline_num_layers"] == 6
+    import ckptctl.formats.megatron as megatron
+    assert megatron.rewrite_args(args, Layout(pp=8, split=PipelineSplit(7, 6)), 128, 61)["decoder_last_pipeline_num_layers"] == 6
 
 
 def test_layout_json_round_trip_keeps_the_split():

@@ -11,7 +11,10 @@ import torch
 from ckptctl.box import Box
 from ckptctl.errors import BadInput
 from ckptctl.example import make_config
-from ckptctl.formats import torch_dist as td
+import ckptctl.formats.torch_dist.metadata as td_metadata
+import ckptctl.formats.torch_dist.names as td_names
+import ckptctl.formats.torch_dist.source as td_source
+import ckptctl.formats.torch_dist.target as td_target
 from ckptctl.layout import Layout, parse_layout
 from ckptctl.models import get_family
 from ckptctl.models.config import ModelConfig
@@ -40,7 +43,7 @@ def test_stacked_chunks_map_to_per_layer_arrays():
     t = {"shape": [2, 16, 4], "dtype": "float32", "chunks": [
         chunk([0, 0, 0], [1, 4, 4], at=0), chunk([0, 8, 0], [1, 4, 4], at=10), chunk([0, 4, 0], [1, 4, 4], at=20),
         chunk([0, 12, 0], [1, 4, 4], at=30), chunk([1, 0, 0], [1, 16, 4], at=40)]}
-    plan = td.plan_source(GPT, cfg(swiglu=True), Layout(tp=2), index({"decoder.layers.mlp.linear_fc1.weight": t}), "te")
+    plan = td_source.plan_source(GPT, cfg(swiglu=True), Layout(tp=2), index({"decoder.layers.mlp.linear_fc1.weight": t}), "te")
     a0, a1 = "model/decoder.layers.0.mlp.linear_fc1.weight", "model/decoder.layers.1.mlp.linear_fc1.weight"
     assert plan.arrays[a0]["shape"] == [16, 4] and plan.arrays[a1]["shape"] == [16, 4]
     assert [u.dirname for u in plan.files] == ["objects"] + [f"__0_0.distcp@{i}" for i in (0, 10, 20, 30, 40)]
@@ -56,7 +59,7 @@ def test_stacked_chunks_map_to_per_layer_arrays():
 
 def test_chunk_spanning_layers_is_cut_per_layer():
     t = {"shape": [2, 4], "dtype": "bfloat16", "chunks": [chunk([0, 0], [2, 4])]}
-    plan = td.plan_source(GPT, cfg(), Layout(), index({"decoder.layers.self_attention.linear_qkv.layer_norm_weight": t}),
+    plan = td_source.plan_source(GPT, cfg(), Layout(), index({"decoder.layers.self_attention.linear_qkv.layer_norm_weight": t}),
                           "local")
     i0, i1 = plan.files[1].items                 # one unit (one blob), one item per layer
     assert (i0.key, i1.key) == ("[[0, 0], 0]", "[[0, 0], 1]")
@@ -67,16 +70,16 @@ def test_chunk_spanning_layers_is_cut_per_layer():
 def test_missing_or_overlapping_chunks_are_refused():
     half = {"shape": [128, 4], "dtype": "float32", "chunks": [chunk([0, 0], [64, 4])]}
     with pytest.raises(BadInput, match="cover 256 of its 512"):
-        td.plan_source(GPT, cfg(), Layout(), index({"embedding.word_embeddings.weight": half}), "te")
+        td_source.plan_source(GPT, cfg(), Layout(), index({"embedding.word_embeddings.weight": half}), "te")
     over = {"shape": [128, 4], "dtype": "float32", "chunks": [chunk([0, 0], [128, 4]), chunk([64, 0], [64, 4])]}
     with pytest.raises(BadInput, match="overlaps"):
-        td.plan_source(GPT, cfg(), Layout(), index({"embedding.word_embeddings.weight": over}), "te")
+        td_source.plan_source(GPT, cfg(), Layout(), index({"embedding.word_embeddings.weight": over}), "te")
     bad = {"shape": [3, 4], "dtype": "float32", "chunks": [chunk([0, 0], [3, 4])]}
     with pytest.raises(BadInput, match="layer axis"):
-        td.plan_source(GPT, cfg(), Layout(), index({"decoder.layers.pre_mlp_layernorm.weight": bad}), "te")
+        td_source.plan_source(GPT, cfg(), Layout(), index({"decoder.layers.pre_mlp_layernorm.weight": bad}), "te")
     unknown = {"shape": [2, 4], "dtype": "float32", "chunks": [chunk([0, 0], [2, 4])]}
     with pytest.raises(BadInput, match="unknown parameter name"):
-        td.plan_source(GPT, cfg(), Layout(), index({"decoder.layers.mystery.weight": unknown}), "te")
+        td_source.plan_source(GPT, cfg(), Layout(), index({"decoder.layers.mystery.weight": unknown}), "te")
 
 
 def test_objects_extra_state_and_output_layer_key():
@@ -84,20 +87,20 @@ def test_objects_extra_state_and_output_layer_key():
     idx = index({"embedding.word_embeddings.weight": t},
                 ["decoder.layers.mlp.linear_fc2._extra_state/shard_1_2", "common_state/shard_0_1",
                  "rng_state/shard_0.1_1.2"])
-    plan = td.plan_source(GPT, cfg(tied=True), Layout(tp=2), idx, "te")
+    plan = td_source.plan_source(GPT, cfg(tied=True), Layout(tp=2), idx, "te")
     objs = [(o.gkey, o.slot) for o in plan.files[0].objects]
     assert objs == [("decoder.layers.1.mlp.linear_fc2._extra_state",
                      "decoder.layers.1.mlp.linear_fc2._extra_state|torch_dist|0")]
     kinds = {e["gkey"]: e["kind"] for e in plan.manifest}
     assert kinds["output_layer._extra_state"] == "object"       # mcore drops it; legacy files have it
-    assert td.rng_slot("rng_state/shard_0.1_1.2", Layout(tp=2)) == "rng@mp_rank_01"
-    assert td.rng_slot("rng_state/shard_1.0_2.2", Layout(tp=2, pp=2)) == "rng@mp_rank_00_001"
+    assert td_names.rng_slot("rng_state/shard_0.1_1.2", Layout(tp=2)) == "rng@mp_rank_01"
+    assert td_names.rng_slot("rng_state/shard_1.0_2.2", Layout(tp=2, pp=2)) == "rng@mp_rank_00_001"
 
 
 def test_target_chunks_as_mcore_saves_them():
     # GPT swiglu, TP2 PP1, F=8 H=4: fc1 local [W_r; V_r] (8 rows) -> two chunks per rank and layer.
     c = cfg(swiglu=True)
-    src = td.plan_source(GPT, c, Layout(), index({
+    src = td_source.plan_source(GPT, c, Layout(), index({
         "decoder.layers.mlp.linear_fc1.weight": {"shape": [2, 16, 4], "dtype": "float32",
                                                 "chunks": [chunk([0, 0, 0], [2, 16, 4])]},
         "decoder.layers.mlp.linear_fc2.weight": {"shape": [2, 4, 8], "dtype": "float32",
@@ -107,7 +110,7 @@ def test_target_chunks_as_mcore_saves_them():
         "embedding.word_embeddings.weight": {"shape": [128, 4], "dtype": "float32",
                                              "chunks": [chunk([0, 0], [128, 4])]},
     }), "local")
-    plan = td.plan_target(GPT, c, parse_layout("tp2pp1"), src.manifest, src.arrays, set())
+    plan = td_target.plan_target(GPT, c, parse_layout("tp2pp1"), src.manifest, src.arrays, set())
     got = {(ch.fqn, ch.offsets, ch.sizes, ch.gshape) for ch in plan.chunks}
     fc1 = "decoder.layers.mlp.linear_fc1.weight"
     # rank 0: W rows 0..4 and V rows 8..12; rank 1: W 4..8, V 12..16 (as separate chunks)
@@ -128,10 +131,10 @@ def test_metadata_unpickler_refuses_foreign_globals(tmp_path):
     p = tmp_path / ".metadata"
     p.write_bytes(b"cos\nsystem\n(S'echo pwned'\ntR.")
     with pytest.raises(BadInput, match="refusing to unpickle os.system"):
-        td.load_metadata(p)
+        td_metadata.load_metadata(p)
     p.write_bytes(b"\x80\x04garbage")
     with pytest.raises(BadInput, match="corrupt"):
-        td.load_metadata(p)
+        td_metadata.load_metadata(p)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +156,7 @@ def test_writer_layout_on_disk(dist_pair):
     assert json.loads((it / "metadata.json").read_text())["sharded_backend"] == "torch_dist"
     assert sorted(p.name for p in it.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     assert not list(it.glob("*.tmp"))
-    ck = td.open_dist(dist_pair / "dist")
+    ck = td_metadata.open_dist(dist_pair / "dist")
     assert ck.common["iteration"] == 10 and ck.args["ckpt_format"] == "torch_dist"
     assert ck.args["tensor_model_parallel_size"] == 1 and ck.args["transformer_impl"] == "local"
     assert ck.common["content_metadata"] == {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
@@ -168,7 +171,7 @@ def test_verify_across_formats_and_back(dist_pair, tmp_path, cli):
     assert v.json()["tensors"] == v.json()["equal"] > 30
     # torch_dist -> torch_dist is the default target format of a torch_dist source.
     assert cli("convert", dist_pair / "dist", tmp_path / "d2", "--to", "tp2pp1", "--nproc", "0").code == 0
-    assert td.is_torch_dist(tmp_path / "d2")
+    assert td_metadata.is_torch_dist(tmp_path / "d2")
     r = cli("convert", tmp_path / "d2", tmp_path / "back", "--to", "tp2pp2", "--to-format", "legacy", "--nproc", "0")
     assert r.code == 0, r.err
     for f in rank_files(dist_pair / "leg"):
@@ -206,9 +209,9 @@ def test_example_format_torch_dist_holds_the_legacy_example(tmp_path, cli):
     assert cli("example", "gpt", "--layout", "tp1pp2", "--out", tmp_path / "leg", *opts).code == 0
     r = cli("example", "gpt", "--layout", "tp1pp2", "--out", tmp_path / "td", "--format", "torch_dist", *opts)
     assert r.code == 0, r.err
-    assert td.is_torch_dist(tmp_path / "td") and not list(tmp_path.glob(".td.*"))
+    assert td_metadata.is_torch_dist(tmp_path / "td") and not list(tmp_path.glob(".td.*"))
     # tied at PP2: the output copy is a replica of the embedding key, not stored
-    assert "output_layer.weight" not in td.open_dist(tmp_path / "td").index["tensors"]
+    assert "output_layer.weight" not in td_metadata.open_dist(tmp_path / "td").index["tensors"]
     v = cli("verify", tmp_path / "leg", tmp_path / "td", "--json")
     assert v.code == 0, v.out
     assert cli("example", "gpt", "--out", tmp_path / "x", "--format", "zip").code == 2
@@ -220,9 +223,9 @@ def test_optimizer_and_rerun_entries_are_dropped_not_refused():
     idx = index({"embedding.word_embeddings.weight": emb,
                  "optimizer.state.exp_avg.decoder.layers.pre_mlp_layernorm.weight": opt},
                 ["rerun_state_machine_state/shard_0_1"])
-    plan = td.plan_source(GPT, cfg(), Layout(), idx, "te")
+    plan = td_source.plan_source(GPT, cfg(), Layout(), idx, "te")
     assert list(plan.arrays) == ["model/embedding.word_embeddings.weight"]
-    assert td.dropped_keys(idx) == ["optimizer", "rerun_state_machine_state"]
+    assert td_source.dropped_keys(idx) == ["optimizer", "rerun_state_machine_state"]
 
 
 # --- MoE experts and Mamba segments (hand-written chunk boxes as megatron-core 0.19.2 cuts them) ---------
@@ -251,7 +254,7 @@ def expert_index():
 @pytest.mark.parametrize("grouped", [False, True])
 def test_expert_chunks_map_to_stacked_expert_arrays(grouped):
     moe = get_family("moe")
-    plan = td.plan_source(moe, moe_cfg(grouped=grouped), Layout(), expert_index(), "te")
+    plan = td_source.plan_source(moe, moe_cfg(grouped=grouped), Layout(), expert_index(), "te")
     a = "model/decoder.layers.1.mlp.experts.linear_fc1.weight"
     assert plan.arrays[a]["shape"] == [4, 16, 4]
     items = {(u.items[0].key, u.items[0].pieces) for u in plan.files[1:] if u.items[0].pieces[0].array == a}
@@ -273,8 +276,8 @@ def test_expert_target_chunks_as_mcore_saves_them():
     # tp2 ep2 etp2: ETP rank r holds fc1 rows [rF/2, ..) of W and of V (two chunks), fc2 columns; the
     # expert axis follows the layer axis; one extra-state object per (layer, expert).
     moe, c = get_family("moe"), moe_cfg()
-    src = td.plan_source(moe, c, Layout(), expert_index(), "te")
-    plan = td.plan_target(moe, c, parse_layout("tp2pp1ep2etp2"), src.manifest, src.arrays, set())
+    src = td_source.plan_source(moe, c, Layout(), expert_index(), "te")
+    plan = td_target.plan_target(moe, c, parse_layout("tp2pp1ep2etp2"), src.manifest, src.arrays, set())
     got = {(ch.fqn, ch.offsets, ch.sizes, ch.gshape) for ch in plan.chunks}
     fc1, fc2 = "decoder.layers.mlp.experts.experts.linear_fc1.weight", "decoder.layers.mlp.experts.experts.linear_fc2.weight"
     assert {g for g in got if g[0] == fc1} == {(fc1, (l, e, o, 0), (1, 1, 4, 4), (2, 4, 16, 4))
@@ -301,13 +304,13 @@ def test_mamba_segments_are_numbered_keys_of_their_own():
                                                         "chunks": [chunk([0, 0], [n, 4])]} for s, n in seg.items()}
     t.update({f"decoder.layers.0.mixer.conv1d.weight.{s}": {"shape": [seg[s], 1, 4], "dtype": "float32",
                                                            "chunks": [chunk([0, 0, 0], [seg[s], 1, 4])]} for s in "xBC"})
-    src = td.plan_source(mamba, c, Layout(), index(t), "te")
+    src = td_source.plan_source(mamba, c, Layout(), index(t), "te")
     # megatron-core's module order (MambaMixer's own conv1d_weight before its child in_proj), whatever the
     # order of `.metadata` (here in_proj first)
     assert [e["gkey"] for e in src.manifest] == ["decoder.layers.0.mixer.conv1d_weight",
                                                  "decoder.layers.0.mixer.in_proj.weight"]
     assert src.arrays["model/decoder.layers.0.mixer.conv1d_weight.B"]["shape"] == [4, 1, 4]
-    plan = td.plan_target(mamba, c, parse_layout("tp2pp1"), src.manifest, src.arrays, set())
+    plan = td_target.plan_target(mamba, c, parse_layout("tp2pp1"), src.manifest, src.arrays, set())
     got = {(ch.fqn, ch.offsets, ch.sizes, ch.gshape) for ch in plan.chunks}
     want = {(f"decoder.layers.0.mixer.in_proj.weight.{s}", (r * n // 2, 0), (n // 2, 4), (n, 4))
             for s, n in seg.items() for r in (0, 1)}
@@ -343,9 +346,9 @@ def test_moe_layer_freq_makes_numbered_keys():
     ix = index({fc1: {"shape": [4, 16, 4], "dtype": "float32",
                       "chunks": [chunk([g, 0, 0], [1, 16, 4]) for g in range(4)]}},
                [f"decoder.layers.1.mlp.experts.experts.linear_fc1._extra_state/shard_{g}_4" for g in range(4)])
-    src = td.plan_source(moe, c, Layout(), ix, "te")
+    src = td_source.plan_source(moe, c, Layout(), ix, "te")
     assert src.arrays["model/decoder.layers.1.mlp.experts.linear_fc1.weight"]["shape"] == [4, 16, 4]
-    plan = td.plan_target(moe, c, parse_layout("tp1pp1ep2"), src.manifest, src.arrays, set())
+    plan = td_target.plan_target(moe, c, parse_layout("tp1pp1ep2"), src.manifest, src.arrays, set())
     assert {(ch.fqn, ch.offsets, ch.sizes, ch.gshape) for ch in plan.chunks} == {
         (fc1, (g, o, 0), (1, 8, 4), (4, 16, 4)) for g in range(4) for o in (0, 8)}
     assert sorted(n for n, _, _ in plan.objects) == [ix["order"][1 + g] for g in range(4)]

@@ -1,4 +1,4 @@
-"""Distributed-optimizer state in torch_dist (ckptctl/formats/torch_dist_optim.py): round trips through both
+"""Distributed-optimizer state in torch_dist (ckptctl/formats/torch_dist/optim_*.py): round trips through both
 sharding types with a layout change, independently written expectations of keys and chunk contents, bad input.
 All in process (no torchrun); megatron-core's own files are checked in tests/test_interop_torch_dist_optim.py."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ckptctl.errors import BadInput
-from ckptctl.formats import torch_dist as td
+import ckptctl.formats.torch_dist.metadata as td_metadata
 from ckptctl.formats.torch_dist import optim_info as tdo
 from conftest import flip_dist_chunk
 
@@ -61,7 +61,7 @@ def test_verify_compares_optimizer_across_formats(pair, mode, cli, tmp_path):
     assert "optim/exp_avg/decoder.layers.1.mlp.linear_fc1.weight" in rows
     # a flipped bit in one optimizer chunk is reported (bitwise, not allclose)
     bad = tmp_path / "bad"
-    ck = td.open_dist(pair / mode)
+    ck = td_metadata.open_dist(pair / mode)
     key = next(k for k in ck.index["tensors"] if k.startswith("optimizer.") and "exp_avg_sq" in k
                and (k.endswith("linear_fc2.weight") or "bucket_idx_0" in k))
     flip_dist_chunk(pair / mode, bad, key, 1)
@@ -80,21 +80,21 @@ def test_dp_reshardable_keys_and_chunks_independently(pair):
     convert(pair / "leg", r, parse_layout("tp1pp2dp2"), nproc=0)
     ref = flat(r / "iter_0000010" / "mp_rank_00_001" / "distrib_optim.pt")
     n = ref["numel_unpadded"]
-    ck = td.open_dist(pair / "dp_reshardable")
+    ck = td_metadata.open_dist(pair / "dp_reshardable")
     for c in ("param", "exp_avg", "exp_avg_sq"):
         key = f"optimizer.distributed.dp_group_idx_1.gbuf_idx_0.{F32}.bucket_idx_0.{c}"
         t = ck.index["tensors"][key]
         assert t["shape"] == [n]
         whole = torch.zeros(n)
         for off, sizes, *ref_ in t["chunks"]:
-            whole[off[0]:off[0] + sizes[0]] = td.load_tensor(ck.iter_dir, ref_, key)
+            whole[off[0]:off[0] + sizes[0]] = td_metadata.load_tensor(ck.iter_dir, ref_, key)
         assert raw(whole) == raw(ref[c])
         starts = {off[0] for off, *_ in t["chunks"]}
         padded = math.ceil(n / 128) * 128
         assert 0 in starts and padded // 2 in starts
         assert sum(s[0] for _, s, *_ in t["chunks"]) == n
     assert f"optimizer.distributed.dp_group_idx_1.{F32}" not in ck.index["tensors"]
-    obj = lambda w: td.load_object(ck.iter_dir, ck.index["objects"][f"optimizer.distributed.dp_group_idx_1.{w}/shard_0_1"], w)  # noqa: E731
+    obj = lambda w: td_metadata.load_object(ck.iter_dir, ck.index["objects"][f"optimizer.distributed.dp_group_idx_1.{w}/shard_0_1"], w)  # noqa: E731
     assert obj("per_bucket_numel_unpadded") == [{(torch.float32, torch.float32): [n]}]
     assert obj("per_bucket_numel") == [{(torch.float32, torch.float32): [math.ceil(n / 128) * 128]}]
     assert [g["wd_mult"] for g in obj("optimizer")["param_groups"]] == [1.0, 0.0]
@@ -107,23 +107,23 @@ def test_fully_reshardable_holds_model_shaped_state(pair):
     fully_reshardable exp_avg is the legacy flat exp_avg[:V*h] of the last stage at TP1; the next one
     (final_layernorm.bias) starts at the following multiple of 64."""
     ref = flat(pair / "leg_tp1" / "iter_0000010" / "mp_rank_00_001" / "distrib_optim.pt")
-    ck = td.open_dist(pair / "fully_reshardable")
+    ck = td_metadata.open_dist(pair / "fully_reshardable")
     t = ck.index["tensors"]["optimizer.state.exp_avg.output_layer.weight"]
     (off, sizes, *r), = t["chunks"]
-    got = td.load_tensor(ck.iter_dir, r, "x")
+    got = td_metadata.load_tensor(ck.iter_dir, r, "x")
     v, h = t["shape"]
     assert raw(got.reshape(-1)) == raw(ref["exp_avg"][:v * h])
     b = ck.index["tensors"]["optimizer.state.param.decoder.final_layernorm.bias"]
     (_, _, *rb), = b["chunks"]
     start = -(-v * h // 64) * 64
-    assert raw(td.load_tensor(ck.iter_dir, rb, "b")) == raw(ref["param"][start:start + h])
+    assert raw(td_metadata.load_tensor(ck.iter_dir, rb, "b")) == raw(ref["param"][start:start + h])
     assert ck.common["optimizer"]["param_state_sharding_type"] == "fully_reshardable"
     assert ck.common["optimizer"]["optimizer"]["param_groups"][0]["step"] == 10.0
 
 
 def test_unknown_or_bad_sharding_is_refused(pair, cli, tmp_path):
     from ckptctl.layout import Layout
-    ck = td.open_dist(pair / "dp_reshardable")
+    ck = td_metadata.open_dist(pair / "dp_reshardable")
     ck.common["content_metadata"] = {**ck.common["content_metadata"], "distrib_optim_sharding_type": "zigzag_buckets"}
     with pytest.raises(BadInput, match="zigzag_buckets"):
         tdo.inspect_info(ck, None, Layout())
@@ -139,7 +139,7 @@ def test_missing_bucket_is_bad_input(pair, tmp_path, cli):
     bad = tmp_path / "bad"
     shutil.copytree(pair / "dp_reshardable", bad)
     import pickle
-    md = td.load_metadata(bad / "iter_0000010" / ".metadata")
+    md = td_metadata.load_metadata(bad / "iter_0000010" / ".metadata")
     key = f"optimizer.distributed.dp_group_idx_0.gbuf_idx_0.{F32}.bucket_idx_0.exp_avg"
     real = pickle.loads((bad / "iter_0000010" / ".metadata").read_bytes())
     del real.state_dict_metadata[key]
@@ -157,7 +157,7 @@ def test_vocab_rows_the_target_adds(pair, cli, tmp_path):
     r = cli("convert", pair / "leg", tmp_path / "t4", "--to", "tp4pp2dp1", "--to-format", "torch_dist",
             "--optim-sharding", "fully_reshardable", "--nproc", "0")
     assert r.code == 0, r.err
-    t = td.open_dist(tmp_path / "t4").index["tensors"]["optimizer.state.exp_avg.embedding.word_embeddings.weight"]
+    t = td_metadata.open_dist(tmp_path / "t4").index["tensors"]["optimizer.state.exp_avg.embedding.word_embeddings.weight"]
     assert t["shape"][0] == 512 and len(t["chunks"]) == 4
     assert cli("verify", pair / "leg", tmp_path / "t4").code == 0
 
@@ -214,7 +214,7 @@ def test_adam_keys_and_chunks_independently(adam, dt):
     last stage, so its state is index param_groups[0]["params"][-1] of mp_rank_0t_001 (fp32 master: the last
     of fp32_from_fp16_params[0]); the TP1 tensor is the two TP shards stacked on the vocab axis, cut to the
     true vocab."""
-    ck = td.open_dist(adam / f"{dt}_td")
+    ck = td_metadata.open_dist(adam / f"{dt}_td")
     ts = ck.index["tensors"]
     model = {k for k in ts if not k.startswith("optimizer.")}
     opt = {k for k in ts if k.startswith("optimizer.")}
@@ -234,7 +234,7 @@ def test_adam_keys_and_chunks_independently(adam, dt):
             continue
         key = f"optimizer.state.{n}.output_layer.weight"
         (off, sizes, *ref), = ts[key]["chunks"]
-        got = td.load_tensor(ck.iter_dir, ref, key)
+        got = td_metadata.load_tensor(ck.iter_dir, ref, key)
         assert got.shape[0] == 128          # the true vocab: TP1 pads none of it, TP2 pads to 256 (rank 1: padding)
         assert raw(got) == raw(torch.cat([pick(s) for s in shards])[:128]), n
     common = ck.common["optimizer"] if dt == "float32" else ck.common["optimizer"]["optimizer"]
@@ -268,17 +268,17 @@ def test_adam_verify_across_formats(adam, dt, cli):
 def test_adam_bad_input(adam):
     """Non-Adam state components and an unrecognised common `optimizer` are refused, naming them."""
     from ckptctl.layout import Layout
-    ck = td.open_dist(adam / "float32_td")
+    ck = td_metadata.open_dist(adam / "float32_td")
     ts = ck.index["tensors"]
     key = next(k for k in ts if k.startswith("optimizer.state.exp_avg_sq."))
     ts[key.replace("exp_avg_sq", "momentum_buffer")] = ts.pop(key)
     with pytest.raises(BadInput, match="momentum_buffer"):
         tdo.inspect_info(ck, None, Layout())
-    ck = td.open_dist(adam / "float32_td")
+    ck = td_metadata.open_dist(adam / "float32_td")
     ck.common["optimizer"] = {"param_groups": []}
     with pytest.raises(BadInput, match="neither megatron-core's FP32Optimizer"):
         tdo.inspect_info(ck, None, Layout())
-    ck = td.open_dist(adam / "float16_td")          # fp32_param in an fp32 optimizer's checkpoint
+    ck = td_metadata.open_dist(adam / "float16_td")          # fp32_param in an fp32 optimizer's checkpoint
     ck.common["optimizer"] = ck.common["optimizer"]["optimizer"]
     with pytest.raises(BadInput, match="fp32_param"):
         tdo.inspect_info(ck, None, Layout())
@@ -332,7 +332,7 @@ def test_moe_dp_reshardable_keys_independently(moe):
     over DP 2); the expert one (chained_1) one per EP rank (dp_group_idx_<ep>, expert DP 1: one chunk per
     param). Expert rank 1's bucket is the expert flat buffer of legacy mp_rank_00_001 (its
     distrib_optim.pt is [None, expert]: DP rank 0 of that file's ranks holds no dense state)."""
-    ck = td.open_dist(moe / "dp")
+    ck = td_metadata.open_dist(moe / "dp")
     ts = ck.index["tensors"]
     groups = {k.split(".gbuf_idx")[0] for k in ts if k.startswith("chained_")}
     assert groups == {"chained_0.optimizer.distributed.dp_group_idx_0", "chained_1.optimizer.distributed.dp_group_idx_0",
@@ -347,9 +347,9 @@ def test_moe_dp_reshardable_keys_independently(moe):
         assert t["shape"] == [ref["numel_unpadded"]]
         whole = torch.zeros(t["shape"][0])
         for off, sizes, *r in t["chunks"]:
-            whole[off[0]:off[0] + sizes[0]] = td.load_tensor(ck.iter_dir, r, key)
+            whole[off[0]:off[0] + sizes[0]] = td_metadata.load_tensor(ck.iter_dir, r, key)
         assert raw(whole) == raw(ref[c])
-    obj = lambda k: td.load_object(ck.iter_dir, ck.index["objects"][k + "/shard_0_1"], k)  # noqa: E731
+    obj = lambda k: td_metadata.load_object(ck.iter_dir, ck.index["objects"][k + "/shard_0_1"], k)  # noqa: E731
     groups1 = obj("chained_1.optimizer.distributed.dp_group_idx_1.optimizer")["param_groups"]
     assert groups1 and all(g["is_expert_parallel"] for g in groups1)
     assert not any(g["is_expert_parallel"] for g in obj("chained_0.optimizer.distributed.dp_group_idx_0.optimizer")["param_groups"])
@@ -362,11 +362,11 @@ def test_moe_model_space_common_per_sub_optimizer(moe):
     sub-optimizer; at EP1 (one sub-optimizer) the common state is a single entry again."""
     for name, key in (("fr", "optimizer.state.param.decoder.layers.mlp.experts.experts.linear_fc1.weight"),
                       ("adam_td", "optimizer.state.exp_avg.decoder.layers.mlp.experts.experts.linear_fc1.weight")):
-        ck = td.open_dist(moe / name)
+        ck = td_metadata.open_dist(moe / name)
         assert key in ck.index["tensors"] and not any(k.startswith("chained_") for k in ck.index["tensors"])
         opt = ck.common["optimizer"]
         assert sorted(opt) == [0, 1], name
         inner = lambda s: s["optimizer"] if "optimizer" in s else s  # noqa: E731
         assert [all(g["is_expert_parallel"] for g in inner(opt[s])["param_groups"]) for s in (0, 1)] == [False, True]
-    opt = td.open_dist(moe / "ep1").common["optimizer"]
+    opt = td_metadata.open_dist(moe / "ep1").common["optimizer"]
     assert 0 not in opt and "optimizer" in opt and opt["param_state_sharding_type"] == "fully_reshardable"

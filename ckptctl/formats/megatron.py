@@ -51,7 +51,7 @@ def write_tracker(root: Path, iteration) -> None:
 # --- what a rank file holds besides the model, and what happens to it (DESIGN §3) ----------------
 
 # key -> policy. "reshard": the model chunks; "rewrite": args; "copy": taken from source rank 0;
-# "rng": per-rank RNG states (--rng); "optimizer": optimizer state (see ckptctl.optim).
+# "rng": per-rank RNG states (--rng); "optimizer": optimizer state (see ckptctl.optstate).
 TOP_LEVEL_POLICY = {
     "args": "rewrite",
     "checkpoint_version": "copy",

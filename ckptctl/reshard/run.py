@@ -47,11 +47,11 @@ class Job:
     src_format: str = "legacy"                 # ckptctl.formats: "legacy" | "torch_dist"
     dist: dict | None = None                   # torch_dist source: {"iter_dir", "spec", "index"}
     dst_format: str = "legacy"
-    optim: dict | None = None                  # ckptctl.optim: the source's optimizer variant (None: not converted)
+    optim: dict | None = None                  # ckptctl.optstate.state.inspect_info: the source's optimizer variant (None: not converted)
     max_memory: int | None = None              # per-worker RSS budget in bytes (ckptctl.reshard.stream)
     optim_sharding: str | None = None          # torch_dist target: distributed-optimizer sharding type
-    refs: bool = False                         # hidden store: chunks reference source byte ranges (storage.refs)
     format_options: dict = field(default_factory=dict)   # the target format's --format-option KEY=VALUE, checked
+    refs: bool = False                         # hidden store: chunks reference source byte ranges (storage.refs)
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.__dict__))

@@ -75,13 +75,3 @@ class LegacyFormat(Format):
 
 
 FORMAT = LegacyFormat()
-
-# Stage-1 re-exports for callers not yet moved to the registry (removed with them).
-from ckptctl.formats.legacy.files import (MODEL_FILE, OPTIM_FILE, LegacyCheckpoint, LegacyUnit,  # noqa: E402,F401
-                                              chunk_key, chunk_names, inventory, is_legacy, open_legacy,
-                                              top_level_keys)
-from ckptctl.formats.megatron import (TOP_LEVEL_POLICY, TRACKER, args_dict, iter_dirname,  # noqa: E402,F401
-                                      layout_from_args, rewrite_args, write_tracker)
-from ckptctl.layout import FileCoord, Layout  # noqa: E402,F401
-from ckptctl.storage.pickles import (_Pickler, _with_stand_ins, dumps_bytes, load_pt, loads_bytes,  # noqa: E402,F401
-                                     save_pt)

@@ -176,6 +176,4 @@ class LegacyUnit:
 def inventories_from_json(invs: list[dict]) -> list:
     """The planner's `Inventory` of each rank file from inspect's JSON-able form (as jobs carry it)."""
     from ckptctl.reshard.plan import Inventory
-    return [Inventory(FileCoord(**i["coord"]), i["dirname"],
-                      {c: [(k, tuple(s) if s is not None else None, d) for k, s, d in e] for c, e in i["chunks"].items()})
-            for i in invs]
+    return [Inventory.from_json(i) for i in invs]

@@ -67,13 +67,3 @@ class TorchDistFormat(Format):
 
 
 FORMAT = TorchDistFormat()
-
-# Stage-1 re-exports for callers not yet moved to the registry (removed with them).
-from ckptctl.formats.torch_dist.inspect import inspect  # noqa: E402,F401
-from ckptctl.formats.torch_dist.metadata import *  # noqa: E402,F401,F403
-from ckptctl.formats.torch_dist.metadata import _iter_dir  # noqa: E402,F401
-from ckptctl.formats.torch_dist.names import *  # noqa: E402,F401,F403
-from ckptctl.formats.torch_dist.source import *  # noqa: E402,F401,F403
-from ckptctl.formats.torch_dist.target import *  # noqa: E402,F401,F403
-from ckptctl.formats.torch_dist.writer import target_phase, write_metadata  # noqa: E402,F401
-from ckptctl.formats.torch_dist.example import example  # noqa: E402,F401

@@ -12,7 +12,7 @@ from ckptctl.models.config import ModelConfig
 from ckptctl.reshard.plan import _strip_expert
 
 # Optimizer state (`optimizer.state...`, `optimizer.distributed...`, `chained_<i>.`) is not part of the
-# weight plan: `torch_dist_optim` converts it (forms it does not know are dropped and reported); the
+# weight plan: `optim_read` and `optim_write` convert it (forms it does not know are dropped and reported); the
 # per-rank state of an in-flight rerun is dropped and reported.
 DROPPED_PREFIXES = ("optimizer", "chained_", "rerun_state_machine_state")
 # Local (non-TE) specs rename their norms to the fused TE names in sharded state dicts (mcore's
