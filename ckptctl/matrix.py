@@ -51,16 +51,21 @@ def run_pair(family: str, src: str, dst: str, opts: dict, root: Path, nproc: int
         if "format" not in res:     # written directly (a converted example carries no optimizer by default)
             row["optimizer"] = res.get("optimizer")
         t0 = time.monotonic()
-        rep = convert(d / "src", d / "dst", parse_layout(dst), nproc=nproc, progress=progress,
+        first = d / "src"
+        if opts.get("via"):   # through a format without a layout (hf): A -> via -> B, and B -> A back
+            convert(first, d / "via", None, nproc=nproc, progress=progress, to_format=opts["via"])
+            first = d / "via"
+        rep = convert(first, d / "dst", parse_layout(dst), nproc=nproc, progress=progress,
                       to_format=opts.get("to_format"))
         row["seconds"] = time.monotonic() - t0
         row["bytes"] = rep.bytes
         row["gbps"] = rep.bytes / row["seconds"] / 1e9 if row["seconds"] else 0.0
-        v = verify(d / "src", d / "dst")
+        weights_only = bool(opts.get("via"))   # a Hugging Face folder carries no training state
+        v = verify(d / "src", d / "dst", weights_only=weights_only)
         row["tensors"] = v.tensors
         # A -> B -> A must give back every byte, vocab padding rows included (DESIGN §10).
         convert(d / "dst", d / "back", parse_layout(src), nproc=0)
-        back = verify(d / "src", d / "back")
+        back = verify(d / "src", d / "back", weights_only=weights_only)
         padding = [x for x in back.allowed if "vocab padding" in x["reason"]]
         row["round_trip"] = "pass" if back.ok and not padding else "FAIL"
         row["result"] = "pass" if v.ok and row["round_trip"] == "pass" else "FAIL"

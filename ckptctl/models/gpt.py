@@ -171,4 +171,7 @@ GPT.matrix_pairs = [
     # across formats (ckptctl.formats.torch_dist): legacy -> torch_dist, torch_dist -> legacy
     ("tp2pp2", "tp1pp4", {"swiglu": True, "groups": 2, "optimizer": "none", "to_format": "torch_dist"}),
     ("tp1pp2", "tp2pp1", {"format": "torch_dist", "to_format": "legacy"}),
+    # through Hugging Face (ckptctl.formats.hf): A -> HF -> B, Llama-style (vocab 128: no trained padding rows)
+    ("tp2pp2", "tp1pp4", {"via": "hf", "swiglu": True, "groups": 2, "norm": "RMSNorm", "position": "rope",
+                          "bias": False, "optimizer": "none"}),
 ]

@@ -210,6 +210,9 @@ MoE.matrix_pairs = [
     # across formats (torch_dist: experts on their own axis, both expert kinds)
     ("tp2pp2ep2", "tp1pp1ep4", {"swiglu": True, "optimizer": "none", "to_format": "torch_dist"}),
     ("tp1pp1ep4", "tp2pp1ep2etp1", {"format": "torch_dist", "to_format": "legacy", **_G}),
+    # through Hugging Face: Qwen2-MoE-style (gated shared expert) A -> HF -> B
+    ("tp1pp1ep4", "tp2pp1ep2", {"via": "hf", "swiglu": True, "norm": "RMSNorm", "position": "rope", "shared_ffn": 32,
+                                "shared_gate": True, "optimizer": "none"}),
 ]
 MoE.example_defaults = {"experts": 8, "moe_ffn": 64, "bias": False}
 
