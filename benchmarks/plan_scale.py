@@ -26,14 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def config():
-    from ckptctl.models.config import ModelConfig
-    return ModelConfig(
-        family="moe", num_layers=61, hidden=7168, heads=128, groups=8, kv_channels=128, ffn=18432, glu=True,
-        tied=False, padded_vocab=129280, true_vocab=129280, vocab_divisor=128, num_experts=256, moe_ffn=2048,
-        first_stage_layers=3, last_stage_layers=2,
-        extra={"add_bias_linear": False, "normalization": "RMSNorm", "position_embedding_type": "rope",
-               "moe_layer_freq": [0] * 3 + [1] * 58, "moe_shared_expert_intermediate_size": 2048,
-               "moe_router_enable_expert_bias": True})
+    from ckptctl.reshard.synth import frontier_moe   # the one synthetic-inventory rule lives in the package
+    return frontier_moe()
 
 
 def layouts(etp_tp: bool):
@@ -46,20 +40,10 @@ def layouts(etp_tp: bool):
 
 def synthesize(etp_tp: bool):
     """Every source rank file's (key, shape, dtype) list, as the planner reads them from real files."""
-    from ckptctl.layout import FileCoord, Layout
     from ckptctl.models import get_family
-    from ckptctl.models.config import ModelConfig
-    from ckptctl.reshard import plan
-    fam, cfg = get_family("moe"), config()
+    from ckptctl.reshard import synth
     src, _ = layouts(etp_tp)
-    one = ModelConfig(**{**cfg.__dict__, "first_stage_layers": None, "last_stage_layers": None})
-    keys = fam.global_keys(one)
-    g = plan.plan_source(fam, one, Layout(), [plan.Inventory(FileCoord(0, 0), "global", {
-        "model": [(k, s, None if s is None else "bfloat16") for k, s in keys]})])
-    files = plan.plan_target(fam, cfg, src, g.manifest, g.arrays, set())
-    return [plan.Inventory(f.coord, f.dirname, {c: [(i.key, i.shape, i.dtype) if isinstance(i, plan.TensorItem)
-                                                      else (i.key, None, None) for i in f.items if i.chunk == c]
-                                                  for c in f.chunks}) for f in files]
+    return synth.inventories(get_family("moe"), config(), src, "bfloat16")
 
 
 def rss_mib() -> float:

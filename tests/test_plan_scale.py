@@ -13,20 +13,13 @@ from ckptctl.errors import BadInput
 from ckptctl.layout import FileCoord, Layout, parse_layout
 from ckptctl.models import family_names, get_family
 from ckptctl.models.config import ModelConfig, padded_vocab
-from ckptctl.reshard import plan
+from ckptctl.reshard import plan, synth
 from tests import plan_reference as ref
 
 
 def synth_inventories(fam, cfg: ModelConfig, layout: Layout) -> list[plan.Inventory]:
     """Rank-file key lists (no data) of `layout`: the global model planned onto its files."""
-    one = ModelConfig(**{**cfg.__dict__, "padded_vocab": padded_vocab(cfg.true_vocab, cfg.vocab_divisor, 1)})
-    keys = fam.global_keys(one)
-    src = plan.plan_source(fam, one, Layout(), [plan.Inventory(FileCoord(0, 0), "global", {
-        "model": [(k, s, None if s is None else "float32") for k, s in keys]})])
-    files = plan.plan_target(fam, cfg, layout, src.manifest, src.arrays, set())
-    return [plan.Inventory(f.coord, f.dirname, {c: [(i.key, i.shape, i.dtype) if isinstance(i, plan.TensorItem)
-                                                      else (i.key, None, None) for i in f.items if i.chunk == c]
-                                                  for c in f.chunks}) for f in files]
+    return synth.inventories(fam, cfg, layout, "float32")
 
 
 def matrix_cases():

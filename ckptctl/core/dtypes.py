@@ -4,16 +4,15 @@ from __future__ import annotations
 
 from math import gcd
 
-import torch
-
 from ckptctl.box import Box
 from ckptctl.errors import BadInput
 
-# torch dtype name -> (numpy storage dtype, torch view dtype used to move bytes)
+# torch dtype name -> (numpy storage dtype, name of the torch view dtype used to move bytes); names, not
+# torch objects: the planner imports this module and must not import torch (~1 s, ~230 MiB)
 BITVIEW = {
-    "bfloat16": ("uint16", torch.uint16),
-    "float8_e4m3fn": ("uint8", torch.uint8),
-    "float8_e5m2": ("uint8", torch.uint8),
+    "bfloat16": ("uint16", "uint16"),
+    "float8_e4m3fn": ("uint8", "uint8"),
+    "float8_e5m2": ("uint8", "uint8"),
 }
 NATIVE = {
     "float16": "float16", "float32": "float32", "float64": "float64", "int8": "int8", "int16": "int16",
@@ -23,11 +22,12 @@ _ITEMSIZE = {"uint8": 1, "int8": 1, "bool": 1, "uint16": 2, "int16": 2, "float16
              "int64": 8, "float64": 8}
 
 
-def dtype_name(t: torch.dtype) -> str:
+def dtype_name(t) -> str:
     return str(t).removeprefix("torch.")
 
 
-def torch_dtype(name: str) -> torch.dtype:
+def torch_dtype(name: str):
+    import torch   # here, not at the top: the planner imports this module without torch
     return getattr(torch, name)
 
 
