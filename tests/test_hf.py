@@ -23,8 +23,8 @@ transformers = pytest.importorskip("transformers")
 safetensors = pytest.importorskip("safetensors")
 
 from ckptctl.errors import BadInput  # noqa: E402
-from ckptctl.formats.hf.export import export_checkpoint  # noqa: E402
-from ckptctl.formats.hf.importer import import_hf  # noqa: E402
+from ckptctl.hf import export_checkpoint  # noqa: E402
+from ckptctl.hf import import_hf  # noqa: E402
 from ckptctl.layout import parse_layout  # noqa: E402
 
 LLAMA = ["--swiglu", "--norm", "RMSNorm", "--position", "rope", "--no-bias"]

@@ -144,8 +144,8 @@ def ckptctl_side(root: str, lay_b: dict) -> list[str]:
                  "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT") or k.startswith("TORCHELASTIC_"):
             del os.environ[k]
     try:
-        from ckptctl.formats.hf.export import export_checkpoint
-        from ckptctl.formats.hf.importer import import_hf
+        from ckptctl.hf import export_checkpoint
+        from ckptctl.hf import import_hf
         from ckptctl.layout import Layout
         export_checkpoint(os.path.join(root, "A"), os.path.join(root, "hf"), nproc=0, shard_size="200KB")
         import_hf(os.path.join(root, "hf"), os.path.join(root, "B"),

@@ -8,7 +8,6 @@ read back with it.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import uuid
 from math import prod
@@ -141,19 +140,3 @@ def export(store_path: Path, out: Path, *, true_vocab: int | None = None, dtype:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {**plan.describe(), "out": str(out), "files": plan.names}
-
-
-def export_checkpoint(src: Path, out: Path, *, true_vocab: int | None = None, nproc: int | None = None,
-                      dtype: str | None = None, hf_arch: str | None = None, shard_size=None,
-                      overwrite: bool = False, token_ids: dict | None = None) -> dict:
-    """Any Megatron checkpoint (legacy, torch_dist, any layout) or store -> HF folder: `ckptctl convert SRC
-    OUT --to-format hf` (its workers, store, memory budget, checks and commit)."""
-    from ckptctl.convert import convert
-    opts = {k: v for k, v in (("dtype", dtype), ("arch", hf_arch), ("shard_size", shard_size)) if v is not None}
-    opts.update(token_ids or {})
-    convert(Path(src), Path(out), None, to_format="hf", true_vocab=true_vocab, nproc=nproc, overwrite=overwrite,
-            format_options=opts)
-    conf = json.loads((Path(out) / files.CONFIG).read_text())
-    names = sorted(p.name for p in Path(out).glob("*.safetensors"))
-    return {"out": str(out), "files": names, "architecture": conf["architectures"][0],
-            "model_type": conf["model_type"], "vocab": conf["vocab_size"], "dtype": conf["dtype"]}
