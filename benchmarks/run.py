@@ -6,7 +6,10 @@
 
 For every size: make a synthetic checkpoint (benchmarks/gen.py, streamed), then time `cp -r`, a tiny
 conversion (the fixed start-up), `ckptctl convert` at each worker count, the same tiny conversion
-through the torchrun launcher, the naive converter and `ckptctl verify`. Peak RSS is measured for
+through the torchrun launcher, the naive converter and `ckptctl verify`. `--store-modes ref,copy`: each
+convert with the default hidden store (`ref`: chunks reference the source's bytes, ckptctl.storage.refs) and
+with `--store` beside the output (`copy`: a self-contained store, every byte written twice); the peak extra
+disk of each (the hidden work folder without its output, plus the store) is polled. Peak RSS is measured for
 every process of each command (the CLI, every worker; the torchrun agent where used) by polling the
 process tree and reading each process's VmHWM. --repeat N keeps the fastest of N runs. Prints a
 table; writes results.json and results.png into --out.
@@ -98,28 +101,69 @@ class Monitor:
 REPEAT = 1      # --repeat: each command runs this many times and the fastest run is kept
 
 
-def best(cmd: list[str], env: dict | None = None, before=None) -> dict:
+def best(cmd: list[str], env: dict | None = None, before=None, disk: tuple | None = None) -> dict:
     """The fastest of REPEAT runs (the machine may be shared: other load only ever adds time);
     `before()` runs ahead of each (clearing an output folder). Peaks are those of the kept run."""
     runs = []
     for _ in range(REPEAT):
         if before is not None:
             before()
-        runs.append(measure(cmd, env))
+        runs.append(measure(cmd, env, disk))
     r = min(runs, key=lambda r: r["seconds"])
     r["all_seconds"] = [x["seconds"] for x in runs]
     return r
 
 
-def measure(cmd: list[str], env: dict | None = None) -> dict:
+class DiskPeak:
+    """Polls the bytes a convert writes beside its output: every hidden work folder `.NAME.ckptctl-*` of
+    `dst` without its `out` subtree (the output before its rename), plus `extra` paths (a --store)."""
+
+    def __init__(self, dst: Path, extra: list[Path] = (), interval: float = 0.02):
+        self.dst, self.extra, self.interval, self.peak = Path(dst), list(extra), interval, 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+
+    @staticmethod
+    def _tree(p: Path, skip: Path | None = None) -> int:
+        total = 0
+        for dirpath, dirs, files in os.walk(p):
+            if skip is not None and Path(dirpath) == skip:
+                dirs[:] = []
+                continue
+            for f in files:
+                try:
+                    total += os.lstat(os.path.join(dirpath, f)).st_size
+                except OSError:
+                    pass
+        return total
+
+    def _loop(self):
+        while not self._stop.is_set():
+            n = sum(self._tree(w, w / "out") for w in self.dst.parent.glob(f".{self.dst.name}.ckptctl-*"))
+            n += sum(self._tree(p) for p in self.extra)
+            self.peak = max(self.peak, n)
+            self._stop.wait(self.interval)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._t.join()
+        return self.peak
+
+
+def measure(cmd: list[str], env: dict | None = None, disk: tuple | None = None) -> dict:
+    """`disk`: (dst, [extra paths]) to poll for the peak extra disk (DiskPeak)."""
     env = dict(env or os.environ)
     env["PYTHONPATH"] = os.pathsep.join(x for x in (str(ROOT), env.get("PYTHONPATH")) if x)   # this checkout's ckptctl
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     mon = Monitor(proc.pid)
+    dpk = DiskPeak(*disk) if disk else None
     out, err = proc.communicate()
     secs = time.monotonic() - t0
     mem = mon.stop()
+    if dpk is not None:
+        mem["peak_extra_disk"] = dpk.stop()
     if proc.returncode not in (0,):
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err.strip()[-600:]}")
     return {"seconds": round(secs, 3), **mem, "stdout": out[-2000:]}
@@ -138,7 +182,7 @@ def _partial(rows: dict) -> None:
 
 
 def bench_size(size: float, workers: list[int], work: Path, src_layout: str, dst_layout: str, dtype: str,
-               max_memory: str | None, skip_naive: bool, profile: bool = False) -> dict:
+               max_memory: str | None, skip_naive: bool, profile: bool = False, modes: tuple = ("ref",)) -> dict:
     py = sys.executable
     src = work / f"src-{size}"
     print(f"\n== {size} GB {dtype} GPT, {src_layout} -> {dst_layout} ==", flush=True)
@@ -164,12 +208,19 @@ def bench_size(size: float, workers: list[int], work: Path, src_layout: str, dst
     tiny_cmd = [*CKPTCTL, "convert", str(tiny), str(work / "tiny-out"), "--to", dst_layout, "--json"]
     for n in workers:
         rows[f"startup {n}w"] = best([*tiny_cmd, "--nproc", str(n)], before=lambda: clean(work / "tiny-out"))
-        r = best([*CKPTCTL, "convert", str(src), str(work / "out"), "--to", dst_layout, "--nproc", str(n),
-                  "--json", *mm], before=lambda: clean(work / "out"))
-        rows[f"convert {n}w"] = r
-        _partial(rows)
-        print(f"convert {n}w: {r['seconds']:.1f} s (start-up {rows[f'startup {n}w']['seconds']:.1f} s), "
-              f"worker peak {r['peak_rss_worker_max'] / 2**20:.0f} MiB", flush=True)
+        for mode in modes:
+            st = ["--store", str(work / "store.zarr")] if mode == "copy" else []
+            r = best([*CKPTCTL, "convert", str(src), str(work / "out"), "--to", dst_layout, "--nproc", str(n),
+                      "--json", *mm, *st], before=lambda: (clean(work / "out"), clean(work / "store.zarr")),
+                     disk=(work / "out", [work / "store.zarr"]))
+            clean(work / "store.zarr")
+            name = f"convert {n}w" + ("" if mode == "ref" else f" {mode}")
+            rows[name] = r
+            _partial(rows)
+            print(f"{name}: {r['seconds']:.1f} s (start-up {rows[f'startup {n}w']['seconds']:.1f} s), "
+                  f"worker peak {r['peak_rss_worker_max'] / 2**20:.0f} MiB, peak extra disk "
+                  f"{r['peak_extra_disk'] / 2**20:.1f} MiB ({100 * r['peak_extra_disk'] / nbytes:.2f} % of the "
+                  "checkpoint)", flush=True)
     # the same tiny conversion through the torchrun agent (multi-node launcher): what forking saves
     n = max(workers)
     rows[f"startup {n}w torchrun"] = best([*tiny_cmd, "--nproc", str(n)], env=dict(os.environ, CKPTCTL_LAUNCHER="torchrun"),
@@ -198,7 +249,9 @@ def bench_size(size: float, workers: list[int], work: Path, src_layout: str, dst
         r["x_cp"] = round(r["seconds"] / cp, 2)
         if naive:
             r["x_naive"] = round(r["seconds"] / naive, 2)
-        n = name.split()[-1]
+        n = name.split()[1] if name.startswith("convert") else name.split()[-1]
+        if "peak_extra_disk" in r:
+            r["peak_extra_disk_pct"] = round(100 * r["peak_extra_disk"] / nbytes, 2)
         if name.startswith("convert") and f"startup {n}" in rows:
             beyond = r["seconds"] - rows[f"startup {n}"]["seconds"]
             r["beyond_startup_s"] = round(beyond, 3)
@@ -214,12 +267,13 @@ def table(res: dict) -> str:
                      f"{s['model']['hidden']}), {s['src_layout']} -> {s['dst_layout']}, {res['cpus']} cores, "
                      f"load avg at start {res['loadavg'][0]:.1f}")
         lines.append(f"{'command':<22}{'seconds':>9}{'GB/s':>8}{'x cp':>7}{'x naive':>9}{'beyond start-up':>22}"
-                     f"{'peak RSS max/proc':>19}{'sum workers':>13}")
+                     f"{'peak RSS max/proc':>19}{'sum workers':>13}{'extra disk':>12}")
         for name, r in s["rows"].items():
             b = f"{r['beyond_startup_s']:.1f} s ({r['beyond_startup_x_cp']:.2f}x cp)" if "beyond_startup_s" in r else ""
             lines.append(f"{name:<22}{r['seconds']:>9.2f}{r['gbps']:>8.3f}{r['x_cp']:>7.2f}"
                          f"{r.get('x_naive', float('nan')):>9.2f}{b:>22}{r['peak_rss_max'] / 2**20:>15.0f} MiB"
-                         f"{r['peak_rss_workers_sum'] / 2**20:>9.0f} MiB")
+                         f"{r['peak_rss_workers_sum'] / 2**20:>9.0f} MiB"
+                         + (f"{r['peak_extra_disk_pct']:>10.2f} %" if "peak_extra_disk_pct" in r else ""))
     return "\n".join(lines)
 
 
@@ -259,6 +313,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each command; the fastest is kept (shared machines)")
     ap.add_argument("--profile", action="store_true", help="also profile one in-process conversion (first size)")
+    ap.add_argument("--store-modes", default="ref,copy",
+                    help="ref: the default hidden store (references the source); copy: --store, self-contained")
     a = ap.parse_args(argv)
     global REPEAT
     REPEAT = max(1, a.repeat)
@@ -275,7 +331,8 @@ def main(argv=None) -> int:
     try:
         for size in [float(x) for x in a.sizes.split(",")]:
             res["sizes"].append(bench_size(size, res["workers"], work, a.src, a.dst, a.dtype, a.max_memory,
-                                           a.skip_naive, a.profile and not res["sizes"]))
+                                           a.skip_naive, a.profile and not res["sizes"],
+                                           tuple(a.store_modes.split(","))))
     finally:
         if not a.work:
             shutil.rmtree(work, ignore_errors=True)
