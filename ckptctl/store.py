@@ -21,6 +21,7 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from ckptctl.box import Box
+from ckptctl.core.dtypes import chunk_grid as _grid
 from ckptctl.errors import BadInput
 
 FORMAT = "ckptctl-store"
@@ -144,23 +145,6 @@ class ArrayInfo:
 
     def where(self, idx: tuple) -> str:
         return f"array {self.name!r} chunk {'.'.join(map(str, idx)) or '0'}"
-
-
-def _grid(shape, chunks, offsets, sizes):
-    """(chunk index, slices into the box, slices into the chunk, whether the box covers the chunk's
-    part of the array) for every chunk the box touches."""
-    ranges = []
-    for n, c, o, s in zip(shape, chunks, offsets, sizes):
-        ranges.append(range(o // c, (o + s - 1) // c + 1))
-    for idx in product(*ranges):
-        box_sl, chunk_sl, full = [], [], True
-        for i, n, c, o, s in zip(idx, shape, chunks, offsets, sizes):
-            c0, c1 = i * c, min(i * c + c, n)
-            lo, hi = max(c0, o), min(c1, o + s)
-            box_sl.append(slice(lo - o, hi - o))
-            chunk_sl.append(slice(lo - c0, hi - c0))
-            full = full and lo == c0 and hi == c1
-        yield idx, (*box_sl, Ellipsis), (*chunk_sl, Ellipsis), full   # Ellipsis: 0-d gives views
 
 
 class Store:

@@ -2,6 +2,7 @@
 to describe arrays; `ckptctl.store` uses them to lay the arrays out."""
 from __future__ import annotations
 
+from itertools import product
 from math import gcd
 
 from ckptctl.box import Box
@@ -64,3 +65,20 @@ def chunk_shape(shape: tuple[int, ...], boxes: list[Box], itemsize: int, max_byt
                 c[0] //= div
                 break
     return tuple(c)
+
+
+def chunk_grid(shape, chunks, offsets, sizes):
+    """(chunk index, slices into the box, slices into the chunk, whether the box covers the chunk's
+    part of the array) for every chunk the box touches."""
+    ranges = []
+    for n, c, o, s in zip(shape, chunks, offsets, sizes):
+        ranges.append(range(o // c, (o + s - 1) // c + 1))
+    for idx in product(*ranges):
+        box_sl, chunk_sl, full = [], [], True
+        for i, n, c, o, s in zip(idx, shape, chunks, offsets, sizes):
+            c0, c1 = i * c, min(i * c + c, n)
+            lo, hi = max(c0, o), min(c1, o + s)
+            box_sl.append(slice(lo - o, hi - o))
+            chunk_sl.append(slice(lo - c0, hi - c0))
+            full = full and lo == c0 and hi == c1
+        yield idx, (*box_sl, Ellipsis), (*chunk_sl, Ellipsis), full   # Ellipsis: 0-d gives views

@@ -11,7 +11,7 @@ from __future__ import annotations
 from ckptctl.layout import FileCoord, Layout
 from ckptctl.models.base import Family
 from ckptctl.models.config import ModelConfig, padded_vocab
-from ckptctl.reshard import plan
+import ckptctl.reshard.plan as plan
 
 
 def global_config(cfg: ModelConfig) -> ModelConfig:

@@ -62,8 +62,8 @@ class RefWriter:
         """Piece `p` of `tensor` (the whole local tensor) into the store, by reference where it can be.
         `where`: (file, offset of the tensor's storage's first byte), or None. False: nothing done here
         (the caller writes the piece as before)."""
-        from ckptctl.reshard import stream
-        from ckptctl.store import _grid
+        import ckptctl.reshard.stream as stream
+        from ckptctl.core.dtypes import chunk_grid as _grid
 
         a = self.store.array(p.array)
         lead = len(p.gbox.sizes) - len(p.local.sizes)
