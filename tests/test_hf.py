@@ -87,7 +87,8 @@ def expected_hf(meg: dict, cfg, model_type: str, V: int) -> dict:
         out["lm_head.weight"] = meg["output_layer.weight"][:V]
     out["model.norm.weight"] = meg["decoder.final_layernorm.weight"]
     moe_names = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2", "gate"),
-                 "qwen2_moe": ("mlp", "gate_proj", "up_proj", "down_proj", "gate")}
+                 "qwen2_moe": ("mlp", "gate_proj", "up_proj", "down_proj", "gate"),
+                 "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj", "gate")}
 
     def qkv(w):   # per query group g: q heads g*r .. g*r+r-1, then k_g, then v_g, hn rows each
         q, k, v = [], [], []
@@ -112,6 +113,9 @@ def expected_hf(meg: dict, cfg, model_type: str, V: int) -> dict:
                     out[h + f"self_attn.{p}_proj.{part}"] = t
             if m + f"self_attention.linear_proj.{part}" in meg:
                 out[h + f"self_attn.o_proj.{part}"] = meg[m + f"self_attention.linear_proj.{part}"]
+        for p in "qk":   # per-head norms (Qwen3): the same (hn,) vector
+            if m + f"self_attention.{p}_layernorm.weight" in meg:
+                out[h + f"self_attn.{p}_norm.weight"] = meg[m + f"self_attention.{p}_layernorm.weight"]
         if m + "mlp.router.weight" in meg:
             blk, w1, w3, w2, gate = moe_names[model_type]
             out[h + f"{blk}.{gate}.weight"] = meg[m + "mlp.router.weight"]
@@ -327,7 +331,7 @@ def test_refused_naming_the_feature(case, tmp_path):
 
 @pytest.mark.parametrize("args,feature", [
     ({"multi_latent_attention": True}, "multi-latent attention"),
-    ({"qk_layernorm": True}, "QK layernorm"),
+    ({"qk_layernorm": True, "add_bias_linear": True}, "linear biases with QK layernorm"),
     ({"rotary_percent": 0.5}, "partial rotary"),
     ({"rotary_interleaved": True}, "interleaved rotary"),
     ({"use_rope_scaling": True}, "RoPE scaling"),

@@ -1,6 +1,6 @@
 """Hugging Face export/import against megatron-core 0.19.2 and transformers (one torchrun launch).
 
-tests/mcore/hf_models.py builds Llama-, Qwen2-, Mixtral- and Qwen2-MoE-style GPTModels with megatron-core
+tests/mcore/hf_models.py builds Llama-, Qwen2-, Qwen3-, Mixtral-, Qwen2-MoE- and Qwen3-MoE-style GPTModels with megatron-core
 at a layout A, saves them as Megatron-LM does, and has ckptctl export each to Hugging Face and import it
 back at a layout B, which megatron-core loads strictly and compares with its own reshard. Here,
 transformers loads each HF folder with `from_pretrained`: its forward logits on megatron-core's fixed
@@ -23,9 +23,9 @@ transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.mcore
 
 HERE = Path(__file__).parent
-CASES = ["llama", "qwen2", "mixtral", "qwen2_moe"]
-CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM",
-           "qwen2_moe": "Qwen2MoeForCausalLM"}
+CASES = ["llama", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe"]
+CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+           "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 # fp32 on CPU: the same math in another order (fused QKV vs three projections, GQA expansion, router)
 LOGITS_TOL = 1e-4
 
@@ -60,6 +60,7 @@ def test_import_loads_strictly_in_megatron_core(work, case):
         assert r["padding"] and all(r["padding"].values()), r["padding"]
         assert r["args"]["normalization"] == "RMSNorm" and r["args"]["position_embedding_type"] == "rope"
     diffs = [r["logits_b_vs_a"] for r in res[case] if "logits_b_vs_a" in r]
+    print(f"{case}: megatron-core at B (imported from HF) vs A logits max |diff| = {max(diffs):.3g}")
     assert diffs and max(diffs) <= LOGITS_TOL, diffs
 
 

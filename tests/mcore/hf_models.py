@@ -2,7 +2,7 @@
 
     torchrun --nproc-per-node 2 tests/mcore/hf_models.py run WORK CASE...
 
-Per case (a Llama-, Qwen2-, Mixtral- or Qwen2-MoE-style GPTModel, local spec, RoPE, RMSNorm, SwiGLU):
+Per case (a Llama-, Qwen2-, Qwen3-, Mixtral-, Qwen2-MoE- or Qwen3-MoE-style GPTModel, local spec, RoPE, RMSNorm, SwiGLU):
 1. at layout A, megatron-core builds the model (every parameter distinct: norms, biases and the router
    drawn again, equal on the ranks that replicate them), writes Megatron-LM's legacy files (WORK/CASE/A),
    the same weights with dist_checkpointing.save (WORK/CASE/dist) and the forward logits over the true
@@ -39,6 +39,8 @@ CASES = {
     "qwen2": (dict(BASE, qkv_bias=True, tied=True, num_query_groups=4), dict(tp=1, pp=2, ep=1), dict(tp=2, pp=1, ep=1)),
     "mixtral": (dict(BASE, experts=4), dict(tp=1, pp=1, ep=2), dict(tp=2, pp=1, ep=1)),
     "qwen2_moe": (dict(BASE, experts=4, shared_ffn=48, qkv_bias=True), dict(tp=2, pp=1, ep=1), dict(tp=1, pp=1, ep=2)),
+    "qwen3": (dict(BASE, qk_layernorm=True), dict(tp=2, pp=1, ep=1), dict(tp=1, pp=2, ep=1)),
+    "qwen3_moe": (dict(BASE, experts=4, qk_layernorm=True), dict(tp=1, pp=1, ep=2), dict(tp=2, pp=1, ep=1)),
 }
 ITER = job.ITERATION
 
@@ -89,7 +91,7 @@ def build(cfg: dict, lay: dict, seed: int, distinct: bool):
 
     tconf = transformer_config(cfg, lay)
     spec = get_gpt_layer_local_spec(num_experts=cfg["experts"] or None, moe_grouped_gemm=False,
-                                    normalization=cfg["normalization"])
+                                    normalization=cfg["normalization"], qk_layernorm=cfg["qk_layernorm"])
     torch.manual_seed(seed + 100 * ps.get_pipeline_model_parallel_rank())
     model = GPTModel(tconf, spec, vocab_size=job.padded_vocab(cfg, lay["tp"]),
                      max_sequence_length=cfg["max_position_embeddings"],

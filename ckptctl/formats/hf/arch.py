@@ -19,7 +19,10 @@ ARCHS = {
     "qwen2": ("Qwen2ForCausalLM", False),
     "mixtral": ("MixtralForCausalLM", True),
     "qwen2_moe": ("Qwen2MoeForCausalLM", True),
+    "qwen3": ("Qwen3ForCausalLM", False),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", True),
 }
+QK_NORM = ("qwen3", "qwen3_moe")      # per-head RMSNorm on q and k before RoPE = megatron-core's qk_layernorm
 # families whose HF counterparts compute something else (or that have none ckptctl maps exactly)
 REFUSED_FAMILIES = {
     "bert": "BERT (bidirectional encoder with token types, pooler and LM-head bias)",
@@ -87,7 +90,6 @@ def choose(family: str, cfg: ModelConfig, args: dict, want: str | None = None) -
         (args.get("window_size"), "sliding-window attention"),
         (args.get("softmax_type") not in (None, "vanilla"), f"softmax type {args.get('softmax_type')!r}"),
         (args.get("use_mup") or args.get("apply_query_key_layer_scaling"), "scaled attention logits"),
-        (args.get("qk_layernorm"), "QK layernorm (per-head q/k norms)"),
         (args.get("experimental_attention_variant"), "an experimental attention variant"),
     ]
     for bad, feature in checks:
@@ -95,8 +97,14 @@ def choose(family: str, cfg: ModelConfig, args: dict, want: str | None = None) -
             raise refuse(feature, want)
     linear_bias = bool(arg(args, "add_bias_linear"))
     qkv_bias = linear_bias or bool(arg(args, "add_qkv_bias"))   # megatron-core: bias = add_bias_linear or add_qkv_bias
+    qk = bool(args.get("qk_layernorm"))
+    if want is not None and qk != (want in QK_NORM):
+        raise refuse("QK layernorm (per-head q/k norms): only qwen3 and qwen3_moe have them" if qk
+                     else f"{want} has per-head q/k norms, the model has none", want)
+    if qk and (linear_bias or qkv_bias):
+        raise refuse("linear biases with QK layernorm (Qwen3's MLP has none)", want or "qwen3")
     if not cfg.num_experts:
-        model_type = want or ("qwen2" if qkv_bias and not linear_bias else "llama")
+        model_type = want or ("qwen3" if qk else "qwen2" if qkv_bias and not linear_bias else "llama")
         if ARCHS[model_type][1]:
             raise refuse("a dense model has no experts", model_type)
         if model_type == "qwen2" and (linear_bias or not qkv_bias):
@@ -106,13 +114,13 @@ def choose(family: str, cfg: ModelConfig, args: dict, want: str | None = None) -
             raise refuse("linear biases (Mistral has none)", model_type)
         if model_type == "llama" and qkv_bias and not linear_bias:
             raise refuse("biases on QKV only (Llama's attention_bias covers o_proj too): use qwen2", model_type)
-        return Arch(model_type, qkv_bias, linear_bias, linear_bias, False, False)
-    return _choose_moe(cfg, args, want, qkv_bias, linear_bias)
+        return Arch(model_type, qkv_bias, linear_bias, linear_bias, False, False, qk)
+    return _choose_moe(cfg, args, want, qkv_bias, linear_bias, qk)
 
 
-def _choose_moe(cfg, args, want, qkv_bias, linear_bias) -> Arch:
+def _choose_moe(cfg, args, want, qkv_bias, linear_bias, qk) -> Arch:
     shared = bool(cfg.extra.get("moe_shared_expert_intermediate_size") or args.get("moe_shared_expert_intermediate_size"))
-    model_type = want or ("qwen2_moe" if shared or qkv_bias else "mixtral")
+    model_type = want or ("qwen3_moe" if qk else "qwen2_moe" if shared or qkv_bias else "mixtral")
     if not ARCHS[model_type][1]:
         raise refuse("a MoE model needs a MoE class (mixtral or qwen2_moe)", model_type)
     from ckptctl.models.moe import moe_layers
@@ -134,6 +142,8 @@ def _choose_moe(cfg, args, want, qkv_bias, linear_bias) -> Arch:
                    (not all(moe_layers(cfg)), "dense layers between MoE layers (moe_layer_freq)"),
                    (pre and int(arg(args, "moe_router_topk")) > 1, "softmax before top-k without renormalisation "
                     "(--moe-router-pre-softmax; Mixtral renormalises the top-k weights)")]
+    elif model_type == "qwen3_moe":
+        checks += [(shared, "shared experts (Qwen3-MoE has none)")]
     else:
         checks += [(not shared, "no shared expert (Qwen2-MoE always has one)"),
                    (shared and not args.get("moe_shared_expert_gate"), "an ungated shared expert (Qwen2-MoE gates "
@@ -142,7 +152,7 @@ def _choose_moe(cfg, args, want, qkv_bias, linear_bias) -> Arch:
     for bad, feature in checks:
         if bad:
             raise refuse(feature, model_type)
-    return Arch(model_type, qkv_bias, False, False, True, model_type == "qwen2_moe")
+    return Arch(model_type, qkv_bias, False, False, True, model_type == "qwen2_moe", qk)
 
 
 # --- config.json ---------------------------------------------------------------------------------
@@ -167,19 +177,24 @@ def hf_config(arch: Arch, cfg: ModelConfig, args: dict, vocab: int, dtype: str, 
         c.update(attention_bias=arch.o_bias, mlp_bias=arch.mlp_bias, pretraining_tp=1)
     elif arch.model_type == "mistral":
         c.update(sliding_window=None)
-    elif arch.model_type == "qwen2":
+    elif arch.model_type in ("qwen2", "qwen3"):
         c.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers)
+        if arch.model_type == "qwen3":
+            c.update(attention_bias=False)
     elif arch.model_type == "mixtral":
         c.update(intermediate_size=int(cfg.moe_ffn or cfg.ffn), num_local_experts=cfg.num_experts,
                  num_experts_per_tok=int(arg(args, "moe_router_topk")), sliding_window=None,
                  router_jitter_noise=0.0, output_router_logits=False,
                  router_aux_loss_coef=float(args.get("moe_aux_loss_coeff") or 0.0))
-    elif arch.model_type == "qwen2_moe":
+    elif arch.model_type in ("qwen2_moe", "qwen3_moe"):
         from ckptctl.models.moe import moe_layers
+        if arch.shared:
+            c.update(shared_expert_intermediate_size=int(args.get("moe_shared_expert_intermediate_size")
+                                                         or cfg.extra["moe_shared_expert_intermediate_size"]))
+        else:
+            c.update(attention_bias=False)
         c.update(num_experts=cfg.num_experts, num_experts_per_tok=int(arg(args, "moe_router_topk")),
                  moe_intermediate_size=int(cfg.moe_ffn or cfg.ffn),
-                 shared_expert_intermediate_size=int(args.get("moe_shared_expert_intermediate_size")
-                                                     or cfg.extra["moe_shared_expert_intermediate_size"]),
                  decoder_sparse_step=1, mlp_only_layers=[i for i, m in enumerate(moe_layers(cfg)) if not m],
                  norm_topk_prob=not bool(arg(args, "moe_router_pre_softmax")), qkv_bias=arch.qkv_bias,
                  use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers,
@@ -227,12 +242,17 @@ def from_hf_config(c: dict, path: str) -> tuple[str, Arch, ModelConfig, dict]:
     moe = ARCHS[mt][1]
     qkv_bias = {"qwen2": True, "qwen2_moe": bool(c.get("qkv_bias", True))}.get(mt, bool(c.get("attention_bias")))
     linear_bias = mt == "llama" and bool(c.get("attention_bias"))
+    qk = mt in QK_NORM
+    if qk and c.get("attention_bias"):
+        raise BadInput(f"{path}: {mt} with attention_bias: Megatron's biases would cover the MLP too")
     if mt == "llama" and bool(c.get("attention_bias")) != bool(c.get("mlp_bias")):
         raise BadInput(f"{path}: attention_bias {c.get('attention_bias')} with mlp_bias {c.get('mlp_bias')}: "
                        "Megatron's add_bias_linear sets both")
-    arch = Arch(mt, qkv_bias, linear_bias, linear_bias, moe, mt == "qwen2_moe")
+    arch = Arch(mt, qkv_bias, linear_bias, linear_bias, moe, mt == "qwen2_moe", qk)
     extra = {"normalization": "RMSNorm", "position_embedding_type": "rope", "add_bias_linear": linear_bias, "swiglu": True,
              "add_qkv_bias": qkv_bias, "max_position_embeddings": int(c.get("max_position_embeddings") or 4096)}
+    if qk:
+        extra["qk_layernorm"] = True
     args = {"rotary_base": float(rope.get("rope_theta", c.get("rope_theta", 10000.0))), "rotary_percent": 1.0,
             "norm_epsilon": float(c.get("rms_norm_eps", 1e-6)), "swiglu": True, "rotary_interleaved": False,
             "init_method_std": float(c.get("initializer_range", 0.02))}
@@ -240,17 +260,18 @@ def from_hf_config(c: dict, path: str) -> tuple[str, Arch, ModelConfig, dict]:
     if mt == "mixtral":
         E, moe_ffn = int(need("num_local_experts")), ffn
         args.update(moe_router_topk=int(need("num_experts_per_tok")), moe_router_pre_softmax=False)
-    elif mt == "qwen2_moe":
+    elif mt in ("qwen2_moe", "qwen3_moe"):
         E, moe_ffn = int(need("num_experts")), int(need("moe_intermediate_size"))
         step, only = int(c.get("decoder_sparse_step", 1)), set(c.get("mlp_only_layers") or [])
         L = int(need("num_hidden_layers"))
         freq = [int(i not in only and (i + 1) % step == 0) for i in range(L)]
-        shared = int(need("shared_expert_intermediate_size"))
-        extra.update(moe_shared_expert_intermediate_size=shared, moe_shared_expert_gate=True,
-                     moe_layer_freq=1 if all(freq) else freq)
+        extra.update(moe_layer_freq=1 if all(freq) else freq)
         args.update(moe_router_topk=int(need("num_experts_per_tok")),
-                    moe_router_pre_softmax=not bool(c.get("norm_topk_prob", False)),
-                    moe_shared_expert_gate=True, moe_shared_expert_intermediate_size=shared)
+                    moe_router_pre_softmax=not bool(c.get("norm_topk_prob", False)))
+        if mt == "qwen2_moe":   # Qwen2-MoE always has a sigmoid-gated shared expert
+            shared = int(need("shared_expert_intermediate_size"))
+            extra.update(moe_shared_expert_intermediate_size=shared, moe_shared_expert_gate=True)
+            args.update(moe_shared_expert_gate=True, moe_shared_expert_intermediate_size=shared)
         if not all(freq) and not any(freq):
             raise BadInput(f"{path}: no layer has experts (decoder_sparse_step / mlp_only_layers)")
     if moe:

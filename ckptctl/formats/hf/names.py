@@ -98,6 +98,9 @@ def entries(arch: Arch, cfg: ModelConfig, arrays: dict, vocab: int) -> list[Entr
         out.append(Entry(H + "self_attn.o_proj.weight", need("self_attention.linear_proj.weight")))
         if arch.o_bias:
             out.append(Entry(H + "self_attn.o_proj.bias", need("self_attention.linear_proj.bias")))
+        if arch.qk_norm:   # megatron-core's per-head q/k_layernorm = Qwen3's q_norm / k_norm (before RoPE)
+            for p in "qk":
+                out.append(Entry(H + f"self_attn.{p}_norm.weight", need(f"self_attention.{p}_layernorm.weight")))
         out.append(Entry(H + "post_attention_layernorm.weight",
                          need("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight")))
         if is_moe[i]:
