@@ -21,6 +21,7 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from ckptctl.box import Box
+from ckptctl.storage.commit import write_text
 from ckptctl.core.dtypes import chunk_grid as _grid
 from ckptctl.errors import BadInput
 
@@ -385,9 +386,9 @@ def _write_json(path: Path, doc: dict, exist_ok: bool = False) -> None:
     if exist_ok and path.exists():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(doc))   # compact: the C encoder (indent=2 goes through pure Python)
-    os.replace(tmp, path)   # atomic: workers creating the same parent group never see half a file
+    # compact: the C encoder (indent=2 goes through pure Python); atomic: workers creating the same parent
+    # group never see half a file
+    write_text(path, json.dumps(doc))
 
 
 def chunk_shape(shape: tuple[int, ...], boxes: list[Box], itemsize: int, max_bytes: int = 64 << 20) -> tuple[int, ...]:

@@ -66,9 +66,8 @@ def mark_target(job, i: int, folder: Path) -> None:
 def _write(job, name: str, doc: dict) -> None:
     d = _dir(job)
     d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f".{name}.{os.getpid()}"
-    tmp.write_text(json.dumps(doc))
-    os.replace(tmp, d / f"{name}.json")   # a mark is whole or absent
+    from ckptctl.storage.commit import write_text
+    write_text(d / f"{name}.json", json.dumps(doc))   # a mark is whole or absent
 
 
 def counts(workdir: Path) -> tuple[int, int]:

@@ -38,6 +38,7 @@ import torch
 
 from ckptctl.box import Box
 from ckptctl.errors import BadInput
+from ckptctl.storage.commit import write_text
 
 REFS_DIR = "refs"
 REFS_FILE = "refs.json"
@@ -140,9 +141,7 @@ def finish(store) -> None:
         refs[prefix + "zarr.json"] = json.dumps(doc)
     for k, e in entries.items():
         refs[k] = e[:3]
-    tmp = root / f".{REFS_FILE}.{os.getpid()}"
-    tmp.write_text(json.dumps({"version": 1, "refs": refs, "crc32c": crcs}, separators=(",", ":")))
-    os.replace(tmp, root / REFS_FILE)
+    write_text(root / REFS_FILE, json.dumps({"version": 1, "refs": refs, "crc32c": crcs}, separators=(",", ":")))
 
 
 def _load_parts(root: Path) -> dict[str, list]:

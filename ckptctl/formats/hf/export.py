@@ -8,8 +8,6 @@ read back with it.
 """
 from __future__ import annotations
 
-import shutil
-import uuid
 from math import prod
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from ckptctl.formats.hf import arch as archmod
 from ckptctl.formats.hf import files
 from ckptctl.formats.hf.names import Entry, check_covered, entries, hf_shape, view
 from ckptctl.models.config import ModelConfig
+from ckptctl.storage.commit import folder_beside
 
 DEFAULT_SHARD = "5GB"      # transformers' save_pretrained default
 DTYPES = ("float32", "bfloat16", "float16")
@@ -129,14 +128,8 @@ def export(store_path: Path, out: Path, *, true_vocab: int | None = None, dtype:
     plan = Plan(store_path, true_vocab, dtype, hf_arch, shard_size, token_ids)
     if (out.is_dir() and any(out.iterdir()) or out.is_file()) and not overwrite:
         raise BadInput(f"destination {out} exists and is not empty (use --overwrite)")
-    tmp = out.with_name(f".{out.name}.ckptctl-hf-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    try:
+    with folder_beside(out, "ckptctl-hf") as tmp:
+        tmp.mkdir(parents=True)
         write_shards(plan, tmp, list(range(len(plan.shards))))
         write_folder_files(plan, tmp)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {**plan.describe(), "out": str(out), "files": plan.names}
