@@ -98,3 +98,20 @@ def test_refusal_is_one_line_exit_2(cli, tmp_path):
     err = r.json()
     assert err["exit_code"] == 2 and "learned absolute position embeddings" in err["error"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ln"]
+
+
+def test_true_vocab_from_the_option_when_args_lack_it(cli, tmp_path):
+    """args.vocab_size None (a real tokenizer): the export needs --true-vocab-size, and drops the rows past it."""
+    import torch
+    r = cli("example", "gpt", "--layout", "tp1pp1", "--out", tmp_path / "meg", "--optimizer", "none", *LLAMA)
+    assert r.code == 0, r.err
+    for f in (tmp_path / "meg").rglob("model_optim_rng.pt"):
+        sd = torch.load(f, map_location="cpu", weights_only=False)
+        sd["args"].vocab_size = None
+        torch.save(sd, f)
+    r = cli("convert", tmp_path / "meg", tmp_path / "hf", "--to-format", "hf")
+    assert r.code == 2 and "--true-vocab-size" in r.err, r.err
+    assert not (tmp_path / "hf").exists()
+    r = cli("convert", tmp_path / "meg", tmp_path / "hf", "--to-format", "hf", "--true-vocab-size", "100")
+    assert r.code == 0, r.err
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"] == 100
