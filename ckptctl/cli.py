@@ -300,6 +300,43 @@ def matrix(
         raise typer.Exit(1)
 
 
+@app.command("plan", epilog="Examples:\n\n  ckptctl plan examples/deepseek-v3-671b.json --from tp8pp16ep64etp1 "
+                            "--to tp4pp8ep32etp1 --decoder-first-pipeline-num-layers 7 --decoder-last-pipeline-num-layers 6"
+                            "\n\n  ckptctl plan model.yaml --from tp2pp2 --to tp4pp1 --nodes 4 --workers 8 --gbps 1.5 --json")
+def plan_cmd(
+    config: Annotated[Path, typer.Argument(help="Model config: a JSON or YAML file of Megatron-LM args "
+                                           "(num_layers, hidden_size, num_attention_heads, vocab_size, bf16, ...).")],
+    src: str = typer.Option(..., "--from", help="Source layout, e.g. tp8pp16ep64etp1."),
+    to: str = typer.Option(..., "--to", help="Target layout, e.g. tp4pp8ep32etp1."),
+    first: Optional[int] = typer.Option(None, "--decoder-first-pipeline-num-layers", help="Target's first-stage layers (0 = unset)."),
+    last: Optional[int] = typer.Option(None, "--decoder-last-pipeline-num-layers", help="Target's last-stage layers (0 = unset)."),
+    pp_layout: Optional[str] = typer.Option(None, "--pipeline-model-parallel-layout", help="Target's explicit stage layout."),
+    no_optimizer: bool = typer.Option(False, "--no-optimizer", help="Plan the weights only."),
+    nodes: int = typer.Option(1, "--nodes", help="Nodes of the projected run."),
+    workers: int = typer.Option(8, "--workers", help="Workers per node of the projected run."),
+    gbps: Optional[float] = typer.Option(None, "--gbps", help="Per-worker throughput in GB/s (read + write); "
+                                         "default: measured here (a write + fsync + read probe)."),
+    node_gbps: Optional[float] = typer.Option(None, "--node-gbps", help="Per-node cap in GB/s (filesystem or NIC)."),
+    measure_dir: Optional[str] = typer.Option(None, "--measure-dir", help="Folder for the throughput probe (default: temp)."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Per-worker memory budget, as convert's (default 2G)."),
+    json_out: JsonOpt = False,
+):
+    """Plan a conversion from a model config, with no checkpoint: files, arrays, bytes, memory, time."""
+    from ckptctl import plan_cmd as pc
+    from ckptctl.pipeline import with_options
+    budget = None
+    if max_memory is not None:
+        from ckptctl.reshard.stream import parse_size
+        budget = parse_size(max_memory)
+    d = pc.run(config, parse_layout(src), with_options(parse_layout(to), first, last, pp_layout),
+               with_optimizer=not no_optimizer, nodes=nodes, workers=workers, gbps=gbps, node_gbps=node_gbps,
+               measure_dir=measure_dir, max_memory=budget)
+    if json_out:
+        output.emit_json(d)
+    else:
+        pc.render(d, output.say)
+
+
 @app.command(epilog="Examples:\n\n  ckptctl inspect src\n\n  ckptctl inspect src --json\n\n  ckptctl inspect dst.zarr")
 def inspect(
     ckpt: Annotated[Path, typer.Argument(help="A checkpoint folder (legacy `torch` or torch_dist) or a ckptctl .zarr store.")],

@@ -22,12 +22,19 @@ def global_config(cfg: ModelConfig) -> ModelConfig:
                           "last_stage_layers": None, "extra": extra})
 
 
+def key_dtype(family: Family, key: str, dtype: str) -> str:
+    """A model tensor's dtype: the parameters' `dtype`; megatron-core's router buffers (tensors without
+    optimizer state: `router.expert_bias` ...) are fp32 whatever the model's dtype."""
+    return dtype if family.optimizer_state(family.locate(key).rest) else "float32"
+
+
 def global_plan(family: Family, cfg: ModelConfig, dtype: str) -> plan.SourcePlan:
-    """The plan of one TP1PP1 file holding every key of the model at its full shape, all in `dtype`."""
+    """The plan of one TP1PP1 file holding every key of the model at its full shape: parameters in `dtype`,
+    buffers as megatron-core keeps them (`key_dtype`)."""
     one = global_config(cfg)
     keys = family.global_keys(one)
     inv = plan.Inventory(FileCoord(0, 0), "global",
-                         {"model": [(k, s, None if s is None else dtype) for k, s in keys]})
+                         {"model": [(k, s, None if s is None else key_dtype(family, k, dtype)) for k, s in keys]})
     return plan.plan_source(family, one, Layout(), [inv])
 
 
