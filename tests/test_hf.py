@@ -368,3 +368,25 @@ def test_import_refusals(made, tmp_path):
     with pytest.raises(BadInput, match=f"{shard.name}: truncated"):
         import_hf(bad, tmp_path / "o3", parse_layout("tp1"))
     assert not any(p.name.startswith(("o1", "o2", "o3", ".o")) for p in tmp_path.iterdir())
+
+
+def test_name_map_takes_te_norm_names_and_refuses_leftovers():
+    """A source saved with TE's fused norm names maps the same; a store array with no HF place is refused."""
+    from ckptctl.formats.hf.arch import Arch
+    from ckptctl.formats.hf.names import check_covered, entries
+    from ckptctl.models.config import ModelConfig
+    cfg = ModelConfig("gpt", 1, 8, 2, 1, 4, 16, True, True, 32, 30, 32)
+    L = "model/decoder.layers.0."
+    arrays = {f"model/{k}": {} for k in ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight")}
+    arrays.update({L + k: {} for k in ("self_attention.linear_qkv.layer_norm_weight", "self_attention.linear_qkv.weight",
+                                       "self_attention.linear_proj.weight", "mlp.linear_fc1.layer_norm_weight",
+                                       "mlp.linear_fc1.weight", "mlp.linear_fc2.weight")})
+    a = Arch("llama", False, False, False, False, False)
+    ents = entries(a, cfg, arrays, 30)
+    by = {e.hf: e.array for e in ents}
+    assert by["model.layers.0.input_layernorm.weight"] == L + "self_attention.linear_qkv.layer_norm_weight"
+    assert by["model.layers.0.post_attention_layernorm.weight"] == L + "mlp.linear_fc1.layer_norm_weight"
+    assert "lm_head.weight" not in by                     # tied
+    check_covered(ents, arrays, a)
+    with pytest.raises(BadInput, match="softmax_offset"):
+        check_covered(ents, {**arrays, L + "self_attention.core_attention.softmax_offset": {}}, a)

@@ -165,11 +165,14 @@ class HFFolder:
                 raise BadInput(f"{p}: not a safetensors file (bad header)") from None
         end = 0
         out = {}
-        for k, v in doc.items():
+        for k, v in doc.items() if isinstance(doc, dict) else ():
             if k == "__metadata__":
                 continue
-            out[k] = (v["dtype"], tuple(v["shape"]))
-            end = max(end, v["data_offsets"][1])
+            try:
+                out[k] = (str(v["dtype"]), tuple(int(x) for x in v["shape"]))
+                end = max(end, int(v["data_offsets"][1]))
+            except (KeyError, TypeError, ValueError, IndexError):
+                raise BadInput(f"{p}: not a safetensors file (bad header entry for {k!r})") from None
         if 8 + n + end > size:
             raise BadInput(f"{p}: truncated ({size} bytes, its header describes {8 + n + end})")
         return out
