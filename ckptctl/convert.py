@@ -198,6 +198,9 @@ def _convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = No
         from ckptctl.dryrun import optimizer_bytes
         wbytes, obytes = source.nbytes, optimizer_bytes(source.optim if optimizer else None, source.plan.arrays)
         nbytes = wbytes + obytes
+        if job.refs and obytes:   # the optimizer state is rebuilt, so the referencing store copies it
+            from ckptctl.paths import check_space
+            check_space({dst.parent: nbytes + obytes + wbytes // 20})
         timings = {"inspect": round(time.monotonic() - t0, 3)}
         res = launch.run(job, n, nbytes * (1 if to_store else 2), progress,
                          label=f"{source.layout} -> {to or 'store'}", nodes=nodes)

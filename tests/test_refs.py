@@ -145,3 +145,36 @@ def test_direct_convert_copies_no_weights_and_leaves_the_source_untouched(tmp_pa
     convert(src, tmp_path / "dst2", parse_layout("tp1pp1"), nproc=0, keep_store=True)
     assert not (tmp_path / "dst2.zarr" / REFS_FILE).exists() and chunk_files(tmp_path / "dst2.zarr")
     assert tree(tmp_path / "dst") == tree(tmp_path / "dst2")
+
+
+def test_tensor_bytes_located_in_a_torch_file_and_in_an_embedded_blob(tmp_path):
+    """Views into one shared buffer (as Megatron's parameters in its contiguous buffers are saved), a
+    transposed view (not one range) and a blob of torch.save bytes inside a larger file (a .distcp)."""
+    import io
+    import torch
+    from ckptctl.formats.legacy.offsets import RankFileLocator
+    from ckptctl.formats.torch_dist.offsets import BlobLocator
+    from ckptctl.storage.pickles import load_pt
+
+    buf = torch.arange(64, dtype=torch.bfloat16)
+    sd = {"a": buf[8:24].view(4, 4), "b": buf[40:], "c": torch.randn(3, 5), "t": torch.randn(5, 3).t()}
+    path = tmp_path / "model_optim_rng.pt"
+    torch.save(sd, path)
+    got = load_pt(path)
+    locate = RankFileLocator(path)
+    raw = path.read_bytes()
+    for k, t in got.items():
+        where = locate(t)
+        assert where is not None and where[0] == os.path.realpath(path), k
+        off = where[1] + t.data_ptr() - t.untyped_storage().data_ptr()
+        n = t.numel() * t.element_size()
+        if t.is_contiguous():
+            assert raw[off:off + n] == t.reshape(-1).view(torch.uint8).numpy().tobytes(), k
+    assert not got["t"].is_contiguous()   # located (its storage is one entry), but never referenced as one range
+    blob = io.BytesIO()
+    torch.save(torch.randn(6, 7).to(torch.bfloat16), blob)
+    data = b"\0" * 1000 + blob.getvalue() + b"tail"
+    (tmp_path / "__0_0.distcp").write_bytes(data)
+    x = torch.load(io.BytesIO(blob.getvalue()), weights_only=True)
+    where = BlobLocator(tmp_path / "__0_0.distcp", 1000, len(blob.getvalue()))(x)
+    assert where is not None and data[where[1]:where[1] + 84] == x.reshape(-1).view(torch.uint8).numpy().tobytes()

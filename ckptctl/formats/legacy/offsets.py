@@ -52,7 +52,8 @@ class _Window(io.RawIOBase):
 
 def stored_records(path: str, base: int = 0, length: int | None = None) -> dict[str, tuple[int, int]]:
     """Entry name -> (file offset of its data, size) for every uncompressed entry of the zip at
-    [base, base + length) of `path` (the whole file by default). Not a zip, or damaged: {}."""
+    [base, base + length) of `path` (the whole file by default). Not a zip, damaged, or a torch file
+    written big-endian: {}."""
     out = {}
     with open(path, "rb", buffering=0) as f:
         if length is None:
@@ -74,6 +75,9 @@ def stored_records(path: str, base: int = 0, length: int | None = None) -> dict[
                 start = info.header_offset + _LOCAL.size + fields[9] + fields[10]   # + name + extra
                 if start + info.file_size <= length:
                     out[info.filename] = (base + start, info.file_size)
+        order = next((v for k, v in out.items() if k.endswith("/byteorder")), None)
+        if order is not None and os.pread(f.fileno(), order[1], order[0]) != b"little":
+            return {}   # torch.load byte-swaps a big-endian file: the bytes in memory are not the file's
     return out
 
 
