@@ -137,8 +137,9 @@ def _convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = No
     out_fmt = _out_format(to_format, source.fmt, to)
     dfmt = registry.get(out_fmt)
     format_options = dfmt.check_format_options(format_options)
+    shown = None               # how reports name the target: its layout, or a layout-free format's name
     if to is None and not to_store and dfmt.layout_free:
-        to = Layout()          # a target without a parallel layout (Hugging Face): planned as TP1PP1
+        to, shown = Layout(), out_fmt   # a target without a parallel layout (Hugging Face): planned as TP1PP1
     notes = []
     if optimizer and source.optim and not dfmt.holds_optimizer:
         optimizer = False
@@ -203,11 +204,11 @@ def _convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = No
             check_space({dst.parent: nbytes + obytes + wbytes // 20})
         timings = {"inspect": round(time.monotonic() - t0, 3)}
         res = launch.run(job, n, nbytes * (1 if to_store else 2), progress,
-                         label=f"{source.layout} -> {to or 'store'}", nodes=nodes)
+                         label=f"{source.layout} -> {shown or to or 'store'}", nodes=nodes)
         timings.update({k: v["seconds"] for k, v in (res or {}).items() if isinstance(v, dict) and "seconds" in v})
         t_commit = time.monotonic()
         if nodes.node_rank != 0:   # node 0 commits once every worker has passed the final barrier
-            return ConvertReport(str(src), str(dst), source.family, str(source.layout), str(to) if to else None,
+            return ConvertReport(str(src), str(dst), source.family, str(source.layout), shown or (str(to) if to else None),
                                  len(source.plan.files), 0, nbytes, round(time.monotonic() - t0, 3), n, None,
                                  {}, [f"node {nodes.node_rank} of {nodes.nnodes}: node 0 commits the output"])
         if to_store:
@@ -216,10 +217,10 @@ def _convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = No
             _commit(work / "out", dst)
             if keep_store and not store:
                 _commit(store_path, dst.with_name(dst.name + ".zarr"))
-        files_out = 0 if to_store else len(to.model_files)
+        files_out = 0 if to_store else (res or {}).get("target", {}).get("files", 0) if shown else len(to.model_files)
         timings["commit"] = round(time.monotonic() - t_commit, 3)
         from ckptctl.next_flags import megatron_flags
-        return ConvertReport(str(src), str(dst), source.family, str(source.layout), str(to) if to else None,
+        return ConvertReport(str(src), str(dst), source.family, str(source.layout), shown or (str(to) if to else None),
                              len(source.plan.files), files_out, nbytes, round(time.monotonic() - t0, 3), n,
                              str(dst if to_store else (store or (dst.with_name(dst.name + ".zarr") if keep_store else None))),
                              policy_report(source, to, rng, optimizer, out_fmt, optim_sharding) if to else {}, notes,
