@@ -230,7 +230,9 @@ def verify(
     true_vocab: VocabOpt = None,
     all_rows: bool = typer.Option(False, "--all", help="List every tensor, not only the differing ones."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="RSS budget, e.g. 2G, 512M (default 2G): "
-                                             "tensors are compared in boxes that fit it."),
+                                             "tensors are compared in boxes that fit it (per worker)."),
+    nproc: int = typer.Option(1, "--nproc", help="Workers comparing global tensors in parallel (forked; each "
+                              "gathers its share from both checkpoints, the report is the same)."),
     json_out: JsonOpt = False,
 ):
     """Compare two checkpoints, in any layouts, byte for byte. Exit 0 equal, 1 different."""
@@ -239,7 +241,8 @@ def verify(
     from ckptctl import verify_report
 
     with output.progress(not json_out) as prog:
-        rep = run(a, b, true_vocab, max_memory=parse_size(max_memory), weights_only=weights_only, progress=prog)
+        rep = run(a, b, true_vocab, max_memory=parse_size(max_memory), weights_only=weights_only, progress=prog,
+                  nproc=nproc)
     failed, line = verify_report.verdict(rep, strict)
     verify_report.add_locations(rep, a, b, true_vocab)
     if json_out:

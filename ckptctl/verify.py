@@ -18,15 +18,16 @@ from ckptctl.verify_gather import Gatherer, VerifyReport, compare_regions
 
 
 def verify(a: Path, b: Path, true_vocab: int | None = None, max_memory: int | None = None,
-           weights_only: bool = False, progress=None) -> VerifyReport:
+           weights_only: bool = False, progress=None, nproc: int = 1) -> VerifyReport:
     """Compare every global tensor of `a` and `b` in boxes of at most a sixth of the memory budget
-    left after the baseline (per side: the two boxes, a copy of each for replicas, the comparison)."""
+    left after the baseline (per side: the two boxes, a copy of each for replicas, the comparison).
+    `nproc` > 1: the tensors are compared by that many forked workers (ckptctl.verify_parallel)."""
     import time
     from ckptctl import verify_store
     from ckptctl.reshard import stream
     if verify_store.is_store(a) or verify_store.is_store(b):   # a store side: verified as the checkpoint it holds
         with verify_store.materialized(a) as ma, verify_store.materialized(b) as mb:
-            rep = verify(ma, mb, true_vocab, max_memory, weights_only, progress)
+            rep = verify(ma, mb, true_vocab, max_memory, weights_only, progress, nproc)
         rep.a, rep.b = str(a), str(b)
         return rep
     t0 = time.monotonic()
@@ -43,14 +44,21 @@ def verify(a: Path, b: Path, true_vocab: int | None = None, max_memory: int | No
         rep.differences.append(Difference(name.removeprefix("model/"), f"only in {b}"))
     common = _ordered(sa, names_a & names_b)
     task = progress.add_task(f"verify {sa.layout} vs {sb.layout}: weights", total=max(1, _nbytes(sa, common))) if progress else None
-    for name in common:
-        if task is not None:
-            progress.update(task, completed=rep.bytes_compared)
-        rep.tensors += 1
-        replicas: dict[str, Difference] = {}
-        compare_regions(name, _reader(ga, name, replicas), _reader(gb, name, replicas), _spec(sa, name), _spec(sb, name),
-                        sa.plan.arrays[name].get("vocab", False), rep, limit)
-        rep.differences.extend(replicas.values())
+    if nproc > 1 and len(common) > 1:
+        from ckptctl import verify_parallel
+        moved = [0]
+
+        def done(n):
+            moved[0] += n
+            if task is not None:
+                progress.update(task, completed=moved[0])
+        verify_parallel.compare(common, {n: _nbytes(sa, [n]) for n in common}, compare_one, sa, sb, limit, rep,
+                                nproc, done)
+    else:
+        for name in common:
+            if task is not None:
+                progress.update(task, completed=rep.bytes_compared)
+            compare_one(name, sa, sb, ga, gb, rep, limit)
     if task is not None:
         progress.update(task, completed=rep.bytes_compared)
     rep.weights_only = weights_only
@@ -63,6 +71,15 @@ def verify(a: Path, b: Path, true_vocab: int | None = None, max_memory: int | No
         _compare_state(sa, sb, rep)
     rep.seconds = round(time.monotonic() - t0, 3)
     return rep
+
+
+def compare_one(name: str, sa: Source, sb: Source, ga: Gatherer, gb: Gatherer, rep: VerifyReport, limit: int) -> None:
+    """One global tensor of both sides, gathered box by box and compared into `rep`."""
+    rep.tensors += 1
+    replicas: dict[str, Difference] = {}
+    compare_regions(name, _reader(ga, name, replicas), _reader(gb, name, replicas), _spec(sa, name), _spec(sb, name),
+                    sa.plan.arrays[name].get("vocab", False), rep, limit)
+    rep.differences.extend(replicas.values())
 
 
 def _nbytes(src: Source, names: list[str]) -> int:
