@@ -6,15 +6,18 @@ import re
 
 from typer.core import TyperOption
 
-_orig_type = TyperOption.display_type_rich
+# A boolean flag takes no value: typer 0.2x prints `<bool>` after it, and `--swiglu true` then fails.
+# Only typer releases that have the hook get the fix; others (older or newer) keep their own display,
+# never a crash at import (the CLI must start with any typer the package accepts).
+_orig_type = getattr(TyperOption, "display_type_rich", None)
 
 
 def _flag_type(self, ctx):
-    # A boolean flag takes no value: typer 0.2x prints `<bool>` after it, and `--swiglu true` then fails.
     return None if getattr(self, "is_flag", False) else _orig_type(self, ctx)
 
 
-TyperOption.display_type_rich = _flag_type
+if _orig_type is not None:
+    TyperOption.display_type_rich = _flag_type
 
 
 def version() -> str:
