@@ -13,6 +13,8 @@ from pathlib import Path
 
 import google_crc32c
 
+from ckptctl.storage.commit import write_text   # once, not per mark: a mark should take as little time as it can
+
 
 def _dir(job) -> Path:
     return Path(job.workdir) / "done"
@@ -66,7 +68,6 @@ def mark_target(job, i: int, folder: Path) -> None:
 def _write(job, name: str, doc: dict) -> None:
     d = _dir(job)
     d.mkdir(parents=True, exist_ok=True)
-    from ckptctl.storage.commit import write_text
     write_text(d / f"{name}.json", json.dumps(doc))   # a mark is whole or absent
 
 
