@@ -23,7 +23,6 @@ class Difference:
     where: str | None = None
 
 
-
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     t = t.contiguous()
     return t.reshape(-1).view(torch.uint8).reshape(t.numel(), t.element_size()) if t.numel() else t.view(torch.uint8)

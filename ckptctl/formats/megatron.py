@@ -38,10 +38,8 @@ def layout_from_args(args: dict) -> Layout:
     )
 
 
-
 def iter_dirname(iteration) -> str:
     return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
-
 
 
 def write_tracker(root: Path, iteration) -> None:
@@ -62,8 +60,6 @@ TOP_LEVEL_POLICY = {
     "rng_state": "rng",
     "optimizer": "optimizer",
 }
-
-
 
 
 def rewrite_args(args: dict, layout: Layout, padded_vocab: int | None, num_layers: int) -> dict:

@@ -103,7 +103,6 @@ def buffers(sub: list[Param], chunks: tuple[str, ...], args: dict, layout, pp_ra
     return out
 
 
-
 def writer_flags(layout, fp) -> tuple[bool, bool]:
     """Whether the rank writing this directory is DP-rank 0 of the dense / expert sub-optimizer.
 

@@ -14,7 +14,6 @@ from ckptctl.optstate.buffers import Buffer, writer_flags
 from ckptctl.optstate.params import ADAM_KEYS, Param
 
 
-
 def _dt(name: str) -> torch.dtype:
     return getattr(torch, name)
 
@@ -24,7 +23,6 @@ def _entry(state: dict, dt: tuple[str, str], where: str) -> dict:
         if isinstance(k, tuple) and len(k) == 2 and tuple(str(x).removeprefix("torch.") for x in k) == dt:
             return v
     raise BadInput(f"{where}: no buffer for dtypes {dt} (found {[k for k in state]})")
-
 
 
 def _sub_list(obj, n: int, where: str) -> list:
@@ -64,7 +62,6 @@ def decode_distributed(obj, subs: list[list[Param]], bufs: list[list[Buffer]], w
                     raise BadInput(f"{where}: parameter {p.key!r} does not fit buffer {g}")
                 out[p.index] = {c: e[c][off:off + p.numel].view(p.shape) for c in comps}
     return out
-
 
 
 def encode_distributed(ctx, fp, params, tensors: dict[int, dict]) -> object:

@@ -75,7 +75,6 @@ def split_subs(params: list[Param], n: int) -> list[list[Param]]:
     return [[p for p in params if not p.expert], [p for p in params if p.expert]]
 
 
-
 def classify(p: Param, args: dict) -> tuple[bool, bool]:
     """(weight decay off, decoupled lr) as megatron-core's standard overrides decide them."""
     one_d = len(p.shape) == 1 or p.key.endswith(".bias")
@@ -95,7 +94,6 @@ def group_of(p: Param, groups: list[dict], args: dict, where: str) -> int:
         raise BadInput(f"{where}: cannot place parameter {p.key!r} in one of the {len(groups)} param groups "
                        "(only megatron-core's standard grouping is supported)")
     return hits[0]
-
 
 
 def comps_of(kind: str, variant: str) -> list[str]:

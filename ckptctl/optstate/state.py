@@ -26,7 +26,6 @@ class FileState:
     step: float | None
 
 
-
 @dataclass
 class Context:
     """What decoding and encoding a rank file's optimizer state needs (pure data)."""
@@ -59,7 +58,6 @@ def check_order(ctx: Context, files: list) -> None:
             order.check_sequence([p.gkey for p in params if p.chunk == chunk], f"{fp.dirname}/{chunk}")
 
 
-
 def target_comps(info: dict) -> tuple[str, ...]:
     return tuple(info["comps"])
 
@@ -80,7 +78,6 @@ def fill_tensors(reader, fp, params: list[Param], comps) -> dict[int, dict]:
             d[c] = buf
         out[p.index] = d
     return out
-
 
 
 def plan_arrays(plan, comps) -> dict[str, dict]:
@@ -143,10 +140,8 @@ def inspect_info(detected: list, paths: list, cfg, layout, args: dict) -> dict |
             "args": {k: args.get(k) for k in ARG_KEYS if args.get(k) is not None}}
 
 
-
 def store_attrs(info: dict) -> dict:
     return {k: info.get(k) for k in ("kind", "variant", "subs", "comps", "args", "merge", "experts")}
-
 
 
 def policy_text(info: dict | None, src_layout, dst_layout, src_form: str, dst_form: str,
@@ -167,7 +162,6 @@ def policy_text(info: dict | None, src_layout, dst_layout, src_form: str, dst_fo
     return (f"converted: {what}; {comps} resharded per parameter like its weight (vocab padding rows "
             f"follow the weight rows, rows the target adds are zero); step and param-group "
             f"hyperparameters copied{', param indices rebuilt' if indices_rebuilt else ''}{dp}{subs}")
-
 
 
 def write_owned(store, fp, owned: dict[int, tuple[bool, ...]], tensors: dict[int, dict], comps, progress,

@@ -21,7 +21,6 @@ from ckptctl.optstate.params import group_of, n_subs
 from ckptctl.optstate.state import Context
 
 
-
 def strip_adam(state: dict, variant: str) -> dict:
     """The layout-free part of a non-distributed optimizer state dict (param groups without indices)."""
     inner = state if variant == "fp32" else state["optimizer"]
@@ -29,7 +28,6 @@ def strip_adam(state: dict, variant: str) -> dict:
     if variant == "float16" and "grad_scaler" in state:
         out["grad_scaler"] = state["grad_scaler"]
     return out
-
 
 
 GROUP_ROLE = ("params", "is_expert_parallel")      # not hyperparameters: where a group sits
@@ -129,7 +127,6 @@ def restructure(ctx, n_src: int, common, files: list | None):
     if kind == "distributed":
         return new[0] if len(new) == 1 else new
     return {**common, "subs": new}
-
 
 
 class TargetState:

@@ -144,7 +144,6 @@ def _weights_only_load(src, what: str, mmap: bool = False):
     raise BadInput(f"{what}: too many unknown globals")
 
 
-
 def loads_bytes(data: bytes, what: str):
     """Unpickle an object we stored (args, RNG state ...) with the same allow-list as rank files."""
     try:

@@ -38,7 +38,6 @@ class LegacyCheckpoint:
         return sorted(self.files.items(), key=lambda kv: (kv[0].pp, kv[0].ep, kv[0].tp))
 
 
-
 def is_legacy(root: Path) -> bool:
     root = Path(root)
     return (root / TRACKER).is_file() or any(root.glob("mp_rank_*")) or any(root.glob("iter_*/mp_rank_*"))
@@ -113,7 +112,6 @@ def chunk_key(layout: Layout, v: int) -> str:
     return f"model{v}" if layout.vpp > 1 else "model"
 
 
-
 def top_level_keys(sd: dict, path: Path) -> dict[str, str]:
     """Policy for each non-model key of a rank file; an unknown key is refused, never dropped."""
     out = {}
@@ -140,7 +138,6 @@ def inventory(sd: dict, path: Path) -> dict[str, list]:
                 raise BadInput(f"{path}: {chunk}[{k!r}] is a {type(v).__name__}, not a tensor")
         out[chunk] = entries
     return out
-
 
 
 class LegacyUnit:

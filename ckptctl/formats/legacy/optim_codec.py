@@ -73,7 +73,6 @@ def _with_merge(d: dict, opt, model_path: Path) -> dict:
     return d
 
 
-
 def decode_adam(obj, subs: list[list[Param]], variant: str, args: dict, where: str) -> tuple[dict, list, float | None]:
     out: dict[int, dict] = {}
     commons, steps = [], set()
@@ -122,7 +121,6 @@ def decode_adam(obj, subs: list[list[Param]], variant: str, args: dict, where: s
     return out, commons, (steps.pop() if steps else None)
 
 
-
 def decode_file(ctx: Context, fp, sd: dict, model_path: Path) -> FileState:
     """Per-parameter fp32 state of one source rank file."""
     where = str(model_path)
@@ -144,7 +142,6 @@ def decode_file(ctx: Context, fp, sd: dict, model_path: Path) -> FileState:
             if p.dtype == "float32":
                 tensors[p.index]["param"] = sd[p.chunk][p.key]
     return FileState(tensors, {"subs": commons, "step": step}, step)
-
 
 
 def encode_adam(ctx: Context, fp, params, tensors: dict[int, dict], common: dict) -> object:
@@ -180,7 +177,6 @@ def encode_adam(ctx: Context, fp, params, tensors: dict[int, dict], common: dict
             sd["fp32_from_fp16_params"] = masters
             out.append(sd)
     return out[0] if len(out) == 1 else out
-
 
 
 def write_target(ctx: Context, reader, fp, sd: dict, out_dir: Path, common) -> int:

@@ -132,7 +132,6 @@ def parse_shard(name: str) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
     return m["key"], ints(m["offs"]), ints(m["shape"])
 
 
-
 def rng_slot(name: str, layout: Layout) -> str:
     """`rng_state/shard_<pp>.<tp>_<PP>.<TP>` -> the store slot of the legacy directory of that rank."""
     _, offs, _ = parse_shard(name)

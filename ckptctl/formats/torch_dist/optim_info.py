@@ -278,7 +278,6 @@ def adam_dist_common(common: dict, variant: str):
     return out[0] if len(out) == 1 else dict(enumerate(out))
 
 
-
 def form_text(info: dict, sharding: str | None) -> str:
     """What a torch_dist checkpoint holds of this optimizer state (`sharding`: the distributed optimizer's
     form; the non-distributed optimizer has none)."""

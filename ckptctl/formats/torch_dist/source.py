@@ -157,7 +157,6 @@ def _fresh_objects(family: Family, cfg: ModelConfig) -> set[str]:
         return set()
 
 
-
 class DistUnit:
     """One unit of a torch_dist source plan, read on demand (blobs, never whole files)."""
 
