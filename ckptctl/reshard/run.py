@@ -23,6 +23,7 @@ from ckptctl.reshard.comm import Comm, assign
 from ckptctl.reshard import stream
 from ckptctl.storage.build import build_file, lazy_tensor  # noqa: F401 - the phases' file builder
 from ckptctl.storage.objects import COMMON, OPTIM_COMMON, get_object, put_object, rng_for  # noqa: F401
+from ckptctl.storage.bulk_objects import ObjectRows
 from ckptctl.storage.progress import Progress
 from ckptctl.store import FORMAT, FORMAT_VERSION, Store, configure
 
@@ -107,11 +108,13 @@ def source_phase(job: Job, comm: Comm, progress: Progress) -> dict:
             for p, owned in zip(t.pieces, t.owned):
                 if owned and not (where and refw.put(p, tensor, where, progress, mapped)):
                     put_piece(store, p, tensor[p.local.slices], budget.block, progress, mapped)
+        rows = ObjectRows(store, i, len(plan.files))   # this file's objects: one row per kind, written at once
         for o in fp.objects:
             if plan.slots[o.slot] == i:
-                encodings[o.slot] = put_object(store, o.slot, sd.object(o))
+                rows.put(o.slot, sd.object(o))
         for slot, value in sd.rng().items():
-            encodings[slot] = put_object(store, slot, value)
+            rows.put(slot, value)
+        encodings.update(rows.flush())
         if oside is not None and own_units is None:
             st = oside.write_file(store, i, fp, sd.sd, Path(job.inventories[i]["path"]), progress)
             if i == 0:

@@ -36,6 +36,9 @@ def put_object(store: Store, slot: str, value) -> str:
 def get_object(store: Store, slot: str, enc: str):
     if enc == "none":
         return None
+    from ckptctl.storage import bulk_objects   # objects a source phase wrote in bulk (one row per file)
+    if bulk_objects.is_bulk(enc):
+        return bulk_objects.get(store, slot, enc)
     return loads_bytes(store.group[_object_name(slot)][...].tobytes(), slot)
 
 
