@@ -42,6 +42,7 @@ from ckptctl.storage.commit import write_text
 
 REFS_DIR = "refs"
 REFS_FILE = "refs.json"
+_MAP_MIN = 1 << 20   # a chunk read in part above this size is memory-mapped (as Store reads its chunk files)
 
 
 def chunk_key(name: str, sep: str, idx: tuple) -> str:
@@ -193,10 +194,19 @@ class Refs:
             self._pread(path, off, buf)
             self._check(a, idx, e, buf)
             return True
-        buf = np.empty(n, np.uint8)
-        self._pread(path, off, buf)
+        if n > _MAP_MIN:   # a large chunk needed in part: mapped from the page cache, not copied whole first
+            try:
+                buf = np.memmap(path, dtype=np.uint8, mode="r", offset=off, shape=(n,))
+            except (OSError, ValueError):   # missing or shorter than the reference: named by _pread below
+                buf = None
+        else:
+            buf = None
+        if buf is None:
+            buf = np.empty(n, np.uint8)
+            self._pread(path, off, buf)
         self._check(a, idx, e, buf)
         dst[...] = buf.view(a.dtype).reshape(a.chunks)[chunk_sl]
+        del buf
         return True
 
     def _pread(self, path: str, off: int, buf: np.ndarray) -> None:
