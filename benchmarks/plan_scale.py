@@ -47,6 +47,15 @@ def synthesize(etp_tp: bool):
 
 
 def rss_mib() -> float:
+    """Peak RSS of this process image. /proc's VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss
+    across exec, so a child started by the synthesizing parent would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -32,6 +32,14 @@ def _layout_json(layout: Layout) -> dict:
 
 
 def _rss() -> int:
+    """Peak RSS of this process image (VmHWM; getrusage's ru_maxrss survives exec, so it may be a parent's)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
