@@ -178,3 +178,16 @@ def test_tensor_bytes_located_in_a_torch_file_and_in_an_embedded_blob(tmp_path):
     x = torch.load(io.BytesIO(blob.getvalue()), weights_only=True)
     where = BlobLocator(tmp_path / "__0_0.distcp", 1000, len(blob.getvalue()))(x)
     assert where is not None and data[where[1]:where[1] + 84] == x.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.parametrize("map_min", [0, 1 << 40])   # 0: every chunk needed in part read through a memory map
+def test_chunks_read_in_part_from_the_source(tmp_path, monkeypatch, map_min):
+    """tp2 -> tp4 needs half of each source chunk per target file (and pp2 -> pp1 merges stages)."""
+    from ckptctl.storage import refs as refs_mod
+    monkeypatch.setattr(refs_mod, "_MAP_MIN", map_min)
+    src = tmp_path / "src"
+    example("gpt", parse_layout("tp2pp2"), src, {**SMALL, "dtype": "bfloat16"}, optimizer="none")
+    for refs in (True, False):
+        source_store(src, tmp_path / f"{refs}.zarr", refs)
+        convert(tmp_path / f"{refs}.zarr", tmp_path / f"out-{refs}", parse_layout("tp4pp1"), nproc=0)
+    assert tree(tmp_path / "out-True") == tree(tmp_path / "out-False")
