@@ -59,8 +59,11 @@ def target_done(job, i: int) -> bool:
         return False
 
 
-def mark_target(job, i: int, folder: Path) -> None:
-    files = {str(p): _crc_file(p) for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+def mark_target(job, i: int, folder: Path, known: dict | None = None) -> None:
+    """`known`: {str(path): crc32c} of files whose checksum the writer has already (not read again)."""
+    known = known or {}
+    files = {str(p): known[str(p)] if str(p) in known else _crc_file(p)
+             for p in sorted(Path(folder).rglob("*")) if p.is_file()}
     _write(job, f"target-{i}", {"files": files})
     _test_kill("target")
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import struct
 import zipfile
-import zlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -211,8 +211,9 @@ def _storage_type(dtype: torch.dtype) -> str:
     return torch.storage._dtype_to_storage_type_map()[dtype]
 
 
-def save_streaming(obj, path: Path) -> int:
-    """Write `obj` (which may hold LazyTensors) as torch.save would. Returns bytes of lazy data written."""
+def save_streaming(obj, path: Path, sums: dict | None = None) -> int:
+    """Write `obj` (which may hold LazyTensors) as torch.save would. Returns bytes of lazy data written;
+    `sums`, if given, gets {str(path): crc32c of the whole file} (without reading the file again)."""
     import io
     path = Path(path)
     records: list = []
@@ -241,35 +242,25 @@ def save_streaming(obj, path: Path) -> int:
     r = torch._C.PyTorchFileReader(str(path))
     where = {name: r.get_record_offset(name) for name, _ in lazies}
     del r
-    crcs, done = {}, 0
-    with open(path, "r+b") as f:
+    from ckptctl.storage.zipwrite import RecordFill, file_crc32c
+    crcs, done, known = {}, 0, []
+    fd = os.open(path, os.O_RDWR)
+    try:
         for name, lz in lazies:
-            f.seek(where[name])
-            crc, n = 0, 0
-
-            def write(block: torch.Tensor | np.ndarray | bytes, _f=f):
-                nonlocal crc, n
-                mv = memoryview(_as_bytes(block))
-                crc = zlib.crc32(mv, crc)
-                _f.write(mv)
-                n += mv.nbytes
-
-            lz.fill(write)
-            if n != lz.nbytes:
-                raise RuntimeError(f"{path}: {name} got {n} bytes, expected {lz.nbytes}")
-            crcs[f"{archive}/{name}"] = crc
-            done += n
-        _patch_crcs(f, crcs)
+            fill = RecordFill(fd, where[name])
+            lz.fill(fill)
+            if fill.n != lz.nbytes:
+                raise RuntimeError(f"{path}: {name} got {fill.n} bytes, expected {lz.nbytes}")
+            crcs[f"{archive}/{name}"] = fill.crc
+            known.append((where[name], fill.n, fill.crc32c))
+            done += fill.n
+        with open(path, "r+b") as f:
+            _patch_crcs(f, crcs)
+        if sums is not None:   # the finished file's crc32c, from the records' (ckptctl.reshard.resume)
+            sums[str(path)] = file_crc32c(fd, os.fstat(fd).st_size, known)
+    finally:
+        os.close(fd)
     return done
-
-
-def _as_bytes(block) -> np.ndarray | bytes:
-    if isinstance(block, torch.Tensor):
-        t = block.contiguous()
-        return t.view(torch.uint8).numpy().reshape(-1) if t.numel() else b""
-    if isinstance(block, np.ndarray):
-        return np.ascontiguousarray(block).view(np.uint8).reshape(-1)
-    return block
 
 
 def _patch_crcs(f, crcs: dict[str, int]) -> None:

@@ -11,6 +11,7 @@ from ckptctl.reshard.stream import LazyTensor, row_blocks, sub_piece
 from ckptctl.reshard.plan import FilePlan, ObjectItem, TensorItem
 from ckptctl.storage.objects import empty_like_encoding, get_object
 from ckptctl.storage.progress import Progress
+from ckptctl.storage.zerocopy import segments
 
 
 def lazy_tensor(store, item: TensorItem, block: int, progress: Progress) -> LazyTensor:
@@ -32,6 +33,11 @@ def lazy_tensor(store, item: TensorItem, block: int, progress: Progress) -> Lazy
         for r0, r1 in row_blocks(shape[0], row, block):
             lbox = Box((r0,) + (0,) * (len(shape) - 1), (r1 - r0,) + shape[1:])
             subs = list(_with_arrays(item, lbox))
+            segs = _segments(store, subs, shape) if full else None
+            if segs is not None:   # whole referenced chunks: written from the source mapping (storage.zerocopy)
+                write(segs)
+                progress.add(sum(s.nbytes for s in segs))
+                continue
             if full and len(subs) == 1 and subs[0][0][0] == lbox:   # one piece: the read is the block
                 (lb, gb), arr = subs[0]
                 t = store.read(arr, gb).reshape(lb.sizes)
@@ -44,6 +50,20 @@ def lazy_tensor(store, item: TensorItem, block: int, progress: Progress) -> Lazy
             del t
 
     return LazyTensor(shape, dtype, fill)
+
+
+def _segments(store, subs: list, shape: tuple) -> list | None:
+    """The row block's bytes as source segments when its pieces are stacked along dim 0 (each spans the
+    trailing dims) and each is a run of whole referenced chunks; else None."""
+    out = []
+    for (lb, gb), arr in sorted(subs, key=lambda s: s[0][0].offsets[0]):
+        if tuple(lb.sizes[1:]) != tuple(shape[1:]):
+            return None
+        segs = segments(store, arr, gb)
+        if segs is None:
+            return None
+        out += segs
+    return out
 
 
 def _with_arrays(item: TensorItem, lbox: Box):

@@ -48,9 +48,10 @@ def target_phase(job, comm, progress) -> dict:
             sd["rng_state"] = get_object(store, slot, encs[slot])
         d = it_dir / fp.dirname
         d.mkdir(parents=True, exist_ok=True)
-        save_streaming(sd, d / MODEL_FILE)
+        sums: dict = {}
+        save_streaming(sd, d / MODEL_FILE, sums)
         del sd
-        resume.mark_target(job, i, d)
+        resume.mark_target(job, i, d, sums)
     progress.add(0, force=True)
     comm.barrier()
     if comm.rank == 0:

@@ -1,0 +1,132 @@
+"""Target phase without copies: a block of a target tensor that is a run of whole referenced chunks
+(ckptctl.storage.refs) is written straight from a read-only mapping of the source files.
+
+`Store.read` copies every chunk twice before the file write copies it a third time (pread into a buffer,
+the buffer into the block tensor where pieces meet, the block into the page cache). When a target block's
+bytes in C order are whole store chunks one after the other (the usual case: the planner cuts chunks as
+slabs of the source pieces, and a target row block is a slab of the same tensor), `segments` returns
+them as read-only arrays on the source file's mapping, each checked against its recorded crc32c (the same
+check `Refs.read` does), and the writer hands them to `write` directly: the bytes are read once for the
+checksums and copied once, by the kernel, into the target file. The mapped pages are dropped after each
+segment (`Segment.release`), so they do not stay in the worker's RSS (`--max-memory`).
+Anything else (materialized chunks, pieces side by side along a trailing dimension, partial chunks)
+returns None and takes `Store.read` as before: the bytes written are the same either way.
+"""
+from __future__ import annotations
+
+import itertools
+import mmap
+import os
+
+import google_crc32c
+import numpy as np
+
+from ckptctl.box import Box
+from ckptctl.errors import BadInput
+from ckptctl.storage.refs import chunk_key
+
+PAGE = mmap.PAGESIZE
+
+
+class Segment:
+    """`nbytes` bytes of a source file (`view`, a read-only uint8 array on its mapping), their crc32c, and how to drop their pages."""
+
+    __slots__ = ("view", "crc32c", "_map", "_off")
+
+    def __init__(self, view: np.ndarray, crc: int, m: mmap.mmap, off: int):
+        self.view, self.crc32c, self._map, self._off = view, crc, m, off
+
+    @property
+    def nbytes(self) -> int:
+        return self.view.nbytes
+
+    def release(self) -> None:
+        lo, hi = -(-self._off // PAGE) * PAGE, (self._off + self.view.nbytes) // PAGE * PAGE
+        if hi > lo:
+            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+class _Maps:
+    """Read-only mappings of the source files a worker reads (one each, kept for the phase)."""
+
+    def __init__(self):
+        self.maps: dict[str, mmap.mmap] = {}
+        self.checked: set = set()   # (path, offset) of chunks whose crc32c matched
+
+    def get(self, path: str) -> mmap.mmap:
+        m = self.maps.get(path)
+        if m is None:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as e:
+                raise BadInput(f"{path}: cannot read the source file ({e.strerror}); it was removed or "
+                               "changed during the conversion") from None
+            try:
+                m = self.maps[path] = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            finally:
+                os.close(fd)
+        return m
+
+
+def _maps(store) -> _Maps:
+    m = getattr(store, "_zerocopy_maps", None)
+    if m is None:
+        m = store._zerocopy_maps = _Maps()
+    return m
+
+
+def slab(sizes: tuple, outer: tuple) -> bool:
+    """Is a box of `sizes` a contiguous byte range of an enclosing box of `outer` (C order)? True when
+    some dim j has extent 1 on every dim before it and the whole outer extent on every dim after it."""
+    j = next((d for d, c in enumerate(sizes) if c != 1), len(sizes) - 1)
+    return all(c == s for c, s in zip(sizes[j + 1:], outer[j + 1:]))
+
+
+def segments(store, name: str, box: Box) -> list[Segment] | None:
+    """The bytes of `box` of array `name` in C order as consecutive byte ranges of referenced chunks, or
+    None. Each chunk the box touches must give it one contiguous part of the chunk, and the parts must
+    follow one another in the box; a chunk is checked whole against its crc32c once per worker."""
+    refs = store.refs
+    if not refs or not box.sizes or 0 in box.sizes:
+        return None
+    a = store.array(name)
+    if not a.raw or any(o + s > n for o, s, n in zip(box.offsets, box.sizes, a.shape)):
+        return None
+    ranges = [range(o // c, (o + s - 1) // c + 1) for o, s, c in zip(box.offsets, box.sizes, a.chunks)]
+    strides, acc = [], a.dtype.itemsize
+    for c in reversed(a.chunks):
+        strides.append(acc)
+        acc *= c
+    strides.reverse()
+    parts = []
+    for idx in itertools.product(*ranges):
+        lo = [max(o, i * c) for o, i, c in zip(box.offsets, idx, a.chunks)]
+        sizes = tuple(min(o + s, (i + 1) * c) - l for o, s, i, c, l in zip(box.offsets, box.sizes, idx, a.chunks, lo))
+        if not (slab(sizes, a.chunks) and slab(sizes, box.sizes)):
+            return None   # the box's bytes are not runs of chunk bytes: Store.read gathers them
+        e = refs.entries.get(chunk_key(a.name, a.sep, idx))
+        if e is None:
+            return None   # a materialized chunk in the box: Store.read takes the whole block
+        start = sum((l - i * c) * st for l, i, c, st in zip(lo, idx, a.chunks, strides))
+        n = a.dtype.itemsize
+        for s in sizes:
+            n *= s
+        parts.append((idx, e, start, n))
+    maps, out = _maps(store), []
+    for idx, (path, off, n, crc), start, length in parts:
+        if n != a.chunk_nbytes:
+            raise BadInput(f"{path}: reference of store {a.where(idx)} is {n} bytes, the chunk {a.chunk_nbytes}")
+        m = maps.get(path)
+        if off + n > len(m):
+            raise BadInput(f"{path}: ends before byte {off + n}; the source file was truncated "
+                           "during the conversion")
+        key = (path, off)
+        if key not in maps.checked:
+            whole = np.frombuffer(m, np.uint8, n, off)   # read-only, no copy (google_crc32c takes no memoryview)
+            if int(google_crc32c.value(whole)) != crc:
+                raise BadInput(f"{path}: bytes {off}..{off + n} ({a.where(idx)}) fail their crc32c: the source "
+                               "file changed since the source phase read it")
+            maps.checked.add(key)
+        view = np.frombuffer(m, np.uint8, length, off + start)
+        out.append(Segment(view, crc if length == n else int(google_crc32c.value(view)), m, off + start))
+    return out
