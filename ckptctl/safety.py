@@ -92,7 +92,7 @@ def guarded(src: Path, dst: Path, to, kw: dict, resume: bool = False):
             if resume and keep is None:
                 keep = _resumable(dst, notes)
             notes += guard.remove_stale(dst, keep)
-        _check_space(src, dst, writes, Path(dst).suffix == ".zarr" and to is None)
+        _check_space(src, dst, writes, Path(dst).suffix == ".zarr" and to is None, getattr(nodes, "multi", False))
         yield notes
     except guard.Interrupted as e:
         e.dst = Path(dst)
@@ -108,7 +108,7 @@ def guarded(src: Path, dst: Path, to, kw: dict, resume: bool = False):
             lock.release()
 
 
-def _check_space(src: Path, dst: Path, writes: dict[str, Path], to_store: bool) -> None:
+def _check_space(src: Path, dst: Path, writes: dict[str, Path], to_store: bool, multi: bool = False) -> None:
     """Each byte of the source is written about once to the store and once to the target (the
     target's rank files hold the same tensors); a store source is only read."""
     n = paths.tree_bytes(Path(src))
@@ -118,7 +118,7 @@ def _check_space(src: Path, dst: Path, writes: dict[str, Path], to_store: bool) 
     needs[dst_parent] = n
     if not from_store and not to_store:
         store_at = writes.get("--store", dst_parent)
-        kept = "--store" in writes or "--keep-store's store" in writes
+        kept = multi or "--store" in writes or "--keep-store's store" in writes   # multi-node: never references
         # a hidden store references the source's bytes (ckptctl.storage.refs): metadata and the chunks that
         # are not one byte range of a source file (optimizer state) are all it writes; a kept store copies all
         needs[store_at] = needs.get(store_at, 0) + (n if kept else n // 20)   # same filesystem: added up

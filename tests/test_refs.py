@@ -37,8 +37,9 @@ def source_store(src: Path, store: Path, refs: bool) -> None:
 
 def chunk_files(store: Path) -> dict[str, int]:
     """Bytes of the chunk files of the model's arrays (what a store copied of the weights)."""
+    # chunk keys are c/<i>/...; never a metadata file (nor zarr.json's temporary name while it is written)
     return {str(p.relative_to(store)): p.stat().st_size for p in (store / "model").rglob("*")
-            if p.is_file() and p.name != "zarr.json"}
+            if p.is_file() and "c" in p.relative_to(store).parts[:-1]}
 
 
 def tree(root: Path) -> dict[str, bytes]:
