@@ -75,10 +75,10 @@ def compute(inp: PlanInput, src: Layout, to: Layout) -> dict:
     invs = synth.inventories(fam, cfg, src, inp.dtype)
     c1 = time.process_time()
     sp = plan.plan_source(fam, cfg, src, invs)
+    del invs            # a worker holds the plan, not the key lists: freed before the target is planned
     tfiles = plan.plan_target(fam, cfg, dst, sp.manifest, sp.arrays, set(sp.slots))
     c2 = time.process_time()
     rss1 = _rss()
-    del invs
     arrays = sp.arrays
     elems = sum(_volume(a["shape"]) for a in arrays.values())
     weight_bytes = sum(_volume(a["shape"]) * itemsize(a["dtype"]) for a in arrays.values())
