@@ -22,53 +22,30 @@ from zarr.codecs import Crc32cCodec
 
 from ckptctl.box import Box
 from ckptctl.storage.commit import write_text
-from ckptctl.core.dtypes import chunk_grid as _grid
+from ckptctl.core.dtypes import BITVIEW, chunk_grid as _grid, dtype_name, storage_dtype, torch_dtype  # noqa: F401 (re-exported)
 from ckptctl.errors import BadInput
 
 FORMAT = "ckptctl-store"
 FORMAT_VERSION = 2   # 2: every chunk carries a crc32c
 CRC = 4              # bytes of the crc32c that ends every chunk file (little-endian uint32, as zarr writes it)
 
-# torch dtype name -> (numpy storage dtype, torch view dtype used to move bytes)
-_BITVIEW = {
-    "bfloat16": ("uint16", torch.uint16),
-    "float8_e4m3fn": ("uint8", torch.uint8),
-    "float8_e5m2": ("uint8", torch.uint8),
-}
-_NATIVE = {
-    "float16": "float16", "float32": "float32", "float64": "float64", "int8": "int8", "int16": "int16",
-    "int32": "int32", "int64": "int64", "uint8": "uint8", "bool": "bool",
-}
-
-
-def dtype_name(t: torch.dtype) -> str:
-    return str(t).removeprefix("torch.")
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return getattr(torch, name)
-
-
-def storage_dtype(name: str) -> str:
-    if name in _BITVIEW:
-        return _BITVIEW[name][0]
-    if name in _NATIVE:
-        return _NATIVE[name]
-    raise BadInput(f"unsupported tensor dtype {name}")
+# Dtype naming is one rule for the planner and the store (ckptctl.core.dtypes); the store adds the torch
+# view dtype that moves a bit-viewed dtype's bytes (bf16 as uint16).
+_VIEW = {name: getattr(torch, view) for name, (_, view) in BITVIEW.items()}
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
     """The tensor's bytes as a numpy array of the storage dtype (no value conversion)."""
     name = dtype_name(t.dtype)
-    if name in _BITVIEW:
-        t = t.view(_BITVIEW[name][1])
+    if name in _VIEW:
+        t = t.view(_VIEW[name])
     return t.contiguous().numpy()
 
 
 def from_numpy(a: np.ndarray, name: str) -> torch.Tensor:
     a = np.asarray(a)   # a 0-d array stays 0-d (zarr gives a numpy scalar)
     t = torch.from_numpy(a if a.flags.c_contiguous else np.ascontiguousarray(a))
-    return t.view(torch_dtype(name)) if name in _BITVIEW else t
+    return t.view(torch_dtype(name)) if name in _VIEW else t
 
 
 def configure(concurrency: int = 32, threads: int = 2) -> None:
@@ -389,26 +366,3 @@ def _write_json(path: Path, doc: dict, exist_ok: bool = False) -> None:
     # compact: the C encoder (indent=2 goes through pure Python); atomic: workers creating the same parent
     # group never see half a file
     write_text(path, json.dumps(doc))
-
-
-def chunk_shape(shape: tuple[int, ...], boxes: list[Box], itemsize: int, max_bytes: int = 64 << 20) -> tuple[int, ...]:
-    """A chunk grid in which every chunk lies inside one writer's box (gcd of all box edges),
-    then cut along dim 0 (by a divisor) until a chunk is at most `max_bytes`."""
-    from math import gcd
-
-    if not shape:
-        return ()
-    c = list(shape)
-    for b in boxes:
-        for d in range(len(shape)):
-            c[d] = gcd(c[d], gcd(b.offsets[d], b.sizes[d]))
-    c = [max(1, x) for x in c]
-    rest = itemsize
-    for x in c[1:]:
-        rest *= x
-    while c[0] > 1 and c[0] * rest > max_bytes:
-        for div in range(2, c[0] + 1):
-            if c[0] % div == 0:
-                c[0] //= div
-                break
-    return tuple(c)

@@ -12,7 +12,7 @@ from ckptctl.models.config import ModelConfig
 from ckptctl.models.rules import VOCAB, global_shapes, pieces
 from ckptctl.reshard.plan import (MODEL, FilePlan, Inventory, Namer, ObjectItem, SourcePlan, TensorItem,
                                   _sort_key, _strip_expert, _with_copies, chunk_name)
-from ckptctl.store import chunk_shape, storage_dtype
+from ckptctl.core.dtypes import chunk_shape, storage_dtype
 
 # --- source ------------------------------------------------------------------------------------
 
