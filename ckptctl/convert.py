@@ -162,7 +162,8 @@ def _convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = No
         if optimizer and source.optim:
             from ckptctl.optstate.subopt import TargetState
             TargetState(get_family(source.family), source.cfg, to, source.optim, None)
-    n = _workers(nproc, len(source.plan.files), len(to.model_files) if to else 1, nodes)
+    n = _workers(nproc, len(source.plan.files), len(to.model_files) if to else 1, nodes,
+                 shared=out_fmt == "legacy" and not to_store)
     if nproc > 0 and n < nproc and not nodes.multi:
         notes.append(f"{n} workers, not {nproc}: at most one per rank file of the larger side "
                      f"({len(source.plan.files)} source, {len(to.model_files) if to else 1} target)")
@@ -231,9 +232,10 @@ def _convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = No
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _workers(nproc: int, files_in: int, files_out: int, nodes: launch.Nodes) -> int:
-    """Workers a run starts: at most one per rank file of the larger side (0: in this process)."""
-    if nodes.multi:
+def _workers(nproc: int, files_in: int, files_out: int, nodes: launch.Nodes, shared: bool = False) -> int:
+    """Workers a run starts: at most one per rank file of the larger side (0: in this process), or all
+    `nproc` when the target format lets workers share a file (legacy: formats/legacy/parallel_write.py)."""
+    if nodes.multi or (shared and nproc > 0):
         return max(1, nproc)
     return min(nproc, max(files_in, files_out)) if nproc > 0 else 0
 

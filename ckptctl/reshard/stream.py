@@ -214,6 +214,29 @@ def _storage_type(dtype: torch.dtype) -> str:
 def save_streaming(obj, path: Path, sums: dict | None = None) -> int:
     """Write `obj` (which may hold LazyTensors) as torch.save would. Returns bytes of lazy data written;
     `sums`, if given, gets {str(path): crc32c of the whole file} (without reading the file again)."""
+    path = Path(path)
+    archive, lazies = write_skeleton(obj, path)
+    if not lazies:
+        return 0
+    from ckptctl.storage.zipwrite import RecordFill
+    filled = []
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for name, lz, off in lazies:
+            fill = RecordFill(fd, off)
+            lz.fill(fill)
+            if fill.n != lz.nbytes:
+                raise RuntimeError(f"{path}: {name} got {fill.n} bytes, expected {lz.nbytes}")
+            filled.append((name, off, fill.n, fill.crc, fill.crc32c))
+    finally:
+        os.close(fd)
+    finish_file(path, archive, filled, sums)
+    return sum(f[2] for f in filled)
+
+
+def write_skeleton(obj, path: Path) -> tuple[str, list]:
+    """The zip torch.save would write, with every LazyTensor's record reserved (not filled, CRC 0), by
+    torch's own writer: (archive name, [(record name, LazyTensor, offset of its data)])."""
     import io
     path = Path(path)
     records: list = []
@@ -238,29 +261,25 @@ def save_streaming(obj, path: Path, sums: dict | None = None) -> int:
     archive = w.archive_name()
     del w
     if not lazies:
-        return 0
+        return archive, []
     r = torch._C.PyTorchFileReader(str(path))
     where = {name: r.get_record_offset(name) for name, _ in lazies}
     del r
-    from ckptctl.storage.zipwrite import RecordFill, file_crc32c
-    crcs, done, known = {}, 0, []
-    fd = os.open(path, os.O_RDWR)
-    try:
-        for name, lz in lazies:
-            fill = RecordFill(fd, where[name])
-            lz.fill(fill)
-            if fill.n != lz.nbytes:
-                raise RuntimeError(f"{path}: {name} got {fill.n} bytes, expected {lz.nbytes}")
-            crcs[f"{archive}/{name}"] = fill.crc
-            known.append((where[name], fill.n, fill.crc32c))
-            done += fill.n
-        with open(path, "r+b") as f:
-            _patch_crcs(f, crcs)
-        if sums is not None:   # the finished file's crc32c, from the records' (ckptctl.reshard.resume)
-            sums[str(path)] = file_crc32c(fd, os.fstat(fd).st_size, known)
-    finally:
-        os.close(fd)
-    return done
+    return archive, [(name, lz, where[name]) for name, lz in lazies]
+
+
+def finish_file(path: Path, archive: str, filled: list, sums: dict | None = None) -> None:
+    """Each filled record's CRC-32 into the zip headers; `filled`: [(name, offset, nbytes, crc32, crc32c)].
+    `sums`: gets {str(path): the whole file's crc32c}, combined from the records'."""
+    from ckptctl.storage.zipwrite import file_crc32c
+    with open(path, "r+b") as f:
+        _patch_crcs(f, {f"{archive}/{name}": crc for name, _, _, crc, _ in filled})
+    if sums is not None:   # ckptctl.reshard.resume's mark
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            sums[str(path)] = file_crc32c(fd, os.fstat(fd).st_size, [(off, n, c) for _, off, n, _, c in filled])
+        finally:
+            os.close(fd)
 
 
 def _patch_crcs(f, crcs: dict[str, int]) -> None:

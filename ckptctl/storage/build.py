@@ -14,8 +14,9 @@ from ckptctl.storage.progress import Progress
 from ckptctl.storage.zerocopy import segments
 
 
-def lazy_tensor(store, item: TensorItem, block: int, progress: Progress) -> LazyTensor:
-    """A target tensor produced block by block (rows of dim 0) from the store when its file is written."""
+def lazy_tensor(store, item: TensorItem, block: int, progress: Progress, rows: tuple | None = None) -> LazyTensor:
+    """A target tensor produced block by block (rows of dim 0) from the store when its file is written;
+    `rows` (r0, r1): only those rows (a part of the record, ckptctl.formats.legacy.parallel_write)."""
     dtype = torch_dtype(item.dtype)
     shape = tuple(item.shape)
     vol = int(np.prod(shape)) if shape else 1
@@ -30,7 +31,8 @@ def lazy_tensor(store, item: TensorItem, block: int, progress: Progress) -> Lazy
             progress.add(t.element_size())
             return
         row = (vol // shape[0]) * dtype.itemsize if shape[0] else 0
-        for r0, r1 in row_blocks(shape[0], row, block):
+        lo, hi = rows or (0, shape[0])
+        for r0, r1 in ((lo + a, lo + b) for a, b in row_blocks(hi - lo, row, block)):
             lbox = Box((r0,) + (0,) * (len(shape) - 1), (r1 - r0,) + shape[1:])
             subs = list(_with_arrays(item, lbox))
             segs = _segments(store, subs, shape) if full else None

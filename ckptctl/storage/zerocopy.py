@@ -40,8 +40,9 @@ class Segment:
     def nbytes(self) -> int:
         return self.view.nbytes
 
-    def release(self) -> None:
-        lo, hi = -(-self._off // PAGE) * PAGE, (self._off + self.view.nbytes) // PAGE * PAGE
+    def release(self, nbytes: int | None = None) -> None:
+        end = self._off + (self.view.nbytes if nbytes is None else nbytes)
+        lo, hi = -(-self._off // PAGE) * PAGE, end // PAGE * PAGE
         if hi > lo:
             self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
@@ -66,6 +67,19 @@ class _Maps:
             finally:
                 os.close(fd)
         return m
+
+
+CHECK_STEP = 64 << 20
+
+
+def _check_crc(m: mmap.mmap, off: int, n: int) -> int:
+    """crc32c of n mapped bytes at off, read in steps whose pages are dropped after (RSS stays small)."""
+    crc = 0
+    for pos in range(off, off + n, CHECK_STEP):
+        step = min(CHECK_STEP, off + n - pos)
+        crc = google_crc32c.extend(crc, np.frombuffer(m, np.uint8, step, pos))   # read-only, no copy
+        Segment(None, 0, m, pos).release(step)
+    return crc
 
 
 def _maps(store) -> _Maps:
@@ -122,8 +136,7 @@ def segments(store, name: str, box: Box) -> list[Segment] | None:
                            "during the conversion")
         key = (path, off)
         if key not in maps.checked:
-            whole = np.frombuffer(m, np.uint8, n, off)   # read-only, no copy (google_crc32c takes no memoryview)
-            if int(google_crc32c.value(whole)) != crc:
+            if _check_crc(m, off, n) != crc:
                 raise BadInput(f"{path}: bytes {off}..{off + n} ({a.where(idx)}) fail their crc32c: the source "
                                "file changed since the source phase read it")
             maps.checked.add(key)

@@ -34,11 +34,10 @@ def target_phase(job, comm, progress) -> dict:
                            files=files)
     mine = assign([f.nbytes() + 1 for f in files], comm.world)[comm.rank]
     budget = Budget(job.max_memory)
-    for i in mine:
+
+    def prepare(i: int):
+        """File i's state dict (tensors lazy) and folder, its optimizer state written beside it."""
         fp = files[i]
-        if resume.target_done(job, i):   # finished by an interrupted run, its files intact (crc32c)
-            progress.add(fp.nbytes())
-            continue
         sd = build_file(store, fp, common, encs, progress, block=budget.block)
         if tside is not None:
             (it_dir / fp.dirname).mkdir(parents=True, exist_ok=True)
@@ -48,6 +47,16 @@ def target_phase(job, comm, progress) -> dict:
             sd["rng_state"] = get_object(store, slot, encs[slot])
         d = it_dir / fp.dirname
         d.mkdir(parents=True, exist_ok=True)
+        return sd, d
+
+    if comm.world > len(files):   # more workers than files: they share the files' records
+        from ckptctl.formats.legacy.parallel_write import write_shared
+        write_shared(job, comm, progress, store, files, mine, budget.block, prepare)
+    for i in mine if comm.world <= len(files) else ():
+        if resume.target_done(job, i):   # finished by an interrupted run, its files intact (crc32c)
+            progress.add(files[i].nbytes())
+            continue
+        sd, d = prepare(i)
         sums: dict = {}
         save_streaming(sd, d / MODEL_FILE, sums)
         del sd
