@@ -26,7 +26,7 @@ LAYERS = [
     ("formats", ("ckptctl.formats",)),
     # the worker phases (source, target), the launcher, replicas; verify's reference gather
     ("phases", ("ckptctl.reshard", "ckptctl.verify_gather")),
-    ("commands", ("ckptctl.convert", "ckptctl.verify", "ckptctl.verify_optim", "ckptctl.verify_store",
+    ("commands", ("ckptctl.convert", "ckptctl.verify", "ckptctl.verify_optim", "ckptctl.verify_parallel", "ckptctl.verify_store",
                   "ckptctl.verify_report", "ckptctl.optim_ranks", "ckptctl.example", "ckptctl.matrix", "ckptctl.hf",
                   "ckptctl.inspect_cmd", "ckptctl.dryrun", "ckptctl.next_flags", "ckptctl.notes",
                   "ckptctl.convert_summary", "ckptctl.plan_cmd", "ckptctl.plan_project", "ckptctl.safety", "ckptctl.cli",
