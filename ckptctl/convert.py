@@ -163,7 +163,7 @@ def _convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = No
             from ckptctl.optstate.subopt import TargetState
             TargetState(get_family(source.family), source.cfg, to, source.optim, None)
     n = _workers(nproc, len(source.plan.files), len(to.model_files) if to else 1, nodes,
-                 shared=out_fmt == "legacy" and not to_store)
+                 shared=registry.get(out_fmt).workers_share_files and not to_store)
     if nproc > 0 and n < nproc and not nodes.multi:
         notes.append(f"{n} workers, not {nproc}: at most one per rank file of the larger side "
                      f"({len(source.plan.files)} source, {len(to.model_files) if to else 1} target)")
@@ -234,7 +234,7 @@ def _convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = No
 
 def _workers(nproc: int, files_in: int, files_out: int, nodes: launch.Nodes, shared: bool = False) -> int:
     """Workers a run starts: at most one per rank file of the larger side (0: in this process), or all
-    `nproc` when the target format lets workers share a file (legacy: formats/legacy/parallel_write.py)."""
+    `nproc` when the target format lets workers share a file (`Format.workers_share_files`)."""
     if nodes.multi or (shared and nproc > 0):
         return max(1, nproc)
     return min(nproc, max(files_in, files_out)) if nproc > 0 else 0

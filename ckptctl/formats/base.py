@@ -73,6 +73,7 @@ class Format:
     indices_rebuilt: bool = False    # the optimizer encoding keeps per-parameter indices (convert's report)
     layout_free: bool = False        # a target without a parallel layout (no --to; planned as TP1PP1)
     holds_optimizer: bool = True     # False: a target of weights only (convert drops optimizer state, says so)
+    workers_share_files: bool = False   # target workers beyond one per file help write each file (convert starts nproc)
 
     # --- CLI process ---------------------------------------------------------------------------
     def detect(self, path: Path) -> bool:

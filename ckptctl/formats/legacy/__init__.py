@@ -16,6 +16,7 @@ class LegacyFormat(Format):
     writes_examples = True
     memory_mapped = True          # rank files are loaded with mmap=True
     indices_rebuilt = True        # Adam state dicts index parameters: rebuilt for the target
+    workers_share_files = True    # records of one rank file cut over all workers (parallel_write.py)
 
     def detect(self, path: Path) -> bool:
         from ckptctl.formats.legacy.files import is_legacy
