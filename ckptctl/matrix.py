@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ckptctl.errors import BadInput, CkptctlError
 from ckptctl.layout import parse_layout
+from ckptctl.formats import registry
 from ckptctl.models import family_names, get_family
 
 
@@ -18,6 +19,10 @@ def default_pairs(model: str) -> list[tuple[str, str, str, dict]]:
         fam = get_family(f)
         for s, d, opts in getattr(fam, "matrix_pairs", []):
             out.append((f, s, d, opts))
+        # each format's rows across formats (the families know none), in a fixed order
+        for fmt in sorted(registry.formats(), key=lambda x: (x.detect_order, x.name), reverse=True):
+            for s, d, opts in fmt.matrix_pairs.get(f, []):
+                out.append((f, s, d, opts))
     if not out:
         raise BadInput(f"no matrix pairs for model {model!r}")
     return out

@@ -74,6 +74,7 @@ class Format:
     layout_free: bool = False        # a target without a parallel layout (no --to; planned as TP1PP1)
     holds_optimizer: bool = True     # False: a target of weights only (convert drops optimizer state, says so)
     workers_share_files: bool = False   # target workers beyond one per file help write each file (convert starts nproc)
+    matrix_pairs: dict = {}          # family name -> `ckptctl matrix` rows (source, target, example options) in this format
 
     # --- CLI process ---------------------------------------------------------------------------
     def detect(self, path: Path) -> bool:

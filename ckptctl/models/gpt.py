@@ -168,10 +168,4 @@ GPT.matrix_pairs = [
     ("tp1pp8", "tp8pp1", {"vocab": 17}), ("tp1pp8", "tp8pp1", {"vocab": 127}), ("tp1pp1", "tp1pp8", {"vocab": 31123, "hidden": 16, "heads": 4}),
     ("tp1pp4vpp2", "tp1pp2", {}), ("tp1pp4vpp2", "tp2pp1", {}), ("tp4pp1", "tp1pp2vpp1", {}),
     ("tp1pp2", "tp1pp4vpp2", {}), ("tp1pp2", "tp2pp1", {"tied": True}),
-    # across formats (ckptctl.formats.torch_dist): legacy -> torch_dist, torch_dist -> legacy
-    ("tp2pp2", "tp1pp4", {"swiglu": True, "groups": 2, "optimizer": "none", "to_format": "torch_dist"}),
-    ("tp1pp2", "tp2pp1", {"format": "torch_dist", "to_format": "legacy"}),
-    # through Hugging Face (ckptctl.formats.hf): A -> HF -> B, Llama-style (vocab 128: no trained padding rows)
-    ("tp2pp2", "tp1pp4", {"via": "hf", "swiglu": True, "groups": 2, "norm": "RMSNorm", "position": "rope",
-                          "bias": False, "optimizer": "none"}),
-]
+]   # pairs across formats: each format's `Format.matrix_pairs` (ckptctl.matrix adds them)

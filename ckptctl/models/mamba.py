@@ -283,8 +283,4 @@ Mamba.matrix_pairs = [
     ("tp4pp1dp2", "tp2pp1dp4", {"mamba_groups": 4}),             # (4,1,1,2) -> (2,1,1,4)
     ("tp2pp1", "tp1pp2", {}),                                    # the acceptance pair
     ("tp1pp2vpp2", "tp2pp2", {"pattern": "M*|M-|M*|M-"}),        # ckptctl's own: '|' segments follow PP*VPP
-    # across formats (torch_dist: numbered keys, in_proj/conv1d segment keys; MoE layers' experts)
-    ("tp2pp1", "tp1pp2", {"optimizer": "none", "to_format": "torch_dist"}),
-    ("tp2pp2ep2", "tp4pp1", {"format": "torch_dist", "to_format": "legacy", "mamba_groups": 4,
-                             "pattern": "M*EM-E*M", "experts": 4, "moe_ffn": 32}),
-]
+]   # pairs across formats: each format's `Format.matrix_pairs` (ckptctl.matrix adds them)

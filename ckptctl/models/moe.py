@@ -207,13 +207,7 @@ MoE.matrix_pairs = [
     ("tp1pp1dp2", "tp1pp1ep2dp4", {}),                          # DistOpt 1 -> 2 sub-optimizers, EDP 2
     ("tp2pp1ep4etp1", "tp2pp1", {}),                            # DistOpt 2 -> 1: EP 4 -> 1 and ETP 1 -> TP
     ("tp1pp1ep2", "tp1pp1", {"optimizer": "adam"}),             # plain Adam 2 -> 1
-    # across formats (torch_dist: experts on their own axis, both expert kinds)
-    ("tp2pp2ep2", "tp1pp1ep4", {"swiglu": True, "optimizer": "none", "to_format": "torch_dist"}),
-    ("tp1pp1ep4", "tp2pp1ep2etp1", {"format": "torch_dist", "to_format": "legacy", **_G}),
-    # through Hugging Face: Qwen2-MoE-style (gated shared expert) A -> HF -> B
-    ("tp1pp1ep4", "tp2pp1ep2", {"via": "hf", "swiglu": True, "norm": "RMSNorm", "position": "rope", "shared_ffn": 32,
-                                "shared_gate": True, "optimizer": "none"}),
-]
+]   # pairs across formats: each format's `Format.matrix_pairs` (ckptctl.matrix adds them)
 MoE.example_defaults = {"experts": 8, "moe_ffn": 64, "bias": False}
 
 

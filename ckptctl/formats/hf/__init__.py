@@ -22,6 +22,15 @@ class HFFormat(Format):
     detect_order = 10             # config.json + safetensors: unambiguous
     layout_free = True            # a target without a parallel layout (no --to)
     holds_optimizer = False       # weights only: optimizer and RNG state are not exported
+    # `ckptctl matrix` rows through Hugging Face (A -> HF -> B), per family
+    matrix_pairs = {
+        # Llama-style (vocab 128: no trained padding rows)
+        "gpt": [("tp2pp2", "tp1pp4", {"via": "hf", "swiglu": True, "groups": 2, "norm": "RMSNorm", "position": "rope",
+                                      "bias": False, "optimizer": "none"})],
+        # Qwen2-MoE-style (gated shared expert)
+        "moe": [("tp1pp1ep4", "tp2pp1ep2", {"via": "hf", "swiglu": True, "norm": "RMSNorm", "position": "rope",
+                                            "shared_ffn": 32, "shared_gate": True, "optimizer": "none"})],
+    }
 
     def detect(self, path: Path) -> bool:
         from ckptctl.formats.hf.files import is_hf

@@ -12,6 +12,18 @@ class TorchDistFormat(Format):
     name = "torch_dist"
     megatron_name = "torch_dist"
     detect_order = 10             # its root also has a tracker file: tried before legacy
+    # `ckptctl matrix` rows across formats, per family: legacy -> torch_dist and torch_dist -> legacy
+    matrix_pairs = {
+        "gpt": [("tp2pp2", "tp1pp4", {"swiglu": True, "groups": 2, "optimizer": "none", "to_format": "torch_dist"}),
+                ("tp1pp2", "tp2pp1", {"format": "torch_dist", "to_format": "legacy"})],
+        # experts on their own axis, both expert kinds
+        "moe": [("tp2pp2ep2", "tp1pp1ep4", {"swiglu": True, "optimizer": "none", "to_format": "torch_dist"}),
+                ("tp1pp1ep4", "tp2pp1ep2etp1", {"format": "torch_dist", "to_format": "legacy", "grouped": True})],
+        # numbered keys, in_proj/conv1d segment keys; MoE layers' experts
+        "mamba": [("tp2pp1", "tp1pp2", {"optimizer": "none", "to_format": "torch_dist"}),
+                  ("tp2pp2ep2", "tp4pp1", {"format": "torch_dist", "to_format": "legacy", "mamba_groups": 4,
+                                           "pattern": "M*EM-E*M", "experts": 4, "moe_ffn": 32})],
+    }
 
     def detect(self, path: Path) -> bool:
         from ckptctl.formats.torch_dist.metadata import is_torch_dist
