@@ -45,18 +45,22 @@ def expert_groups(layout) -> bool:
     return layout.ep > 1 or layout.expert_tp != layout.tp
 
 
-def file_params(family, cfg, layout, fp) -> list[Param]:
-    """A rank file's trainable params in named_parameters() order (= its model dict order, DESIGN §6.2)."""
+def file_params(family, cfg, layout, fp, memo: dict | None = None) -> list[Param]:
+    """A rank file's trainable params in named_parameters() order (= its model dict order, DESIGN §6.2).
+    `memo`: gkey -> (has state, is expert), shared across the files of one layout (keys repeat per file)."""
     tied = family.tied_copies(cfg)
     shared_keys = set(tied) | set(tied.values()) if layout.pp > 1 else set()
     eg = expert_groups(layout)
+    memo = {} if memo is None else memo
     out = []
     for i, t in enumerate(fp.tensors):
-        loc = family.locate(t.gkey)
-        if not family.optimizer_state(loc.rest):
+        hit = memo.get(t.gkey)
+        if hit is None:
+            loc = family.locate(t.gkey)
+            hit = memo[t.gkey] = (family.optimizer_state(loc.rest), family.expert_of(loc.rest) is not None)
+        if not hit[0]:
             continue
-        expert = eg and family.expert_of(loc.rest) is not None
-        out.append(Param(i, t.chunk, t.key, t.gkey, tuple(t.shape), t.dtype, expert, t.gkey in shared_keys))
+        out.append(Param(i, t.chunk, t.key, t.gkey, tuple(t.shape), t.dtype, eg and hit[1], t.gkey in shared_keys))
     return out
 
 
