@@ -59,10 +59,14 @@ def check_order(ctx: Context, files: list) -> None:
     (`param_order`): the order that places state in flat buffers and Adam indices comes from the model,
     and a file listing its parameters otherwise is refused, naming the parameter."""
     order = ModelOrder(ctx.family, ctx.cfg)
+    checked: set[tuple] = set()     # the TP ranks of one stage list the same keys: each sequence checked once
     for fp in files:
         params = ctx.params(fp)
         for chunk in fp.chunks:
-            order.check_sequence([p.gkey for p in params if p.chunk == chunk], f"{fp.dirname}/{chunk}")
+            seq = tuple(p.gkey for p in params if p.chunk == chunk)
+            if seq not in checked:
+                order.check_sequence(list(seq), f"{fp.dirname}/{chunk}")
+                checked.add(seq)
 
 
 def target_comps(info: dict) -> tuple[str, ...]:
