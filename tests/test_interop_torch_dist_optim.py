@@ -11,7 +11,10 @@ byte for byte, its own reshard of the fully_reshardable save (at A: its own stat
 cannot load a dp_reshardable checkpoint at another TP. The same launch covers the non-distributed optimizer
 (plain Adam, bf16 model with fp32 masters, two steps, fully parallel save): megatron-core saves it at A, ckptctl
 converts it to torch_dist at B and at A and to legacy at C; megatron-core loads B against its own reshard, and the A output has its keys and chunks.
-~40 s on 2 busy cores.
+Every loaded copy then takes one more step on a fixed batch in the same launch (tests/mcore/optim.py's rule):
+bitwise against the same step from megatron-core's reshard at that layout, and against A's own next step
+bitwise at A, within optim.TOLS at B and C; moments swapped or shifted in C_legacy make that step differ.
+~45-55 s on 2 busy cores (the step checks add a few seconds).
 """
 from __future__ import annotations
 
@@ -50,6 +53,48 @@ def test_megatron_core_loads_bitwise(oracle, case):
     for r in rows:
         assert not r["problems"], r
         assert r["optimizer_tensors"] > 0 and r["tensors"] > r["optimizer_tensors"]
+
+
+CASES = ["A_dp", "B_legacy", "B_dp", "B_fr", "B_adam", "C_legacy", "C_fr_legacy", "C_adam_legacy"]
+
+
+def _rows(oracle, case: str) -> list[dict]:
+    rows = [r for r in oracle[1]["rows"] if r.get("case") == case]
+    assert len(rows) == 4, [r for r in oracle[1]["rows"] if r.get("case") in (case, "convert")]
+    return rows
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_next_step_equals_megatron_core_reshard_stepped(oracle, case):
+    """One more step from ckptctl's conversion equals, byte for byte, the same step from megatron-core's own
+    reshard loaded at that layout (at A: the live model's own step): weights, masters, moments, step."""
+    for r in _rows(oracle, case):
+        s = r["next_bitwise"]
+        assert s["tensors"] == r["tensors"] and not s["bad"], (r["rank"], s)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_next_step_matches_a(oracle, case):
+    """Against the step A itself took next: bitwise at A; at B and C (another TP, PP, DP: another float
+    reduction order) within tests/mcore/optim.py's TOLS, the step count exact."""
+    for r in _rows(oracle, case):
+        s = r["next_vs_a"]
+        assert s["tensors"] == r["tensors"] and not s["bad"], (r["rank"], s)
+        if r["layout"] == "tp2pp1dp2":
+            assert s["bitwise"] and s["tol"] is None
+        else:
+            assert not s["bitwise"] and set(s["max_diff"]) == {"weight", "param", "exp_avg", "exp_avg_sq", "step"}
+            assert s["max_diff"]["step"] == 0.0
+            assert all(s["max_diff"][k] <= s["tol"][k] for k in s["max_diff"])
+
+
+def test_negative_control_tampered_moments_change_the_step(oracle):
+    """C_legacy's moments swapped, or shifted onto other parameters' elements, give weights or fp32 masters
+    outside TOLS after the step: the step check sees misplaced optimizer state."""
+    for r in _rows(oracle, "C_legacy"):
+        nc = r["negative_control_next"]
+        assert set(nc) == {"swapped", "shifted"} and all(v["caught"] > 0 for v in nc.values()), (r["rank"], nc)
+    assert oracle[1]["ok"]
 
 
 def _index(root: Path) -> dict:

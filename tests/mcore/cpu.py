@@ -221,3 +221,46 @@ def run_command(argv: list[str], commands: dict, setup=()) -> None:
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- one training step
+
+def train_step(models: list, opt, cfg: dict, tokens: torch.Tensor, labels: torch.Tensor, lr: float) -> None:
+    """One optimizer step of DDP-wrapped GPT `models` (one chunk per rank, any PP) on this DP rank's
+    (tokens, labels): forward/backward through the pipeline with blocking send/recv (one microbatch),
+    megatron-core's `finalize_model_grads` (DP reduction, embedding grads across stages), every group's
+    lr set to `lr`, `opt.step()`. The one step rule of the optimizer oracles (optim.py, torch_dist_optim.py)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.utils import get_attr_wrapped_model
+
+    assert len(models) == 1, "one model chunk per rank (no virtual pipeline)"
+    b, s = tokens.shape
+    pos = torch.arange(s).unsqueeze(0).expand(b, s).contiguous()
+    mask = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)[None, None]
+    model = models[0]
+    first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+    model.zero_grad_buffer()
+    opt.zero_grad()
+    inp = None
+    if not first:      # the previous stage's hidden states [s, b, h] in the pipeline dtype
+        conf = get_attr_wrapped_model(model, "config")
+        inp = torch.empty((s, b, cfg["hidden_size"]), dtype=conf.pipeline_dtype, requires_grad=True)
+        torch.distributed.recv(inp.data, src=ps.get_pipeline_model_parallel_prev_rank())
+        get_attr_wrapped_model(model, "set_input_tensor")(inp)
+    out = model(tokens, pos, mask)
+    if last:
+        logits = out[..., : cfg["vocab_size"]].float()
+        torch.nn.functional.cross_entropy(logits.reshape(-1, cfg["vocab_size"]), labels.reshape(-1)).backward()
+    else:
+        torch.distributed.send(out.detach().contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+        grad = torch.empty_like(out)
+        torch.distributed.recv(grad, src=ps.get_pipeline_model_parallel_next_rank())
+        out.backward(grad)
+    if inp is not None:
+        torch.distributed.send(inp.grad.contiguous(), dst=ps.get_pipeline_model_parallel_prev_rank())
+    finalize_model_grads(models)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    ok, _, _ = opt.step()
+    assert ok, "optimizer step skipped"

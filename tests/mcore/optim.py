@@ -53,7 +53,7 @@ TOLS = {"float32": {"weight": 1e-4, "param": 1e-4, "exp_avg": 1e-5, "exp_avg_sq"
 GLOBAL_BATCH = 4
 OPT = dict(lr=3e-4, min_lr=3e-5, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8,
            clip_grad=1.0)
-STEP_LRS = (3e-4, 2.5e-4)   # lr of step 1 and step 2 (a scheduler's job; set by hand here)
+STEP_LRS = (3e-4, 2.5e-4, 2e-4)   # lr of steps 1, 2, 3 (a scheduler's job; set by hand here)
 
 
 # ----------------------------------------------------------------------------- CPU patches (optimizer)
@@ -159,22 +159,8 @@ def batch(cfg: dict, lay: dict, step: int):
 
 
 def train_step(models, opt, cfg: dict, lay: dict, step: int) -> None:
-    tokens, labels = batch(cfg, lay, step)
-    b, s = tokens.shape
-    pos = torch.arange(s).unsqueeze(0).expand(b, s).contiguous()
-    mask = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)[None, None]
-    for m in models:
-        m.zero_grad_buffer()
-    opt.zero_grad()
-    logits = models[0](tokens, pos, mask)[..., : cfg["vocab_size"]].float()    # PP=1: one chunk
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg["vocab_size"]), labels.reshape(-1))
-    loss.backward()
-    for m in models:
-        m.finish_grad_sync()
-    for g in opt.param_groups:
-        g["lr"] = STEP_LRS[step - 1]
-    ok, _, _ = opt.step()
-    assert ok, "optimizer step skipped"
+    """Step `step` (1-based: its batch and STEP_LRS lr) through cpu.train_step (any PP)."""
+    cpu.train_step(models, opt, cfg, *batch(cfg, lay, step), STEP_LRS[step - 1])
 
 
 def local_state(chunks, opt) -> list[tuple[str, torch.Tensor]]:

@@ -15,7 +15,12 @@ One launch does everything:
      at A takes a step and saves as Megatron-LM does (no sharding type) -> WORK/A_adam; ckptctl converts it to
      torch_dist at B (B_adam) and at A (A_adam_td: keys and chunks against WORK/A_adam); megatron-core loads
      B_adam against its own reshard of WORK/A_adam at B.
-Every weight, fp32 master, exp_avg, exp_avg_sq and step is compared byte for byte. Rank 0 writes RESULT.
+Every weight, fp32 master, exp_avg, exp_avg_sq and step is compared byte for byte. Then every loaded copy
+takes step NEXT = 3 on a fixed batch (cpu.train_step, any PP), as tests/mcore/optim.py's oracle takes step 2:
+bitwise against the same step from megatron-core's reshard loaded at that layout (at A: the live model's own
+step 3); against A's own step 3 (WORK/A_fr_next, WORK/A_adam_next, resharded by megatron-core) within
+optim.TOLS at B and C, bitwise at A. Negative control: C_legacy with its moments swapped, or shifted by a
+third of each buffer, must give other weights or masters after the step. Rank 0 writes RESULT.
 """
 from __future__ import annotations
 
@@ -35,6 +40,8 @@ from cpu import init_parallel, patch_cuda_for_cpu  # noqa: E402
 CFG = dict(num_layers=2, hidden_size=64, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=128,
            swiglu=True, vocab_size=512, seq_length=16, max_position_embeddings=16)
 STEPS = 2          # the issue-10 case: two steps, then Megatron-LM's default save (fully parallel)
+NEXT = STEPS + 1   # the step every loaded state takes next (as tests/mcore/optim.py's step 2)
+NC_CASE = "C_legacy"   # the negative control: this case's files, moments swapped, stepped
 KIND = "distributed"
 ADAM = "adam-bf16"      # tests/mcore/optim.py kind: plain Adam, bf16 model, fp32 masters
 
@@ -125,6 +132,45 @@ def load_into(path: str, chunks, opt, cfg: dict, lay: dict, how: str) -> None:
         mo.load_dist(os.path.join(path, f"iter_{mo.ITER:07d}"), chunks, opt)
 
 
+def shift_moments(sd: dict, dsd) -> None:
+    """Both moments moved by a third of each flat buffer of a loaded legacy distrib_optim.pt: every
+    element gets another parameter's state (issue 10's defect), with exp_avg_sq still >= 0 (no NaN,
+    unlike swapped moments), so only the size of the step's difference can catch it."""
+    for k, buf in (dsd or {}).items():
+        if isinstance(k, int):
+            for e in buf.values():
+                for m in ("exp_avg", "exp_avg_sq"):
+                    e[m] = e[m].roll(e[m].numel() // 3)
+
+
+def reference(work: str, ref: str, cfg: dict, lay: dict, kind: str, seed: int, adam: bool) -> tuple:
+    """megatron-core's own reshard at `lay` of WORK/ref: (its state, its state after step NEXT taken here,
+    A's own step NEXT resharded here from WORK/<ref>_next)."""
+    how = "adam" if adam else "fully_reshardable"
+    rc, rm, ro = mo.build(cfg, lay, kind, seed + 2, perturb=False)
+    load_into(os.path.join(work, ref), rc, ro, cfg, lay, how)
+    loaded = mo.local_state(rc, ro)
+    mo.train_step(rm, ro, cfg, lay, NEXT)
+    stepped = mo.local_state(rc, ro)
+    xc, _, xo = mo.build(cfg, lay, kind, seed + 3, perturb=False)
+    load_into(os.path.join(work, ref + "_next"), xc, xo, cfg, lay, how)
+    return loaded, stepped, mo.local_state(xc, xo)
+
+
+def next_step(c, m, o, cfg: dict, lay: dict, exp_next, at_a_stepped, at_a: bool) -> dict:
+    """Step NEXT from the loaded state, as tests/mcore/optim.py's oracle checks step 2: bitwise against
+    the same step from megatron-core's reshard loaded at this layout; against A's own step NEXT bitwise
+    at A, else within optim.TOLS (another TP/PP changes the float reduction order)."""
+    mo.train_step(m, o, cfg, lay, NEXT)
+    mine = mo.local_state(c, o)
+    bad, _, n = mo.compare(mine, exp_next)
+    out = {"next_bitwise": {"tensors": n, "bad": bad[:8]}}
+    tol = None if at_a else mo.TOLS[cfg["dtype"]]
+    bad, worst, n = mo.compare(mine, at_a_stepped, tol)
+    out["next_vs_a"] = {"tensors": n, "bitwise": at_a, "tol": tol, "max_diff": worst, "bad": bad[:8]}
+    return out
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("work")
@@ -150,11 +196,18 @@ def main(argv: list[str]) -> int:
     # the same state without the fully parallel strategy: same chunks, another `.metadata` key order
     save_megatron(os.path.join(a.work, "A_nfp"), chunks, opt, cfg, la, "dp_reshardable", fully_parallel=False)
     at_a = mo.local_state(chunks, opt)
+    # the next step at A, from the live state: what every loaded copy's next step is compared with
+    mo.train_step(models, opt, cfg, la, NEXT)
+    at_a_next = mo.local_state(chunks, opt)
+    save_megatron(os.path.join(a.work, "A_fr_next"), chunks, opt, cfg, la, "fully_reshardable")
+    del chunks, models, opt
     adam_kind, adam_cfg = mo.variant(ADAM, cfg)
     ac, am, ao = mo.build(adam_cfg, la, adam_kind, a.seed, perturb=True)
     for step in range(1, STEPS + 1):
         mo.train_step(am, ao, adam_cfg, la, step)
     save_megatron(os.path.join(a.work, "A_adam"), ac, ao, adam_cfg, la, None, adam_kind)
+    mo.train_step(am, ao, adam_cfg, la, NEXT)
+    save_megatron(os.path.join(a.work, "A_adam_next"), ac, ao, adam_cfg, la, None, adam_kind)
     del ac, am, ao
     err = None
     if rank == 0:
@@ -178,7 +231,7 @@ def main(argv: list[str]) -> int:
             init_parallel(lay["tp"], lay["pp"], seed=a.seed)
             row = {"rank": rank, "case": name, "layout": layout, "load": how, "problems": []}
             ccfg, ckind = (adam_cfg, adam_kind) if how.startswith("adam") else (cfg, KIND)
-            c, _, o = mo.build(ccfg, lay, ckind, a.seed + 1, perturb=False)
+            c, m, o = mo.build(ccfg, lay, ckind, a.seed + 1, perturb=False)
             try:
                 load_into(os.path.join(a.work, name), c, o, ccfg, lay, how)
             except Exception as e:  # noqa: BLE001
@@ -186,25 +239,37 @@ def main(argv: list[str]) -> int:
                 rows.append(row)
                 continue
             if ref is None:
-                exp = at_a
+                exp, exp_next, at_a_stepped = at_a, at_a_next, at_a_next
             else:      # megatron-core's own reshard, once per layout
                 if ref_state.get((layout, ref)) is None:
-                    rc, _, ro = mo.build(ccfg, lay, ckind, a.seed + 2, perturb=False)
-                    load_into(os.path.join(a.work, ref), rc, ro, ccfg, lay, "adam" if how.startswith("adam") else
-                              "fully_reshardable")
-                    ref_state[layout, ref] = mo.local_state(rc, ro)
-                exp = ref_state[layout, ref]
+                    ref_state[layout, ref] = reference(a.work, ref, ccfg, lay, ckind, a.seed, how.startswith("adam"))
+                exp, exp_next, at_a_stepped = ref_state[layout, ref]
             bad, _, n = mo.compare(mo.local_state(c, o), exp)
             row["tensors"] = n
             row["wrong_optimizer"] = sum(1 for x in bad if x.startswith("opt"))
             row["optimizer_tensors"] = sum(1 for k, _ in exp if k.startswith("opt"))
             row["problems"] += bad[:8]
+            row.update(next_step(c, m, o, ccfg, lay, exp_next, at_a_stepped, ref is None))
+            row["step_problems"] = [f"step {NEXT}: {x}" for x in row["next_bitwise"]["bad"] + row["next_vs_a"]["bad"]]
+            if name == NC_CASE:
+                row["negative_control_next"] = {}
+                for what, tamper in (("swapped", mo.swap_moments), ("shifted", shift_moments)):
+                    nc, nm, no = mo.build(ccfg, lay, ckind, a.seed + 4, perturb=False)
+                    mo.load_legacy(os.path.join(a.work, name), nc, no, ccfg, lay, ckind, tamper=tamper)
+                    r = next_step(nc, nm, no, ccfg, lay, exp_next, at_a_stepped, False)
+                    # caught by the step itself: weights or fp32 masters off, not only the tampered moments
+                    # (swapped: exp_avg_sq takes exp_avg's negative entries, the step's sqrt makes NaN weights,
+                    # which optim.compare flags but reports as max_diff 0.0; shifted: finite, by size alone)
+                    caught = [x for x in r["next_vs_a"]["bad"] if x.startswith("model") or "/param:" in x]
+                    row["negative_control_next"][what] = {"caught": len(caught), "max_diff": r["next_vs_a"]["max_diff"]}
+                    if not caught:
+                        row["step_problems"].append(f"negative control (moments {what}, stepped) not caught: {r}")
             rows.append(row)
             torch.distributed.barrier()
     out = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(out, rows)
     allrows = [r for rs in out for r in rs]
-    ok = bool(allrows) and not any(r["problems"] for r in allrows)
+    ok = bool(allrows) and not any(r["problems"] or r.get("step_problems") for r in allrows)
     if rank == 0:
         with open(a.result, "w") as f:
             json.dump({"ok": ok, "rows": allrows}, f, indent=1, default=str)
