@@ -11,7 +11,7 @@ from ckptctl.reshard.stream import LazyTensor, row_blocks, sub_piece
 from ckptctl.reshard.plan import FilePlan, ObjectItem, TensorItem
 from ckptctl.storage.objects import empty_like_encoding, get_object
 from ckptctl.storage.progress import Progress
-from ckptctl.storage.zerocopy import segments
+from ckptctl.storage.zerocopy import gather, segments
 
 
 def lazy_tensor(store, item: TensorItem, block: int, progress: Progress, rows: tuple | None = None) -> LazyTensor:
@@ -42,16 +42,22 @@ def lazy_tensor(store, item: TensorItem, block: int, progress: Progress, rows: t
                 continue
             if full and len(subs) == 1 and subs[0][0][0] == lbox:   # one piece: the read is the block
                 (lb, gb), arr = subs[0]
-                t = store.read(arr, gb).reshape(lb.sizes)
+                t = _read(store, arr, gb).reshape(lb.sizes)
             else:
                 t = (torch.empty if full else torch.zeros)((r1 - r0,) + shape[1:], dtype=dtype)
                 for (lb, gb), arr in subs:
-                    t[lb.shift(tuple(-o for o in lbox.offsets)).slices] = store.read(arr, gb).reshape(lb.sizes)
+                    t[lb.shift(tuple(-o for o in lbox.offsets)).slices] = _read(store, arr, gb).reshape(lb.sizes)
             write(t)
             progress.add(t.numel() * t.element_size())
             del t
 
     return LazyTensor(shape, dtype, fill)
+
+
+def _read(store, arr: str, gb: Box):
+    """A box of the store: from the source mappings when its chunks are references (storage.zerocopy)."""
+    t = gather(store, arr, gb)
+    return store.read(arr, gb) if t is None else t
 
 
 def _segments(store, subs: list, shape: tuple) -> list | None:

@@ -23,6 +23,7 @@ import numpy as np
 
 from ckptctl.box import Box
 from ckptctl.errors import BadInput
+from ckptctl.storage.crcs import combine
 from ckptctl.storage.refs import chunk_key
 
 PAGE = mmap.PAGESIZE
@@ -134,12 +135,54 @@ def segments(store, name: str, box: Box) -> list[Segment] | None:
         if off + n > len(m):
             raise BadInput(f"{path}: ends before byte {off + n}; the source file was truncated "
                            "during the conversion")
-        key = (path, off)
-        if key not in maps.checked:
-            if _check_crc(m, off, n) != crc:
-                raise BadInput(f"{path}: bytes {off}..{off + n} ({a.where(idx)}) fail their crc32c: the source "
-                               "file changed since the source phase read it")
-            maps.checked.add(key)
+        part = _verify(maps, m, a, idx, (path, off, n, crc), start, length)
         view = np.frombuffer(m, np.uint8, length, off + start)
-        out.append(Segment(view, crc if length == n else int(google_crc32c.value(view)), m, off + start))
+        out.append(Segment(view, part if part is not None else int(google_crc32c.value(view)), m, off + start))
     return out
+
+
+def _verify(maps: _Maps, m: mmap.mmap, a, idx: tuple, e: list, start: int, length: int) -> int | None:
+    """Check a chunk against its crc32c once per worker (the first time, in three ranges: before, the part
+    [start, start + length) and after, combined). Returns the part's crc32c when it came out of the check."""
+    path, off, n, crc = e
+    if (path, off) in maps.checked:
+        return crc if length == n else None
+    cuts = [off, off + start, off + start + length, off + n]
+    crcs = [_check_crc(m, lo, hi - lo) for lo, hi in zip(cuts, cuts[1:])]
+    whole = combine(combine(crcs[0], crcs[1], length), crcs[2], cuts[3] - cuts[2])
+    if whole != crc:
+        raise BadInput(f"{path}: bytes {off}..{off + n} ({a.where(idx)}) fail their crc32c: the source "
+                       "file changed since the source phase read it")
+    maps.checked.add((path, off))
+    return crcs[1]
+
+
+def gather(store, name: str, box: Box):
+    """`Store.read(name, box)` when every chunk the box touches is referenced: each chunk's part copied once,
+    straight from the source mapping into the block (no read buffer), the chunk checked once per worker.
+    None when some chunk is not a reference."""
+    from ckptctl.core.dtypes import chunk_grid
+    from ckptctl.store import from_numpy
+    refs = store.refs
+    if not refs or not box.sizes or 0 in box.sizes:
+        return None
+    a = store.array(name)
+    if not a.raw or any(o + s > n for o, s, n in zip(box.offsets, box.sizes, a.shape)):
+        return None
+    grid = list(chunk_grid(a.shape, a.chunks, box.offsets, box.sizes))
+    entries = [refs.entries.get(chunk_key(a.name, a.sep, g[0])) for g in grid]
+    if any(e is None for e in entries):
+        return None
+    maps, out = _maps(store), np.empty(box.sizes, a.dtype)
+    for (idx, box_sl, chunk_sl, _), e in zip(grid, entries):
+        path, off, n, _ = e
+        if n != a.chunk_nbytes:
+            raise BadInput(f"{path}: reference of store {a.where(idx)} is {n} bytes, the chunk {a.chunk_nbytes}")
+        m = maps.get(path)
+        if off + n > len(m):
+            raise BadInput(f"{path}: ends before byte {off + n}; the source file was truncated "
+                           "during the conversion")
+        _verify(maps, m, a, idx, e, 0, n)
+        out[box_sl] = np.frombuffer(m, a.dtype, n // a.dtype.itemsize, off).reshape(a.chunks)[chunk_sl]
+        Segment(None, 0, m, off).release(n)
+    return from_numpy(out, a.attrs["torch_dtype"])

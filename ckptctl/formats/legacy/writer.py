@@ -4,6 +4,7 @@ tracker once every file is there."""
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from ckptctl.formats.legacy.files import MODEL_FILE
@@ -49,10 +50,13 @@ def target_phase(job, comm, progress) -> dict:
         d.mkdir(parents=True, exist_ok=True)
         return sd, d
 
-    if comm.world > len(files):   # more workers than files: they share the files' records
+    # more workers than files, all on this node: they share the files' records (never across nodes: a
+    # shared file system's client caches make concurrent writes into one file unsafe to rely on)
+    shared = comm.world > len(files) and os.environ.get("LOCAL_WORLD_SIZE", str(comm.world)) == str(comm.world)
+    if shared:
         from ckptctl.formats.legacy.parallel_write import write_shared
         write_shared(job, comm, progress, store, files, mine, budget.block, prepare)
-    for i in mine if comm.world <= len(files) else ():
+    for i in mine if not shared else ():
         if resume.target_done(job, i):   # finished by an interrupted run, its files intact (crc32c)
             progress.add(files[i].nbytes())
             continue
