@@ -97,16 +97,26 @@ def slab(sizes: tuple, outer: tuple) -> bool:
     return all(c == s for c, s in zip(sizes[j + 1:], outer[j + 1:]))
 
 
-def segments(store, name: str, box: Box) -> list[Segment] | None:
-    """The bytes of `box` of array `name` in C order as consecutive byte ranges of referenced chunks, or
-    None. Each chunk the box touches must give it one contiguous part of the chunk, and the parts must
-    follow one another in the box; a chunk is checked whole against its crc32c once per worker."""
+def _referenced(store, name: str, box: Box):
+    """(refs, array) when the store references source bytes and `box` is a non-empty region inside the raw
+    array `name`; else None (the caller falls back to an ordinary store read)."""
     refs = store.refs
     if not refs or not box.sizes or 0 in box.sizes:
         return None
     a = store.array(name)
     if not a.raw or any(o + s > n for o, s, n in zip(box.offsets, box.sizes, a.shape)):
         return None
+    return refs, a
+
+
+def segments(store, name: str, box: Box) -> list[Segment] | None:
+    """The bytes of `box` of array `name` in C order as consecutive byte ranges of referenced chunks, or
+    None. Each chunk the box touches must give it one contiguous part of the chunk, and the parts must
+    follow one another in the box; a chunk is checked whole against its crc32c once per worker."""
+    found = _referenced(store, name, box)
+    if found is None:
+        return None
+    refs, a = found
     ranges = [range(o // c, (o + s - 1) // c + 1) for o, s, c in zip(box.offsets, box.sizes, a.chunks)]
     strides, acc = [], a.dtype.itemsize
     for c in reversed(a.chunks):
@@ -163,12 +173,10 @@ def gather(store, name: str, box: Box):
     None when some chunk is not a reference."""
     from ckptctl.core.dtypes import chunk_grid
     from ckptctl.store import from_numpy
-    refs = store.refs
-    if not refs or not box.sizes or 0 in box.sizes:
+    found = _referenced(store, name, box)
+    if found is None:
         return None
-    a = store.array(name)
-    if not a.raw or any(o + s > n for o, s, n in zip(box.offsets, box.sizes, a.shape)):
-        return None
+    refs, a = found
     grid = list(chunk_grid(a.shape, a.chunks, box.offsets, box.sizes))
     entries = [refs.entries.get(chunk_key(a.name, a.sep, g[0])) for g in grid]
     if any(e is None for e in entries):
