@@ -225,8 +225,9 @@ def bench_size(size: float, workers: list[int], work: Path, src_layout: str, dst
     n = max(workers)
     rows[f"startup {n}w torchrun"] = best([*tiny_cmd, "--nproc", str(n)], env=dict(os.environ, CKPTCTL_LAUNCHER="torchrun"),
                                           before=lambda: clean(work / "tiny-out"))
-    v = best([*CKPTCTL, "verify", str(src), str(work / "out"), "--json", *mm])
-    rows["verify"] = v
+    rows["verify"] = best([*CKPTCTL, "verify", str(src), str(work / "out"), "--json", *mm])
+    if n > 1:   # the same comparison spread over n forked workers (verify --nproc)
+        rows[f"verify {n}p"] = best([*CKPTCTL, "verify", str(src), str(work / "out"), "--json", "--nproc", str(n), *mm])
     _partial(rows)
     prof = None
     if profile:
