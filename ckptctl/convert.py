@@ -158,7 +158,7 @@ def _convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = No
         plan_target(get_family(source.family), source.cfg, to, source.plan.manifest, source.plan.arrays,
                     set(source.plan.slots))
         registry.get(out_fmt).check_target(get_family(source.family), source.cfg, to, source.plan.manifest,
-                                           source.plan.arrays, set(source.plan.slots))
+                                           source.plan.arrays, set(source.plan.slots), options=format_options)
         if optimizer and source.optim:
             from ckptctl.optstate.subopt import TargetState
             TargetState(get_family(source.family), source.cfg, to, source.optim, None)
@@ -262,8 +262,11 @@ def _store_to_legacy(src: Path, dst: Path, to: Layout | None, nproc: int, rng: s
     from ckptctl.pipeline import resolve_target
     to = resolve_target(get_family(attrs["family"]), cfg, to)
     files = plan_target(get_family(attrs["family"]), cfg, to, attrs["manifest"], attrs["arrays"], set(attrs["objects"]))
-    nbytes = sum(f.nbytes() for f in files)
     out_fmt = _out_format(to_format, attrs.get("source_format") or registry.fallback().name)
+    format_options = registry.get(out_fmt).check_format_options(format_options)
+    registry.get(out_fmt).check_target(get_family(attrs["family"]), cfg, to, attrs["manifest"], attrs["arrays"],
+                                       set(attrs["objects"]), options=format_options)   # before any byte
+    nbytes = sum(f.nbytes() for f in files)
     n = min(nproc, len(files)) if nproc > 0 else 0
     if dry_run:
         from ckptctl import dryrun
@@ -282,7 +285,7 @@ def _store_to_legacy(src: Path, dst: Path, to: Layout | None, nproc: int, rng: s
     try:
         job = Job(workdir=str(work), store=str(src), out=str(work / "out"), dst_layout=to.to_json(), rng=rng,
                   phases=("target",), max_memory=max_memory, optim_sharding=optim_sharding,
-                  dst_format=out_fmt, format_options=registry.get(out_fmt).check_format_options(format_options))
+                  dst_format=out_fmt, format_options=format_options)
         timings = {"inspect": round(time.monotonic() - t0, 3)}
         res = launch.run(job, n, nbytes, progress, label=f"store -> {to}")
         timings.update({k: v["seconds"] for k, v in (res or {}).items() if isinstance(v, dict) and "seconds" in v})

@@ -90,6 +90,21 @@ def test_bad_options_exit_2(src, cli, args, msg):
     assert not (d / "x").exists()
 
 
+@pytest.mark.parametrize("arch,msg", [("mixtral", "a dense model has no experts"),
+                                      ("qwen2", "Qwen2 has biases on q/k/v_proj only")])
+def test_arch_refused_in_the_cli_before_workers(src, cli, arch, msg):
+    """`arch=` a model cannot be exported as: refused in the CLI process (one line, exit 2, nothing written, no
+    worker started), from a checkpoint and from a store."""
+    d, _ = src
+    if not (d / "st.zarr").exists():
+        assert cli("convert", d / "meg", d / "st.zarr").code == 0
+    for s in (d / "meg", d / "st.zarr"):
+        r = cli("convert", s, d / "x", "--to-format", "hf", "--format-option", f"arch={arch}")
+        assert r.code == 2 and f"cannot export as {arch} exactly: {msg}" in r.err, r.err
+        assert "worker" not in r.err and len(r.err.strip().splitlines()) <= 2
+        assert not (d / "x").exists() and not list(d.glob(".x*"))
+
+
 def test_refusal_is_one_line_exit_2(cli, tmp_path):
     r = cli("example", "gpt", "--layout", "tp1pp1", "--out", tmp_path / "ln", "--layers", "2", "--optimizer", "none")
     assert r.code == 0

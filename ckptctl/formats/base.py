@@ -97,9 +97,11 @@ class Format:
             raise BadInput(f"--format-option: the {self.name} format takes none (got {', '.join(opts)})")
         return {}
 
-    def check_target(self, family, cfg, layout: Layout, manifest: list, arrays: dict, slots: set) -> None:
+    def check_target(self, family, cfg, layout: Layout, manifest: list, arrays: dict, slots: set,
+                     options: dict | None = None) -> None:
         """Validate this format's whole target plan before any byte is written (no writes). The generic
-        target plan (`ckptctl.reshard.plan.plan_target`) is checked by the caller first."""
+        target plan (`ckptctl.reshard.plan.plan_target`) is checked by the caller first; `options`: the
+        checked `--format-option`s."""
 
     def optim_form(self, info: dict, sharding: str | None) -> str:
         """What this format holds of an optimizer variant (convert's and inspect's reports)."""

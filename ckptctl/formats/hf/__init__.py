@@ -40,9 +40,9 @@ class HFFormat(Format):
         from ckptctl.formats.hf.source import inspect
         return inspect(Path(path), true_vocab, family)
 
-    def check_target(self, family, cfg, layout, manifest, arrays, slots) -> None:
+    def check_target(self, family, cfg, layout, manifest, arrays, slots, options=None) -> None:
         from ckptctl.formats.hf.target import check_target
-        check_target(family, cfg, arrays)
+        check_target(family, cfg, arrays, options)
 
     def check_format_options(self, opts: dict | None) -> dict:
         from ckptctl.formats.hf.target import check_options

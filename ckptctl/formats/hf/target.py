@@ -35,7 +35,8 @@ def check_options(opts: dict | None) -> dict:
 
 
 def check_target(family, cfg, arrays: dict, opts: dict | None = None) -> None:
-    """The refusals and the name map's coverage, from the source's config and array list (no store yet)."""
+    """The refusals (`arch=` included) and the name map's coverage, from the source's config and array list
+    (no store yet): convert runs it in the CLI process, so a refusal is one line before any output."""
     opts = opts or {}
     a = archmod.choose(family.name, cfg, dict(cfg.extra), opts.get("arch"))
     V = cfg.true_vocab

@@ -37,7 +37,7 @@ class TorchDistFormat(Format):
         from ckptctl.formats.torch_dist.optim_info import check_sharding
         return check_sharding(optim_sharding)     # default dp_reshardable, as Megatron-LM saves
 
-    def check_target(self, family, cfg, layout, manifest, arrays, slots):
+    def check_target(self, family, cfg, layout, manifest, arrays, slots, options=None):
         from ckptctl.formats.torch_dist.target import plan_target
         plan_target(family, cfg, layout, manifest, arrays, slots)
 
