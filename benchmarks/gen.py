@@ -39,6 +39,8 @@ POOL = 1 << 24     # elements in the value pool
 class PoolStore:
     """The store interface (`read(name, box)`) over a fixed pool of values."""
 
+    refs = None     # no source bytes to reference (ckptctl.storage.zerocopy falls back to read())
+
     def __init__(self, seed: int = 1234):
         g = torch.Generator().manual_seed(seed)
         base = torch.randn(POOL, generator=g) * 0.02
