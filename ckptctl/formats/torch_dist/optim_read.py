@@ -64,16 +64,7 @@ class ModelSpace:
         self.unit = DistUnit(self.iter_dir, index, layout, None)
 
     def read(self, name: str, box: Box) -> torch.Tensor:
-        out = torch.empty(box.sizes, dtype=torch.float32)
-        got = 0
-        for item, p in self.pieces.get(name, ()):
-            hit = p.gbox.intersect(box)
-            if hit is None:
-                continue
-            x = self.unit.tensor(item)
-            src = hit.shift(tuple(lo - g for lo, g in zip(p.local.offsets, p.gbox.offsets)))
-            out[hit.shift(tuple(-o for o in box.offsets)).slices] = x[src.slices]
-            got += hit.volume
+        out, got = _assemble(self.unit, self.pieces.get(name, ()), box, torch.float32)
         if missing(got, box.volume):
             raise BadInput(f"{self.iter_dir}: the fully_reshardable chunks of {name!r} {missing(got, box.volume)} "
                            "a rank needs")
@@ -261,16 +252,7 @@ class DistWeights:
                     self.by_array.setdefault(p.array, []).append((t, p))
 
     def region(self, array: str, box, dtype) -> torch.Tensor:
-        out = torch.empty(box.sizes, dtype=dtype)
-        got = 0
-        for t, p in self.by_array.get(array, ()):
-            hit = p.gbox.intersect(box)
-            if hit is None:
-                continue
-            x = self.unit.tensor(t)
-            src = hit.shift(tuple(lo - g for lo, g in zip(p.local.offsets, p.gbox.offsets)))
-            out[hit.shift(tuple(-o for o in box.offsets)).slices] = x[src.slices]
-            got += hit.volume
+        out, got = _assemble(self.unit, self.by_array.get(array, ()), box, dtype)
         if missing(got, box.volume):
             raise BadInput(f"{array}: the torch_dist chunks {missing(got, box.volume)} a rank holds")
         return out
@@ -283,3 +265,19 @@ class DistWeights:
         for piece in t.pieces:
             buf[piece.local.slices] = self.region(piece.array, piece.gbox, dtype).reshape(piece.local.sizes)
         return buf
+
+
+def _assemble(unit, pieces, box: Box, dtype) -> tuple[torch.Tensor, int]:
+    """The region `box` of one global array from the (item, piece) pairs that hold parts of it, and how
+    many of its elements they covered (the caller names what is missing)."""
+    out = torch.empty(box.sizes, dtype=dtype)
+    got = 0
+    for item, p in pieces:
+        hit = p.gbox.intersect(box)
+        if hit is None:
+            continue
+        x = unit.tensor(item)
+        src = hit.shift(tuple(lo - g for lo, g in zip(p.local.offsets, p.gbox.offsets)))
+        out[hit.shift(tuple(-o for o in box.offsets)).slices] = x[src.slices]
+        got += hit.volume
+    return out, got
