@@ -218,7 +218,7 @@ def load(root: str) -> None:
         else:   # A had pipeline stages: megatron-core's own TP1PP1 build of the same weights
             ref = logits(fam, o, dist_load(fam, o, 1, 1, os.path.join(d, "dist")))
         res["logits_max_diff"] = float((out - ref).abs().max())
-        if res["logits_max_diff"] > 1e-4:
+        if not res["logits_max_diff"] <= 1e-4:   # NaN is a mismatch too
             res["mismatch"].append(f"logits differ by {res['logits_max_diff']}")
         results[name] = gather(res)
     write_result(os.path.join(root, "result.json"), results)

@@ -205,6 +205,8 @@ def compare(got, exp, tol: dict | None = None) -> tuple[list[str], dict, int]:
             what = "weight" if n.startswith("model") else n.rsplit("/", 1)[1]
             diff = (g.double() - e.double()).abs()
             d = diff.max().item()
+            if d != d:              # NaN: reported as inf, since max(0.0, nan) would report 0.0
+                d = float("inf")
             if what in ("exp_avg", "exp_avg_sq"):
                 d /= max(e.double().abs().max().item(), 1e-30)
             worst[what] = max(worst.get(what, 0.0), d)
