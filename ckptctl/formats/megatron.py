@@ -6,9 +6,6 @@ import argparse
 import random
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from ckptctl.errors import BadInput
 from ckptctl.layout import Layout
 from ckptctl.storage.commit import write_text
@@ -88,6 +85,7 @@ def rewrite_args(args: dict, layout: Layout, padded_vocab: int | None, num_layer
 
 def make_args(cfg, layout: Layout, dtype: str, seq: int, bias: bool) -> argparse.Namespace:
     """The Megatron-LM args fields that describe the model and the layout (names as arguments.py)."""
+    import torch   # here, not at the top: inspect reads layouts and args from this module without torch
     return argparse.Namespace(
         num_layers=cfg.num_layers, hidden_size=cfg.hidden, ffn_hidden_size=cfg.ffn,
         num_attention_heads=cfg.heads, num_query_groups=cfg.groups, group_query_attention=cfg.groups != cfg.heads,
@@ -112,6 +110,8 @@ def make_args(cfg, layout: Layout, dtype: str, seq: int, bias: bool) -> argparse
 
 def rng_state(seed: int) -> dict:
     """An RNG state shaped like Megatron-LM's `get_rng_state` entry (without CUDA)."""
+    import numpy as np
+    import torch
     r = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     return {"random_rng_state": r.getstate(), "np_rng_state": np.random.RandomState(seed).get_state(),

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from ckptctl.errors import BadInput
 from ckptctl.optstate.buffers import buffers
 from ckptctl.optstate.order import ModelOrder
@@ -75,6 +73,7 @@ def target_comps(info: dict) -> tuple[str, ...]:
 
 def fill_tensors(reader, fp, params: list[Param], comps) -> dict[int, dict]:
     """Per-parameter state of a target file, read from the store through the weight's pieces."""
+    import torch   # here, not at the top: inspect (`inspect_info`) runs without torch
     out = {}
     tensors = fp.tensors
     for p in params:

@@ -11,12 +11,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from ckptctl.errors import BadInput
 from ckptctl.formats.megatron import TOP_LEVEL_POLICY, TRACKER, args_dict, iter_dirname, layout_from_args
 from ckptctl.layout import FileCoord, Layout
-from ckptctl.storage.pickles import load_pt
 
 MODEL_FILE = "model_optim_rng.pt"
 OPTIM_FILE = "distrib_optim.pt"
@@ -43,8 +40,11 @@ def is_legacy(root: Path) -> bool:
     return (root / TRACKER).is_file() or any(root.glob("mp_rank_*")) or any(root.glob("iter_*/mp_rank_*"))
 
 
-def open_legacy(root: Path) -> LegacyCheckpoint:
-    """Find the checkpoint's files and check them against the layout its args declare. No tensor is read."""
+def open_legacy(root: Path, load=None) -> LegacyCheckpoint:
+    """Find the checkpoint's files and check them against the layout its args declare. No tensor is read.
+    `load`: path -> the rank file's dict (default `load_pt`; inspect's torch-free reader passes its own)."""
+    if load is None:
+        from ckptctl.storage.pickles import load_pt as load   # torch: imported where a file is loaded
     root = Path(root)
     if not root.exists():
         raise BadInput(f"no checkpoint at {root}")
@@ -73,7 +73,7 @@ def open_legacy(root: Path) -> LegacyCheckpoint:
     if not found:
         raise BadInput(f"{iter_dir}: no mp_rank_* directories")
     first = found[min(found, key=lambda k: tuple(x or 0 for x in k))] / MODEL_FILE
-    sd = load_pt(first)
+    sd = load(first)
     if "args" not in sd:
         raise BadInput(f"{first}: no 'args' entry; cannot tell the model or layout")
     if isinstance(sd.get("checkpoint_version"), (int, float)) and sd["checkpoint_version"] < 3:
@@ -126,6 +126,7 @@ def top_level_keys(sd: dict, path: Path) -> dict[str, str]:
 
 def inventory(sd: dict, path: Path) -> dict[str, list]:
     """Per chunk: (key, shape, dtype) for tensors, (key, None, None) for `_extra_state` objects."""
+    import torch
     out = {}
     for chunk in chunk_names(sd, path):
         entries = []
