@@ -18,7 +18,7 @@ from ckptctl.models.base import EXTRA_STATE, Family, KeyLoc
 from ckptctl.models.config import ModelConfig
 from ckptctl.models.rules import VOCAB, Piece, Rule, global_shapes, pieces
 from ckptctl.core.coverage import coverage_problems
-from ckptctl.core.dtypes import chunk_shape, storage_dtype
+from ckptctl.core.dtypes import chunk_shape, itemsize
 
 MODEL = "model/"
 OBJECTS = "objects/"
@@ -85,8 +85,7 @@ class SourcePlan:
 
 
 def _nbytes(t: TensorItem, p: Piece) -> int:
-    import numpy as np
-    return p.local.volume * np.dtype(storage_dtype(t.dtype)).itemsize
+    return p.local.volume * itemsize(t.dtype)
 
 
 @dataclass(frozen=True)
@@ -317,9 +316,8 @@ def _plan_source(family: Family, cfg: ModelConfig, layout: Layout, inventories: 
         bad = coverage_problems(tuple(shape), list(owners[a]), disjoint=True)   # overlaps checked above
         if bad:
             raise BadInput(f"tensor {a.removeprefix(MODEL)!r}: the source files {bad[0]}")
-        import numpy as np
         arrays[a] = {"shape": list(shape), "dtype": dtype, "vocab": a in vocab,
-                     "chunks": list(chunk_shape(shape, list(owners[a]), np.dtype(storage_dtype(dtype)).itemsize))}
+                     "chunks": list(chunk_shape(shape, list(owners[a]), itemsize(dtype)))}   # no numpy: inspect
     ordered = [manifest[k] for k in sorted(manifest, key=lambda k: order[k])]
     return SourcePlan(arrays=arrays, files=files, manifest=ordered, slots=slots)
 
