@@ -275,6 +275,48 @@ def verify(
     raise typer.Exit(1 if failed else 0)
 
 
+@app.command(epilog="Examples:\n\n  ckptctl digest src\n\n  ckptctl digest dst --nproc 16 --json\n\n"
+                    "  ckptctl digest dst --check src-digest.json")
+def digest(
+    ckpt: Annotated[Path, typer.Argument(help="A checkpoint folder (legacy or torch_dist) or a ckptctl .zarr store.")],
+    nproc: NprocOpt = None,
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="RSS budget per worker, e.g. 2G (default 2G)."),
+    true_vocab: VocabOpt = None,
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the digest as a JSON record to this file."),
+    check: Optional[Path] = typer.Option(None, "--check", help="Compare with a digest record (a file, or a folder "
+                                         "holding ckptctl-digest.json); exit 1 naming what differs. A record "
+                                         "inside CKPT (convert --digest) is always compared."),
+    all_rows: bool = typer.Option(False, "--all", help="List every tensor's hash."),
+    json_out: JsonOpt = False,
+):
+    """Fingerprint the model and optimizer state, independent of layout and format. Exit 1 on a mismatch."""
+    from ckptctl import digest as dg, digest_record
+    from ckptctl.reshard.launch import default_nproc
+    from ckptctl.reshard.stream import parse_size
+    records = [(p, digest_record.load(p)) for p in ([check] if check else []) + (
+        [ckpt / dg.RECORD] if (ckpt / dg.RECORD).is_file() and check != ckpt / dg.RECORD else [])]
+    with output.progress(not json_out) as prog:
+        rep = dg.digest(ckpt, true_vocab, parse_size(max_memory), default_nproc() if nproc is None else nproc, prog)
+    d = rep.to_json()
+    d["checked"] = [{"record": str(p), "record_of": r.get("record_of"), "differences": digest_record.differences(d, r)}
+                    for p, r in records]
+    failed = not rep.ok or any(c["differences"] for c in d["checked"])
+    d["ok"] = not failed
+    if out is not None:
+        digest_record.write(rep, out)
+    if json_out:
+        output.emit_json(d)
+    elif not output.QUIET:
+        digest_record.render(d, output.say, all_rows)
+        for c in d["checked"]:
+            diffs = c["differences"]
+            word = "[red]DIFFERENT[/]" if diffs else "[green]MATCHES[/]"
+            output.out.print(f"{word} the digest in {c['record']} (of {c['record_of']})" +
+                             (f": {len(diffs)} differ, first {diffs[0]['name']} ({diffs[0]['reason']})" if diffs else ""),
+                             highlight=False)
+    raise typer.Exit(1 if failed else 0)
+
+
 @app.command(epilog="Examples:\n\n  ckptctl matrix --model gpt\n\n  ckptctl matrix --model all --json\n\n"
                     "  ckptctl matrix --pairs tp2pp4:tp4pp2,tp1pp1:tp2pp2")
 def matrix(
