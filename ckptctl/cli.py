@@ -188,6 +188,8 @@ def convert(
     pp_layout: Optional[str] = typer.Option(None, "--pipeline-model-parallel-layout", help="Target: Megatron's "
                                             "explicit stage layout, e.g. 'Et*3|(tttt|)*14,ttL' (E, t, L; '|' "
                                             "between the PP*VPP stages)."),
+    digest: bool = typer.Option(False, "--digest", help="Also write the source's digest to DST/ckptctl-digest.json "
+                                "(one more read of the source); `ckptctl digest DST` then compares with it."),
     json_out: JsonOpt = False,
 ):
     """Convert a checkpoint to another parallel layout (through worker processes and a Zarr store)."""
@@ -212,6 +214,10 @@ def convert(
         if not rep["ok"]:
             raise typer.Exit(2)
         return
+    if digest and node_rank == 0:   # after the commit: a failed convert costs no digest
+        from ckptctl.digest_record import record_source
+        with output.progress(not json_out) as prog:
+            record_source(src, dst, rep, true_vocab, parse_size(max_memory), nproc, prog)
     from ckptctl.convert_summary import render, to_json
     if json_out:
         output.emit_json(to_json(rep))

@@ -84,3 +84,16 @@ def render(d: dict, say, show_all: bool = False) -> None:
         say(f"replica differs: {r['tensor']} in {r['where']} ({r['count']} elements; the owner's copy is hashed)")
     for note in d["notes"]:
         say(f"note: {note}")
+
+
+def record_source(src: Path, dst: Path, rep, true_vocab, max_memory, nproc, progress=None) -> Path:
+    """`convert --digest`: the source's digest written into the committed DST (never into the source),
+    its root and seconds added to the convert report `rep`."""
+    from ckptctl.digest import digest
+    from ckptctl.reshard.launch import default_nproc
+    d = digest(Path(src), true_vocab, max_memory, default_nproc() if nproc is None else nproc, progress)
+    path = write(d, Path(dst))
+    rep.timings["digest"] = d.seconds
+    rep.notes.append(f"source digest {d.root} written to {path}" + (
+        f" ({len(d.replicas_differ)} replica copies differ from their owners)" if d.replicas_differ else ""))
+    return path
