@@ -334,7 +334,7 @@ def test_refused_naming_the_feature(case, tmp_path):
     ({"qk_layernorm": True, "add_bias_linear": True}, "linear biases with QK layernorm"),
     ({"rotary_percent": 0.5}, "partial rotary"),
     ({"rotary_interleaved": True}, "interleaved rotary"),
-    ({"use_rope_scaling": True}, "RoPE scaling"),
+    ({"use_rope_scaling": True, "rotary_seq_len_interpolation_factor": 2}, "together with sequence-length"),
     ({"mtp_num_layers": 1}, "multi-token-prediction"),
     ({"position_embedding_type": "none"}, "position embedding 'none'"),
     ({"apply_residual_connection_post_layernorm": True}, "residual connection"),

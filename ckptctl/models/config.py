@@ -87,8 +87,11 @@ def config_from_args(args: dict, family: str, true_vocab: int | None = None) -> 
         "moe_layer_freq", "add_bias_linear", "position_embedding_type", "max_position_embeddings",
         "qk_layernorm", "moe_router_enable_expert_bias", "multi_latent_attention", "mtp_num_layers",
         "add_qkv_bias", "moe_shared_expert_gate",
+        # DeepSeek-V3-class layers (ckptctl.models.deepseek): MLA sizes, which spec built them, MTP
+        "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "transformer_impl",
+        "mla_down_proj_fusion", "mtp_use_repeated_layer",
         # what an exact Hugging Face mapping depends on (ckptctl.formats.hf.arch)
-        "swiglu", "rotary_base", "rotary_percent", "rotary_interleaved", "use_rope_scaling",
+        "swiglu", "rotary_base", "rotary_percent", "rotary_interleaved", "use_rope_scaling", "rope_scaling_factor",
         "rotary_seq_len_interpolation_factor", "norm_epsilon", "apply_residual_connection_post_layernorm",
         "window_size", "softmax_type", "use_mup", "experimental_attention_variant", "moe_router_topk",
         "moe_router_score_function", "moe_router_pre_softmax", "moe_router_topk_scaling_factor",

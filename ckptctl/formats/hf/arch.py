@@ -83,8 +83,8 @@ def choose(family: str, cfg: ModelConfig, args: dict, want: str | None = None) -
         (float(arg(args, "rotary_percent")) != 1.0, f"partial rotary embeddings (rotary_percent "
          f"{arg(args, 'rotary_percent')})"),
         (arg(args, "rotary_interleaved"), "interleaved rotary embeddings"),
-        (args.get("use_rope_scaling") or args.get("rope_scaling"), "RoPE scaling"),
-        (args.get("rotary_seq_len_interpolation_factor"), "RoPE sequence-length interpolation"),
+        (args.get("use_rope_scaling") and args.get("rotary_seq_len_interpolation_factor"), "Llama-3 RoPE scaling "
+         "together with sequence-length interpolation (HF has one rope_type)"),
         (args.get("apply_residual_connection_post_layernorm"), "residual connection after the layernorm"),
         (args.get("mtp_num_layers"), "multi-token-prediction (MTP) layers"),
         (args.get("window_size"), "sliding-window attention"),
@@ -155,11 +155,70 @@ def _choose_moe(cfg, args, want, qkv_bias, linear_bias, qk) -> Arch:
     return Arch(model_type, qkv_bias, False, False, True, model_type == "qwen2_moe", qk)
 
 
+# --- RoPE scaling ----------------------------------------------------------------------------------
+# megatron-core 0.19.2 RotaryEmbedding._apply_scaling (`--use-rope-scaling`, `--rope-scaling-factor`) is
+# transformers' "llama3" rope with these three values fixed; Megatron-LM passes only the factor.
+LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+DEFAULT_THETA = {"mixtral": 1e6}     # transformers' default_theta where config.json has no rope_theta (others 1e4)
+
+
+def rope_parameters(args: dict) -> dict:
+    """HF `rope_parameters` of a Megatron model (rope_theta included): "llama3" for `--use-rope-scaling`,
+    "linear" for `--rotary-seq-len-interpolation-factor` (megatron-core divides the positions by it, HF the
+    inverse frequencies: the same angles), else "default"."""
+    theta = float(arg(args, "rotary_base"))
+    if args.get("use_rope_scaling"):
+        return {"rope_type": "llama3", "rope_theta": theta, "factor": float(args.get("rope_scaling_factor") or 8.0),
+                **LLAMA3_FIXED}
+    if args.get("rotary_seq_len_interpolation_factor"):
+        return {"rope_type": "linear", "rope_theta": theta, "factor": float(args["rotary_seq_len_interpolation_factor"])}
+    return {"rope_type": "default", "rope_theta": theta}
+
+
+def rope_args(c: dict, path: str) -> dict:
+    """Megatron-LM args of an HF config's RoPE, read as transformers 5 reads it (`rope_scaling` if set, else
+    `rope_parameters`; rope_theta, partial_rotary_factor and original_max_position_embeddings from the top
+    level where the dict lacks them); a scaling Megatron cannot compute exactly is refused naming it."""
+    params = dict(c.get("rope_scaling") or c.get("rope_parameters") or {})
+    if any(isinstance(v, dict) for v in params.values()):
+        raise BadInput(f"{path}: RoPE parameters per layer type have no Megatron equivalent ckptctl maps")
+    kind = params.get("rope_type", params.get("type")) or "default"
+    theta = float(params.get("rope_theta", c.get("rope_theta", DEFAULT_THETA.get(c.get("model_type"), 10000.0))))
+    out = {"rotary_base": theta}
+    partial = params.get("partial_rotary_factor", c.get("partial_rotary_factor"))
+    if partial is not None and float(partial) != 1.0:
+        raise BadInput(f"{path}: partial rotary embeddings (partial_rotary_factor {partial}) have no exact Megatron "
+                       "mapping in ckptctl")
+    if kind == "default":
+        return out
+    if kind == "llama3":
+        got = {"factor": params.get("factor"), "low_freq_factor": params.get("low_freq_factor"),
+               "high_freq_factor": params.get("high_freq_factor"),
+               "original_max_position_embeddings": c.get("original_max_position_embeddings") or params.get(
+                   "original_max_position_embeddings", c.get("max_position_embeddings"))}
+        if None in got.values():
+            raise BadInput(f"{path}: RoPE scaling llama3 lacks {[k for k, v in got.items() if v is None][0]!r}")
+        off = [f"{k} {got[k]}" for k, v in LLAMA3_FIXED.items() if float(got[k]) != v]
+        if off:
+            raise BadInput(f"{path}: RoPE scaling llama3 with {', '.join(off)}: Megatron-LM's --use-rope-scaling "
+                           "hard-codes low_freq_factor 1, high_freq_factor 4, original_max_position_embeddings 8192")
+        return {**out, "use_rope_scaling": True, "rope_scaling_factor": float(got["factor"])}
+    if kind == "linear":
+        f = float(params.get("factor") or 0)
+        if f < 1 or f != int(f):
+            raise BadInput(f"{path}: RoPE scaling linear with factor {params.get('factor')}: Megatron-LM's "
+                           "--rotary-seq-len-interpolation-factor takes an integer")
+        return {**out, "rotary_seq_len_interpolation_factor": int(f)}
+    raise BadInput(f"{path}: RoPE scaling {kind!r} has no exact Megatron equivalent (mapped: llama3 = "
+                   "--use-rope-scaling, linear = --rotary-seq-len-interpolation-factor)")
+
+
 # --- config.json ---------------------------------------------------------------------------------
 
 def hf_config(arch: Arch, cfg: ModelConfig, args: dict, vocab: int, dtype: str, opts: dict | None = None) -> dict:
     """config.json of the HF model (keys as transformers 5 writes them, plus rope_theta for older readers)."""
     opts = opts or {}
+    args = {**cfg.extra, **{k: v for k, v in args.items() if v is not None}}   # the store's args, the config's gaps
     theta = float(arg(args, "rotary_base"))
     c = {
         "architectures": [arch.cls], "model_type": arch.model_type,
@@ -168,11 +227,13 @@ def hf_config(arch: Arch, cfg: ModelConfig, args: dict, vocab: int, dtype: str, 
         "intermediate_size": cfg.ffn, "hidden_act": "silu",
         "max_position_embeddings": int(args.get("max_position_embeddings") or args.get("seq_length") or 4096),
         "rms_norm_eps": float(arg(args, "norm_epsilon")), "tie_word_embeddings": cfg.tied,
-        "rope_parameters": {"rope_type": "default", "rope_theta": theta}, "rope_theta": theta,
+        "rope_parameters": rope_parameters(args), "rope_theta": theta,
         "attention_dropout": 0.0, "initializer_range": float(args.get("init_method_std") or 0.02),
         "use_cache": True, "dtype": dtype, "torch_dtype": dtype,
         "bos_token_id": opts.get("bos_token_id"), "eos_token_id": opts.get("eos_token_id"),
     }
+    if c["rope_parameters"]["rope_type"] != "default":   # what transformers 4 reads
+        c["rope_scaling"] = {k: v for k, v in c["rope_parameters"].items() if k != "rope_theta"}
     if arch.model_type == "llama":
         c.update(attention_bias=arch.o_bias, mlp_bias=arch.mlp_bias, pretraining_tp=1)
     elif arch.model_type == "mistral":
@@ -224,12 +285,7 @@ def from_hf_config(c: dict, path: str) -> tuple[str, Arch, ModelConfig, dict]:
             raise BadInput(f"{path}: config.json lacks {k!r}")
         return c[k]
 
-    rope = c.get("rope_parameters") or {}
-    if isinstance(c.get("rope_scaling"), dict) and c["rope_scaling"].get("rope_type", c["rope_scaling"].get("type")) \
-            not in (None, "default"):
-        raise BadInput(f"{path}: RoPE scaling {c['rope_scaling']} has no Megatron equivalent ckptctl maps")
-    if rope.get("rope_type", "default") != "default":
-        raise BadInput(f"{path}: RoPE type {rope['rope_type']!r} has no Megatron equivalent ckptctl maps")
+    rope = rope_args(c, path)
     if c.get("hidden_act", "silu") != "silu":
         raise BadInput(f"{path}: hidden_act {c['hidden_act']!r} (only silu = Megatron's --swiglu maps)")
     if c.get("sliding_window") and (mt != "qwen2" or c.get("use_sliding_window")) and mt not in ("qwen2_moe",):
@@ -253,7 +309,8 @@ def from_hf_config(c: dict, path: str) -> tuple[str, Arch, ModelConfig, dict]:
              "add_qkv_bias": qkv_bias, "max_position_embeddings": int(c.get("max_position_embeddings") or 4096)}
     if qk:
         extra["qk_layernorm"] = True
-    args = {"rotary_base": float(rope.get("rope_theta", c.get("rope_theta", 10000.0))), "rotary_percent": 1.0,
+    extra.update({k: v for k, v in rope.items() if k != "rotary_base"})
+    args = {**rope, "rotary_percent": 1.0,
             "norm_epsilon": float(c.get("rms_norm_eps", 1e-6)), "swiglu": True, "rotary_interleaved": False,
             "init_method_std": float(c.get("initializer_range", 0.02))}
     E, moe_ffn, ffn = 0, None, int(need("intermediate_size"))
