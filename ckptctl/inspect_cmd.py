@@ -2,9 +2,16 @@
 
 Works for every registered format and for a ckptctl store (.zarr). Format-specific wording comes from the
 format (`Format.optim_form`, `Format.megatron_name`).
+
+Start-up (issue 13 item 5): a format package may have a `lite` module that detects and inspects without
+torch (`detect`, `inspect`, `optim_form`, answering as the format's own); importing torch is most of a
+torch-path inspect. A store is read from its zarr.json. Whatever a lite reader cannot read, or refuses, goes
+the torch path, which gives the verdict and its message: the report never depends on the reader.
 """
 from __future__ import annotations
 
+import importlib
+import json
 from pathlib import Path
 
 from ckptctl.formats import registry
@@ -33,9 +40,8 @@ def _volume(shape) -> int:
 
 
 def _itemsize(dtype: str) -> int:
-    from ckptctl.store import torch_dtype
-    import torch
-    return torch.empty((), dtype=torch_dtype(dtype)).element_size()
+    from ckptctl.core.dtypes import itemsize
+    return itemsize(dtype)
 
 
 def _weights(arrays: dict) -> dict:
@@ -59,16 +65,49 @@ def _optimizer(info: dict | None, arrays: dict, form: str | None) -> dict | None
             "bytes": elems * 4 * len(comps), "step_and_param_groups": True}
 
 
-def describe(path: Path, true_vocab: int | None = None) -> dict:
-    """The inspect report of a checkpoint folder or a ckptctl store."""
+def _lite_module(fmt):
+    """The format package's torch-free reader, or None."""
+    name = f"{type(fmt).__module__}.lite"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name == name:
+            return None
+        raise
+
+
+def _inspect_lite(path: Path, true_vocab: int | None):
+    """(Source, optim_form) read without torch, or None: the torch path decides. Formats are tried in the
+    registry's detection order; one without a lite reader ahead of the match means torch decides."""
+    try:
+        for fmt in registry.formats():
+            lite = _lite_module(fmt)
+            if lite is None:
+                return None
+            if lite.detect(path):
+                break
+        else:
+            lite = _lite_module(registry.fallback())
+            if lite is None:
+                return None
+        return lite.inspect(path, true_vocab), lite.optim_form
+    except Exception:  # noqa: BLE001 - NotLite or a refusal: the torch path reads it again and gives the verdict
+        return None
+
+
+def describe(path: Path, true_vocab: int | None = None, lite: bool = True) -> dict:
+    """The inspect report of a checkpoint folder or a ckptctl store (`lite`: try the torch-free readers)."""
     path = Path(path)
     if (path / "zarr.json").is_file():
-        return _describe_store(path)
-    fmt = registry.detect(path)
-    src = fmt.inspect(path, true_vocab)
+        return _describe_store(path, lite)
+    got = _inspect_lite(path, true_vocab) if lite else None
+    if got is None:
+        fmt = registry.detect(path)
+        got = fmt.inspect(path, true_vocab), fmt.optim_form
+    src, optim_form = got
     files = _iteration_files(src)
     weights = _weights(src.plan.arrays)
-    opt = _optimizer(src.optim, src.plan.arrays, fmt.optim_form(src.optim, src.optim.get("sharding")) if src.optim else None)
+    opt = _optimizer(src.optim, src.plan.arrays, optim_form(src.optim, src.optim.get("sharding")) if src.optim else None)
     if opt is None and src.policies.get("optimizer") == "optimizer":
         # State is there but no decoder knows its form (convert drops it and says so).
         opt = {"kind": "unrecognised", "variant": None, "sub_optimizers": 0, "components": [], "sharding": None,
@@ -94,9 +133,24 @@ def describe(path: Path, true_vocab: int | None = None) -> dict:
     }
 
 
-def _describe_store(path: Path) -> dict:
+def _store_attrs(path: Path, lite: bool) -> dict:
+    """The store's attributes: from zarr.json when it is plainly a ckptctl store (as `Store.open` checks),
+    else through `Store.open` (zarr imported), which refuses what is not."""
+    if lite:
+        try:
+            meta = json.loads((path / "zarr.json").read_text())
+            attrs = meta.get("attributes", {})
+            if meta.get("zarr_format") == 3 and meta.get("node_type") == "group" and isinstance(attrs, dict) \
+                    and attrs.get("format") == "ckptctl-store":       # store.FORMAT
+                return dict(attrs)
+        except (OSError, ValueError, AttributeError):
+            pass
     from ckptctl.store import Store
-    attrs = Store.open(path).attrs
+    return Store.open(path).attrs
+
+
+def _describe_store(path: Path, lite: bool = True) -> dict:
+    attrs = _store_attrs(path, lite)
     from ckptctl.errors import BadInput
     if "source_layout" not in attrs:
         raise BadInput(f"{path}: the store has no source layout (its source phase did not finish)")
