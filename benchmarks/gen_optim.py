@@ -190,6 +190,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     t0 = time.monotonic()
     opts = shape_for(a.size_gb * 2 / BYTES_PER_PARAM, "bfloat16", a.hidden)
+    opts["heads"] = max(opts["heads"], 8)     # small sizes: still divisible by TP up to 8
     res = generate(Path(a.out), parse_layout(a.layout), opts, a.jobs)
     res["seconds"] = round(time.monotonic() - t0, 2)
     print(json.dumps(res))
