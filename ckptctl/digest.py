@@ -214,7 +214,7 @@ def digest(path: Path, true_vocab: int | None = None, max_memory: int | None = N
     from ckptctl.reshard import stream
     t0 = time.monotonic()
     src = inspect(Path(path), true_vocab)
-    rep = DigestReport(str(path), src.family, src.fmt, str(src.layout), nproc=max(1, nproc))
+    rep = DigestReport(str(path), src.family, src.fmt, str(src.layout), nproc=max(1, nproc), block_bytes=fpr.BLOCK)
     limit = stream.Budget(max_memory, parts=3).block   # one box, its bytes view, the hash's input
     units, specs = _units(src, nproc)
     total = sum(s[2] for s in specs.values())
