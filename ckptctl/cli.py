@@ -159,6 +159,7 @@ def convert(
     rng: str = typer.Option("auto", "--rng", help="RNG state: auto, carry, replicate or drop."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing destination."),
     no_optimizer: bool = typer.Option(False, "--no-optimizer", help="Drop optimizer state instead of converting it."),
+    fresh_optimizer: Optional[str] = typer.Option(None, "--fresh-optimizer", help="Hugging Face source: KIND[,lr=...]: a fresh optimizer state (docs/hf.md)."),
     allow_divergent_replicas: bool = typer.Option(False, "--allow-divergent-replicas", help="Where copies of a "
                                                   "replicated tensor differ between rank files, take the first "
                                                   "file's copy instead of refusing."),
@@ -198,7 +199,6 @@ def convert(
     from ckptctl.convert import convert as run
     from ckptctl.reshard.launch import Nodes
     from ckptctl.reshard.stream import parse_size
-
     from ckptctl.pipeline import with_options
     target = with_options(_layout(to, tp, pp, vpp, ep, etp, dp), first_layers, last_layers, pp_layout)
     with output.progress(not json_out and not dry_run) as prog:
@@ -206,7 +206,7 @@ def convert(
                   rng=rng, overwrite=overwrite, progress=prog, optimizer=not no_optimizer,
                   max_memory=parse_size(max_memory), nodes=Nodes(nnodes, node_rank, master_addr, master_port),
                   to_format=to_format, optim_sharding=optim_sharding, dry_run=dry_run,
-                  allow_divergent_replicas=allow_divergent_replicas, resume=resume,
+                  allow_divergent_replicas=allow_divergent_replicas, resume=resume, fresh_optimizer=fresh_optimizer,
                   format_options=cli_style.key_values(format_option, "--format-option"))
     if dry_run:
         from ckptctl import dryrun

@@ -113,8 +113,9 @@ def _convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = No
             overwrite: bool = False, progress=None, optimizer: bool = True,
             max_memory: int | None = None, nodes: launch.Nodes | None = None,
             to_format: str | None = None, optim_sharding: str | None = None, dry_run: bool = False,
-            format_options: dict | None = None) -> ConvertReport:
-    """`dry_run`: every check of a real run, then `ckptctl.dryrun.plan`'s report (a dict) instead of any write."""
+            format_options: dict | None = None, fresh_optimizer: str | None = None) -> ConvertReport:
+    """`dry_run`: every check of a real run, then `ckptctl.dryrun.plan`'s report (a dict) instead of any write.
+    `fresh_optimizer`: a source without optimizer state gets a fresh one (`Format.with_fresh_optimizer`)."""
     src, dst = Path(src), Path(dst)
     nodes = nodes or launch.Nodes()
     nodes.check()
@@ -128,12 +129,16 @@ def _convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = No
         raise BadInput(f"--rng: expected auto, carry, replicate or drop, got {rng!r}")
     from_store = (src / "zarr.json").is_file()
     to_store = dst.suffix == ".zarr" and to is None
+    if from_store and fresh_optimizer:
+        raise BadInput("--fresh-optimizer: only for a source without optimizer state (a Hugging Face folder)")
     if from_store:
         if to_store:
             raise BadInput(f"{src} is already a store: give a target layout with --to to write a checkpoint from it")
         return _store_to_legacy(src, dst, to, nproc, rng, progress, t0, max_memory, to_format, optim_sharding,
                                 dry_run=dry_run, format_options=format_options)
     source = inspect(src, true_vocab)
+    if fresh_optimizer:
+        source = registry.get(source.fmt).with_fresh_optimizer(source, fresh_optimizer)
     out_fmt = _out_format(to_format, source.fmt, to)
     dfmt = registry.get(out_fmt)
     format_options = dfmt.check_format_options(format_options)
@@ -226,10 +231,19 @@ def _convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = No
                              str(dst if to_store else (store or (dst.with_name(dst.name + ".zarr") if keep_store else None))),
                              policy_report(source, to, rng, optimizer, out_fmt, optim_sharding) if to else {}, notes,
                              wbytes, obytes, timings,
-                             None if to_store else megatron_flags(str(dst), to, out_fmt, source.optim, optimizer, rng))
+                             None if to_store else _fresh_flags(source, megatron_flags(str(dst), to, out_fmt,
+                                                                                       source.optim, optimizer, rng)))
     finally:
         if nodes.node_rank == 0:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _fresh_flags(source: Source, nxt: dict | None) -> dict | None:
+    """A fresh optimizer state is an iteration-0 checkpoint without RNG state, its scheduler a placeholder."""
+    if nxt and source.optim and source.optim.get("fresh"):
+        nxt["flags"] += ["--no-load-rng", "--override-opt_param-scheduler"]
+        nxt["line"] = " ".join(nxt["flags"])
+    return nxt
 
 
 def _workers(nproc: int, files_in: int, files_out: int, nodes: launch.Nodes, shared: bool = False) -> int:

@@ -33,8 +33,11 @@ def export_checkpoint(src: Path, out: Path, *, true_vocab: int | None = None, np
 
 
 def import_hf(src: Path, dst: Path, layout: Layout, *, to_format: str = "legacy", overwrite: bool = False,
-              nproc: int | None = None) -> dict:
-    convert(Path(src), Path(dst), layout, to_format=to_format, nproc=nproc, overwrite=overwrite)
+              nproc: int | None = None, fresh_optimizer: str | None = None) -> dict:
+    """`fresh_optimizer`: `KIND[,key=value...]` (`ckptctl.formats.hf.fresh`): an iteration-0 checkpoint with
+    the optimizer state a fresh run holds; None: a release checkpoint with weights only."""
+    convert(Path(src), Path(dst), layout, to_format=to_format, nproc=nproc, overwrite=overwrite,
+            **({"fresh_optimizer": fresh_optimizer} if fresh_optimizer else {}))
     V = int(json.loads((Path(src) / "config.json").read_text())["vocab_size"])
     return {"out": str(dst), "layout": str(layout), "format": to_format, "vocab": V,
             "padded_vocab": padded_vocab(V, 128, layout.tp)}

@@ -137,6 +137,13 @@ class Format:
         the store keeps) and `dropped()` (state not converted)."""
         raise NotImplementedError
 
+    def with_fresh_optimizer(self, src: Source, spec: str) -> Source:
+        """`convert --fresh-optimizer SPEC`: the source with a freshly made optimizer state (formats whose
+        checkpoints hold none: Hugging Face)."""
+        from ckptctl.errors import BadInput
+        raise BadInput(f"--fresh-optimizer: only for a source without optimizer state (a Hugging Face folder); "
+                       f"{src.ckpt.root} is {self.name}")
+
     def optim_source(self, family, cfg, layout: Layout, info: dict, plan, dist: dict | None):
         """Source workers: the optimizer side (`write_file` per unit, or `run` over its own units)."""
         raise NotImplementedError

@@ -20,9 +20,11 @@ def default_kind(layout) -> str:
     return "distributed" if layout.dp > 1 else "adam"
 
 
-def example_groups(family, cfg, src_plan, step: int, lr: float, with_expert: bool) -> list[list[dict]]:
+def example_groups(family, cfg, src_plan, step: int, lr: float, with_expert: bool,
+                   args: dict = EXAMPLE_ARGS) -> list[list[dict]]:
     """Param groups per sub-optimizer as megatron-core 0.19.2 builds them (standard overrides), read
-    back from a real torch AdamW so that every field torch adds is present."""
+    back from a real torch AdamW so that every field torch adds is present. `args`: the Megatron-LM
+    optimizer args (lr, min_lr, weight_decay, adam_beta1/2, adam_eps)."""
     kinds = []
     for fp in src_plan.files:
         for p in file_params(family, cfg, Layout1(), fp):
@@ -38,12 +40,12 @@ def example_groups(family, cfg, src_plan, step: int, lr: float, with_expert: boo
         for wd0, e in sub:
             g = {"params": [torch.nn.Parameter(torch.zeros(1))], "is_expert_parallel": e, "default_config": True,
                  "wd_mult": 1.0, "lr_mult": 1.0, "is_decoupled_lr": False,
-                 "max_lr": EXAMPLE_ARGS["lr"], "min_lr": EXAMPLE_ARGS["min_lr"]}
+                 "max_lr": args["lr"], "min_lr": args["min_lr"]}
             if wd0:
                 g["wd_mult"] = 0.0
             groups.append(g)
-        opt = torch.optim.AdamW(groups, lr=EXAMPLE_ARGS["lr"], weight_decay=EXAMPLE_ARGS["weight_decay"],
-                                betas=(EXAMPLE_ARGS["adam_beta1"], EXAMPLE_ARGS["adam_beta2"]), eps=EXAMPLE_ARGS["adam_eps"])
+        opt = torch.optim.AdamW(groups, lr=args["lr"], weight_decay=args["weight_decay"],
+                                betas=(args["adam_beta1"], args["adam_beta2"]), eps=args["adam_eps"])
         pgs = opt.state_dict()["param_groups"]
         for g in pgs:
             g["lr"] = lr

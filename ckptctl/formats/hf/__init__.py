@@ -49,7 +49,22 @@ class HFFormat(Format):
         return check_options(opts)
 
     def optim_form(self, info, sharding=None) -> str:
+        if info and info.get("fresh"):
+            return (f"fresh {info['kind']} state made on import (fp32 masters = the weights upcast, zero moments, "
+                    "step 0)")
         return "none (a Hugging Face folder holds weights only)"
+
+    def with_fresh_optimizer(self, src: Source, spec: str) -> Source:
+        """`--fresh-optimizer SPEC`: the same source, with the optimizer state a fresh run holds
+        (`ckptctl.formats.hf.fresh`), as an iteration-0 checkpoint."""
+        import dataclasses
+
+        from ckptctl.formats.hf.fresh import info_of, parse_spec
+        kind, args = parse_spec(spec)
+        info = info_of(kind, args, src.cfg, src.dist["dtype"])
+        ckpt = dataclasses.replace(src.ckpt, iteration=0)
+        return dataclasses.replace(src, ckpt=ckpt, optim=info, dist={**src.dist, "fresh": info},
+                                   policies={**src.policies, "optimizer": "optimizer"})
 
     def target_files(self, to, family, cfg, manifest, arrays, slots, iteration) -> list[str]:
         from math import prod
@@ -77,7 +92,11 @@ class HFFormat(Format):
         return lambda fp: HFUnit(dist)
 
     def optim_source(self, family, cfg, layout, info, plan, dist):
-        raise BadInput("a Hugging Face folder holds no optimizer state")
+        if not (dist or {}).get("fresh"):
+            raise BadInput("a Hugging Face folder holds no optimizer state")
+        from ckptctl.formats.hf.fresh import FreshOptimSource
+        from ckptctl.formats.hf.source import HFUnit
+        return FreshOptimSource(family, cfg, dist["fresh"], plan, dist["dtype"], lambda: HFUnit(dist))
 
     def target_phase(self, job, comm, progress) -> dict:
         from ckptctl.formats.hf.target import target_phase

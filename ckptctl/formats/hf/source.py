@@ -139,6 +139,10 @@ class HFUnit:
         for e in entries(arch, self.cfg, plan.arrays, self.cfg.true_vocab):
             self.by_array.setdefault(e.array, []).append(e)
         self.args, self._cache = megatron_args(self.cfg, dtype, extra_args), {}
+        self.fresh = dist.get("fresh")          # --fresh-optimizer: its info (ckptctl.formats.hf.fresh)
+        if self.fresh:
+            from ckptctl.formats.hf.fresh import run_args
+            self.args.update(run_args(self.fresh, dtype))
 
     def _fill(self, out: torch.Tensor, ents, skip: int) -> None:
         for e in ents:
@@ -186,7 +190,11 @@ class HFUnit:
         return {}
 
     def common(self) -> dict:
-        return {"args": argparse.Namespace(**self.args), "checkpoint_version": 3.0, "iteration": 0}
+        out = {"args": argparse.Namespace(**self.args), "checkpoint_version": 3.0, "iteration": 0}
+        if self.fresh:     # a non-release checkpoint: Megatron-LM loads its scheduler with the optimizer
+            from ckptctl.formats.hf.fresh import scheduler_state
+            out.update(opt_param_scheduler=scheduler_state(self.fresh), num_floating_point_operations_so_far=0)
+        return out
 
     def dropped(self) -> list[str]:
         return []
