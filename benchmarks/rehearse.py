@@ -8,14 +8,15 @@ state, for G in --groups; then the measured per-worker throughput projects the 6
 
 Steps: (1) benchmarks/gen_optim.py writes the checkpoint once (legacy files, `distrib_optim.pt` beside
 each rank file); (2) for each G, G `ckptctl convert ... --nnodes G --node-rank i` processes start at once
-and are timed together (every exit code checked; node 0 commits); (3) `ckptctl verify --nproc` checks the
-last output once; (4) `ckptctl plan` of the rehearsal's own model gives the bytes each phase moves and
-its busiest worker's share (the same assignment convert makes), so
+and are timed together (every exit code checked; node 0 commits); (3) `ckptctl plan` of the rehearsal's
+own model gives the bytes each phase moves and its busiest worker's share (the same assignment convert
+makes), so
 
     per-worker rate r = (busiest source-phase bytes + busiest target-phase bytes) / (source + target s)
 
-is the rate `ckptctl plan --gbps` takes (read + write counted separately); (5) `ckptctl plan
-examples/deepseek-v3-671b.json --nodes 64 --workers W --gbps r` projects the 671B conversion.
+is the rate `ckptctl plan --gbps` takes (read + write counted separately); (4) `ckptctl plan
+examples/deepseek-v3-671b.json --nodes 64 --workers W --gbps r` projects the 671B conversion; (5)
+`ckptctl verify --nproc` checks the last output once (last: a run cut short there keeps the rest).
 
 One host, one filesystem: the store folder (hidden, beside the output) is shared by the node groups as a
 real multi-node run shares it over a network filesystem; the rehearsal measures ckptctl's own work and its
@@ -137,8 +138,8 @@ def convert_groups(src: Path, dst: Path, to: str, groups: int, workers: int, tim
             codes = [p.poll() for p in procs]
             bad = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
             if bad:
-                raise Failed(f"G={groups}: node group {bad[0][0]} exited {bad[0][1]} "
-                             f"(see {logs / f'g{groups}-node{bad[0][0]}.err'})")
+                raise Failed(f"G={groups}: node group {bad[0][0]} exited {bad[0][1]}: "
+                             f"{_tail(logs / f'g{groups}-node{bad[0][0]}')}", 2 if bad[0][1] == 2 else 3)
             if time.monotonic() - t0 > timeout:
                 raise Failed(f"G={groups}: not finished within {timeout:.0f} s")
             time.sleep(0.05)
@@ -167,6 +168,16 @@ def convert_groups(src: Path, dst: Path, to: str, groups: int, workers: int, tim
             "phases_s": round(t.get("source", 0) + t.get("target", 0), 3),
             "bytes": n0.get("bytes"), "weight_bytes": n0.get("weight_bytes"),
             "optimizer_bytes": n0.get("optimizer_bytes"), "files_out": n0.get("files_out")}
+
+
+def _tail(stem: Path) -> str:
+    """A failed node group's error: its --json report's message, else the end of its stderr."""
+    time.sleep(0.2)   # its last write
+    rep = parse_json(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").is_file() else {}
+    if rep.get("error"):
+        return rep["error"]
+    err = stem.with_suffix(".err")
+    return (err.read_text(errors="replace").strip()[-600:] if err.is_file() else "") + f" (log: {err})"
 
 
 def planned_moves(cfg: Path, src: str, dst: str, groups: int, workers: int) -> dict:
@@ -233,8 +244,8 @@ def table(res: dict) -> str:
                       f"state ({p['store_bytes'] / 1e12:.2f} TB) on {p['nodes']} nodes x {p['workers_per_node']} "
                       f"workers: **{p['seconds']:.0f} s ({p['seconds'] / 60:.1f} min)** = {p['fixed_s']:.0f} s fixed + "
                       f"{p['phases_s']:.0f} s moving {p['moved_bytes'] / 1e12:.1f} TB (needs "
-                      f"{p['aggregate_gbps_needed']:.0f} GB/s aggregate, {p['per_node_gbps_needed']:.2f} GB/s per node, "
-                      "from the shared filesystem)"]
+                      f"{p['aggregate_gbps_needed']:.0f} GB/s aggregate, {p['per_node_gbps_needed']:.2f} GB/s "
+                      "per node, from the shared filesystem)"]
             lines.append(f"  `{p['command']}`")
     if res.get("projections_by_workers"):
         lines += ["", "| 671B + optimizer state on N nodes x W workers, at the measured rate | projected s | "
@@ -334,7 +345,25 @@ def main(argv=None) -> int:
                 f"moved, {row['gbps_per_worker_mean']:.3f} GB/s per worker (mean), {row['gbps_per_worker']:.3f} "
                 f"(busiest, plan --gbps), speed-up x{row['speedup']:.2f} vs G={first['groups']}")
             save(res, out_dir, name)
-        # 3. verify the last output once
+        # 3. the projection, before verify (a run cut short there keeps it): at the largest G's measured
+        # per-worker rate, and at the slowest multi-group one
+        w = a.project_workers or a.workers_per_group
+        last = res["runs"][-1]
+        res["projection"] = project(last["gbps_per_worker"], w, a.project_nodes, a.node_gbps)
+        multi = [r for r in res["runs"] if r["groups"] > 1]
+        if multi:
+            slow = min(multi, key=lambda r: r["gbps_per_worker"])
+            if slow is not last:
+                res["projection_conservative"] = project(slow["gbps_per_worker"], w, a.project_nodes, a.node_gbps)
+        # the same rate with more workers per node (a 64-node cluster's nodes have more cores than W)
+        res["projections_by_workers"] = [res["projection"] if x == w else
+                                         project(last["gbps_per_worker"], x, a.project_nodes, a.node_gbps)
+                                         for x in sorted({w, 8, 16})]
+        save(res, out_dir, name)
+        p = res["projection"]
+        log(f"projection: {p['seconds']:.0f} s ({p['seconds'] / 60:.1f} min) for {p['store_bytes'] / 1e12:.2f} TB on "
+            f"{p['nodes']} nodes x {p['workers_per_node']} workers at {p['gbps_per_worker']:.3f} GB/s per worker")
+        # 4. verify the last output once
         if not a.skip_verify:
             n = a.verify_nproc or min(cpus, 8)
             log(f"verifying {dst} against {src} (--nproc {n}) ...")
@@ -348,19 +377,6 @@ def main(argv=None) -> int:
             if code != 0:
                 raise Failed(f"verify found differences: {str(v.get('differences'))[:600]}", 1)
             log(f"verify: equal ({v.get('bytes_compared', 0) / 1e9:.2f} GB compared)")
-        # 4. the projection: the largest G's measured per-worker rate, and the slowest multi-group one
-        w = a.project_workers or a.workers_per_group
-        last = res["runs"][-1]
-        res["projection"] = project(last["gbps_per_worker"], w, a.project_nodes, a.node_gbps)
-        multi = [r for r in res["runs"] if r["groups"] > 1]
-        if multi:
-            slow = min(multi, key=lambda r: r["gbps_per_worker"])
-            if slow is not last:
-                res["projection_conservative"] = project(slow["gbps_per_worker"], w, a.project_nodes, a.node_gbps)
-        # the same rate with more workers per node (a 64-node cluster's nodes have more cores than W)
-        res["projections_by_workers"] = [res["projection"] if x == w else
-                                         project(last["gbps_per_worker"], x, a.project_nodes, a.node_gbps)
-                                         for x in sorted({w, 8, 16})]
         res["total_s"] = round(time.monotonic() - t_all, 1)
         save(res, out_dir, name)
     except Failed as e:
