@@ -266,7 +266,9 @@ def adam_dist_common(common: dict, variant: str):
     step = common.get("step")
     out = []
     for sub in common["subs"]:
-        state = {COMMON_STEP: torch.tensor(step, dtype=torch.float32)} if step else {}   # `if step:` as mcore
+        # megatron-core saves it `if step:`; a fresh state (hf --fresh-optimizer) writes its step 0 too, which
+        # megatron-core's torch AdamW path needs to load it (without it: KeyError 'step')
+        state = {COMMON_STEP: torch.tensor(step, dtype=torch.float32)} if step is not None else {}
         inner = {"state": state, "param_groups": [dict(g) for g in sub["param_groups"]]}
         if variant == "fp32":
             out.append(inner)
