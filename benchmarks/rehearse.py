@@ -41,14 +41,14 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from rehearse_table import PUBLISHED, table  # noqa: E402  (the markdown table)
+
 ROOT = HERE.parent
 PY = sys.executable
 CKPTCTL = [PY, "-m", "ckptctl"]
 BIG = {"config": str(ROOT / "examples" / "deepseek-v3-671b.json"), "from": "tp8pp16ep64etp1", "to": "tp4pp8ep32etp1",
        "extra": ["--decoder-first-pipeline-num-layers", "7", "--decoder-last-pipeline-num-layers", "6"]}
-# Pai-Megatron-Patch's published figure (DeepSeek-V3-671B, HF -> mcore weights, 4 nodes x 8 GPUs)
-PUBLISHED = {"what": "Pai-Megatron-Patch, DeepSeek-V3-671B HF -> mcore, weights only, 4 nodes x 8 GPUs",
-             "seconds": 5 * 60 + 22}
 
 
 class Failed(Exception):
@@ -109,6 +109,50 @@ def plan_config(opts: dict) -> dict:
             "optimizer": "adam", "use_distributed_optimizer": True}
 
 
+class PeakRSS:
+    """Polls /proc (no psutil): the largest VmHWM of any process under `roots` (CLIs, torchrun agents,
+    workers), sampled every `interval` s on a thread."""
+
+    def __init__(self, roots: list[int], interval: float = 0.2):
+        import threading
+        self.roots, self.interval, self.peak = set(roots), interval, 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+
+    def _tree(self) -> set[int]:
+        parent = {}
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    with open(f"/proc/{d}/stat") as f:
+                        parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    pass
+        found, grew = set(self.roots), True
+        while grew:
+            new = {p for p, pp in parent.items() if pp in found and p not in found}
+            found |= new
+            grew = bool(new)
+        return found
+
+    def _loop(self):
+        while not self._stop.wait(self.interval):
+            for pid in self._tree():
+                try:
+                    with open(f"/proc/{pid}/status") as f:
+                        for line in f:
+                            if line.startswith("VmHWM:"):
+                                self.peak = max(self.peak, int(line.split()[1]) << 10)
+                except (OSError, ValueError):
+                    pass
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._t.join()
+        return self.peak
+
+
 def convert_groups(src: Path, dst: Path, to: str, groups: int, workers: int, timeout: float, logs: Path,
                    g1_store: str = "copy") -> dict:
     """G concurrent `ckptctl convert --nnodes G --node-rank i` processes on loopback, timed together.
@@ -133,6 +177,7 @@ def convert_groups(src: Path, dst: Path, to: str, groups: int, workers: int, tim
         # own session: a failure ends each group with its workers, by its own process-group id
         procs.append(subprocess.Popen(cmd, stdout=out, stderr=err, env=env(), start_new_session=True))
     codes: list = [None] * groups
+    rss = PeakRSS([p.pid for p in procs])
     try:
         while any(c is None for c in codes):
             codes = [p.poll() for p in procs]
@@ -145,6 +190,7 @@ def convert_groups(src: Path, dst: Path, to: str, groups: int, workers: int, tim
             time.sleep(0.05)
         wall = time.monotonic() - t0
     finally:
+        peak = rss.stop()
         for p in procs:
             if p.poll() is None:
                 try:
@@ -167,7 +213,8 @@ def convert_groups(src: Path, dst: Path, to: str, groups: int, workers: int, tim
             "node0_seconds": n0.get("seconds"), "timings": t,
             "phases_s": round(t.get("source", 0) + t.get("target", 0), 3),
             "bytes": n0.get("bytes"), "weight_bytes": n0.get("weight_bytes"),
-            "optimizer_bytes": n0.get("optimizer_bytes"), "files_out": n0.get("files_out")}
+            "optimizer_bytes": n0.get("optimizer_bytes"), "files_out": n0.get("files_out"),
+            "peak_rss_max": peak}
 
 
 def _tail(stem: Path) -> str:
@@ -219,43 +266,6 @@ def project(gbps: float, workers: int, nodes: int, node_gbps: float | None) -> d
                                                                            pr["target_phase"]["bound"]],
             "aggregate_gbps_needed": round(moved / max(phases, 1e-9) / 1e9, 1),
             "per_node_gbps_needed": round(moved / max(phases, 1e-9) / 1e9 / nodes, 2)}
-
-
-def table(res: dict) -> str:
-    g = res["generated"]
-    lines = [f"### Multi-node rehearsal: {g['bytes'] / 1e9:.2f} GB GPT with distributed-optimizer state "
-             f"({g['options']['layers']} layers, hidden {g['options']['hidden']}), {res['src']} -> {res['dst']}, "
-             f"{res['cpus']} cores, one host (node groups on 127.0.0.1)", "",
-             "| node groups x workers | wall s | convert phases s | fixed s | GB moved | GB/s total | GB/s per node "
-             "| GB/s per worker (mean) | GB/s per worker (plan --gbps) | speed-up (phases) | efficiency |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in res["runs"]:
-        lines.append(f"| {r['groups']} x {r['workers_per_group']} | {r['wall_s']:.1f} | {r['phases_s']:.1f} | "
-                     f"{r['fixed_s']:.1f} | {r['moved_bytes'] / 1e9:.1f} | {r['gbps_total']:.2f} | "
-                     f"{r['gbps_per_node']:.2f} | {r['gbps_per_worker_mean']:.3f} | {r['gbps_per_worker']:.3f} | "
-                     f"{r.get('speedup', float('nan')):.2f} | {r.get('efficiency', float('nan')):.2f} |")
-    if res.get("verify"):
-        v = res["verify"]
-        lines += ["", f"verify (--nproc {v['nproc']}): {v['result']}, {v['seconds']:.1f} s"]
-    for key, label in (("projection", "measured"), ("projection_conservative", "slowest multi-group")):
-        p = res.get(key)
-        if p:
-            lines += ["", f"Projection ({label} rate {p['gbps_per_worker']:.3f} GB/s per worker): 671B with optimizer "
-                      f"state ({p['store_bytes'] / 1e12:.2f} TB) on {p['nodes']} nodes x {p['workers_per_node']} "
-                      f"workers: **{p['seconds']:.0f} s ({p['seconds'] / 60:.1f} min)** = {p['fixed_s']:.0f} s fixed + "
-                      f"{p['phases_s']:.0f} s moving {p['moved_bytes'] / 1e12:.1f} TB (needs "
-                      f"{p['aggregate_gbps_needed']:.0f} GB/s aggregate, {p['per_node_gbps_needed']:.2f} GB/s "
-                      "per node, from the shared filesystem)"]
-            lines.append(f"  `{p['command']}`")
-    if res.get("projections_by_workers"):
-        lines += ["", "| 671B + optimizer state on N nodes x W workers, at the measured rate | projected s | "
-                  "min | GB/s per node needed |", "|---|---|---|---|"]
-        for p in res["projections_by_workers"]:
-            lines.append(f"| {p['nodes']} x {p['workers_per_node']} at {p['gbps_per_worker']:.3f} GB/s per worker | "
-                         f"{p['seconds']:.0f} | {p['seconds'] / 60:.1f} | {p['per_node_gbps_needed']:.2f} |")
-    lines += ["", f"Published: {PUBLISHED['what']}: {PUBLISHED['seconds']} s "
-              f"({PUBLISHED['seconds'] // 60} min {PUBLISHED['seconds'] % 60} s)"]
-    return "\n".join(lines)
 
 
 def save(res: dict, out_dir: Path, name: str) -> None:
