@@ -88,6 +88,8 @@ def _units(src, nproc: int) -> tuple[list[tuple], dict]:
         total += n
     # Enough units to keep every worker busy to the end, none smaller than a block.
     seg = fpr.BLOCK if nproc <= 1 else max(fpr.BLOCK, min(1 << 30, total // (nproc * 8)))
+    if not src.format.memory_mapped:   # a box read loads its whole chunk: segments of a tensor would load it twice
+        seg = max(seg, 256 << 20)
     units = [("model", a, s0, s1) for a, (_, _, n) in specs.items() for s0, s1 in
              (fpr.segments(n, seg) if nproc > 1 else [(0, n)])]
     units.sort(key=lambda u: -(u[3] - u[2]))
