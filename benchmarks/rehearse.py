@@ -288,6 +288,8 @@ def main(argv=None) -> int:
                     help="G=1: copy: a self-contained --store, as every multi-node run writes (comparable "
                          "scaling); ref: the single-node default (the store references the source's weights)")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary folder, removed after)")
+    ap.add_argument("--dst-dir", default=None, help="where the output and its store go (default: --work); "
+                    "e.g. /dev/shm/x to take the local disk's writeback out of the measurement")
     ap.add_argument("--reuse", action="store_true", help="keep and reuse <work>/src if it was generated at this size")
     ap.add_argument("--out-dir", default=str(HERE / "results"))
     ap.add_argument("--name", default=None, help="result file stem (default rehearsal-<cores>core-<size>gb)")
@@ -311,16 +313,20 @@ def main(argv=None) -> int:
     out_dir = Path(a.out_dir)
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="ckptctl-rehearse-"))
     work.mkdir(parents=True, exist_ok=True)
-    src, dst, logs = work / "src", work / "dst", work / "logs"
+    src, dst, logs = work / "src", Path(a.dst_dir or work) / "dst", work / "logs"
+    dst.parent.mkdir(parents=True, exist_ok=True)
     logs.mkdir(exist_ok=True)
     res = {"size_gb": a.size_gb, "src": a.src, "dst": a.dst, "cpus": cpus, "loadavg_start": os.getloadavg(),
-           "workers_per_group": a.workers_per_group, "groups": groups, "work": str(work),
+           "workers_per_group": a.workers_per_group, "groups": groups, "work": str(work), "dst_dir": str(dst.parent),
            "published": PUBLISHED, "runs": []}
     t_all = time.monotonic()
     try:
-        free = shutil.disk_usage(work).free
-        if free < 3.2 * a.size_gb * 1e9:
-            log(f"warning: {free / 1e9:.0f} GB free under {work}; source + output + store need ~{3 * a.size_gb:.0f} GB")
+        need: dict = {}   # the source under --work; the output and its store (as large) beside DST
+        for d, x in ((work, 1.1), (dst.parent, 2.2)):
+            need[d] = need.get(d, 0) + x * a.size_gb * 1e9
+        for d, n in need.items():
+            if shutil.disk_usage(d).free < n:
+                log(f"warning: {shutil.disk_usage(d).free / 1e9:.0f} GB free under {d}; ~{n / 1e9:.0f} GB needed there")
         # 1. the checkpoint, once
         stamp = work / "src.gen.json"
         gen = json.loads(stamp.read_text()) if a.reuse and stamp.is_file() and src.is_dir() else None
@@ -400,6 +406,7 @@ def main(argv=None) -> int:
         elif not a.reuse:
             shutil.rmtree(src, ignore_errors=True)
         shutil.rmtree(dst, ignore_errors=True)
+        shutil.rmtree(dst.with_name("g1-store.zarr"), ignore_errors=True)
     print(table(res))
     p = res["projection"]
     log(f"projection: {p['seconds']:.0f} s ({p['seconds'] / 60:.1f} min) for {p['store_bytes'] / 1e12:.2f} TB on "
