@@ -239,12 +239,19 @@ def verify(
                                              "tensors are compared in boxes that fit it (per worker)."),
     nproc: int = typer.Option(1, "--nproc", help="Workers comparing global tensors in parallel (forked; each "
                               "gathers its share from both checkpoints, the report is the same)."),
+    by_digest: bool = typer.Option(False, "--digest", help="Compare layout-free digests first (ckptctl digest, "
+                                   "--nproc workers per side): equal ends it; else the byte comparison names what "
+                                   "differs. Not with --strict (the digest leaves vocab padding rows out)."),
     json_out: JsonOpt = False,
 ):
     """Compare two checkpoints, in any layouts, byte for byte. Exit 0 equal, 1 different."""
     from ckptctl.reshard.stream import parse_size
     from ckptctl.verify import verify as run
     from ckptctl import verify_report
+    if by_digest and not strict:   # equal digests end it; else the byte comparison below names what differs
+        from ckptctl.digest_cmd import verify_first
+        if verify_first(a, b, true_vocab, parse_size(max_memory), nproc, weights_only, json_out):
+            raise typer.Exit(0)
 
     with output.progress(not json_out) as prog:
         rep = run(a, b, true_vocab, max_memory=parse_size(max_memory), weights_only=weights_only, progress=prog,
@@ -296,31 +303,8 @@ def digest(
     json_out: JsonOpt = False,
 ):
     """Fingerprint the model and optimizer state, independent of layout and format. Exit 1 on a mismatch."""
-    from ckptctl import digest as dg, digest_record
-    from ckptctl.reshard.launch import default_nproc
-    from ckptctl.reshard.stream import parse_size
-    records = [(p, digest_record.load(p)) for p in ([check] if check else []) + (
-        [ckpt / dg.RECORD] if (ckpt / dg.RECORD).is_file() and check != ckpt / dg.RECORD else [])]
-    with output.progress(not json_out) as prog:
-        rep = dg.digest(ckpt, true_vocab, parse_size(max_memory), default_nproc() if nproc is None else nproc, prog)
-    d = rep.to_json()
-    d["checked"] = [{"record": str(p), "record_of": r.get("record_of"), "differences": digest_record.differences(d, r)}
-                    for p, r in records]
-    failed = not rep.ok or any(c["differences"] for c in d["checked"])
-    d["ok"] = not failed
-    if out is not None:
-        digest_record.write(rep, out)
-    if json_out:
-        output.emit_json(d)
-    elif not output.QUIET:
-        digest_record.render(d, output.say, all_rows)
-        for c in d["checked"]:
-            diffs = c["differences"]
-            word = "[red]DIFFERENT[/]" if diffs else "[green]MATCHES[/]"
-            output.out.print(f"{word} the digest in {c['record']} (of {c['record_of']})" +
-                             (f": {len(diffs)} differ, first {diffs[0]['name']} ({diffs[0]['reason']})" if diffs else ""),
-                             highlight=False)
-    raise typer.Exit(1 if failed else 0)
+    from ckptctl import digest_cmd
+    raise typer.Exit(digest_cmd.run(ckpt, nproc, max_memory, true_vocab, out, check, all_rows, json_out))
 
 
 @app.command(epilog="Examples:\n\n  ckptctl matrix --model gpt\n\n  ckptctl matrix --model all --json\n\n"

@@ -97,3 +97,18 @@ def record_source(src: Path, dst: Path, rep, true_vocab, max_memory, nproc, prog
     rep.notes.append(f"source digest {d.root} written to {path}" + (
         f" ({len(d.replicas_differ)} replica copies differ from their owners)" if d.replicas_differ else ""))
     return path
+
+
+def same_state(a: Path, b: Path, true_vocab, max_memory, nproc: int, weights_only: bool = False, progress=None) -> dict:
+    """`verify --digest`: both sides' digests (model arrays only with `weights_only`); {"equal", "a", "b",
+    "differ", "seconds", "bytes"}. Equal digests end the verify; else its byte comparison runs."""
+    from ckptctl.digest import digest
+    da, db = (digest(Path(p), true_vocab, max_memory, nproc, progress).to_json() for p in (a, b))
+    if weights_only:
+        for d in (da, db):
+            d["tensors"] = [t for t in d["tensors"] if t["name"].startswith("model/")]
+            d["objects"], d["root"] = {}, ""
+    differ = [r["name"] for r in differences({**da, "root": "a"}, {**db, "root": "b"})]
+    return {"equal": not differ and not da["replicas_differ"] and not db["replicas_differ"], "a": da["root"],
+            "b": db["root"], "differ": differ, "tensors": len(da["tensors"]), "bytes": sum(t["bytes"] for t in da["tensors"]),
+            "seconds": round(da["seconds"] + db["seconds"], 3)}

@@ -29,7 +29,7 @@ LAYERS = [
     ("commands", ("ckptctl.convert", "ckptctl.verify", "ckptctl.verify_optim", "ckptctl.verify_parallel", "ckptctl.verify_store",
                   "ckptctl.verify_report", "ckptctl.optim_ranks", "ckptctl.example", "ckptctl.matrix", "ckptctl.hf",
                   "ckptctl.inspect_cmd", "ckptctl.dryrun", "ckptctl.next_flags", "ckptctl.notes",
-                  "ckptctl.convert_summary", "ckptctl.digest", "ckptctl.digest_record", "ckptctl.plan_cmd", "ckptctl.plan_project", "ckptctl.safety", "ckptctl.cli",
+                  "ckptctl.convert_summary", "ckptctl.digest", "ckptctl.digest_record", "ckptctl.digest_cmd", "ckptctl.plan_cmd", "ckptctl.plan_project", "ckptctl.safety", "ckptctl.cli",
                   "ckptctl.cli_style", "ckptctl.__main__")),
 ]
 ROOT = "ckptctl"   # the package itself (its __init__ holds no code): below everything, by exact name only

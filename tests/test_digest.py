@@ -151,3 +151,16 @@ def test_moe_and_distributed_optimizer(tmp_path):
     c, d = digest(tmp_path / "dist", nproc=0), digest(tmp_path / "dist11", nproc=0)
     assert c.root == d.root and any(x["name"].startswith("optim/") for x in c.tensors)
     assert a.root != c.root
+
+
+def test_verify_digest_ends_on_equal_digests_and_else_compares_bytes(gpt, tmp_path):
+    r = run_cli("verify", gpt / "src", gpt / "dist", "--digest", "--json")
+    assert r.code == 0 and r.json()["verdict"].startswith("EQUAL by digest") and r.json()["digest"]["a"] == \
+        r.json()["digest"]["b"]
+    bad = tmp_path / "bad"
+    shutil.copytree(gpt / "tp4pp1", bad)
+    _flip(bad, "decoder.layers.1.self_attention.linear_proj.weight", rank_file=3, byte=0)
+    r = run_cli("verify", gpt / "src", bad, "--digest", "--json")
+    d = r.json()
+    assert r.code == 1 and "digest" not in d and [x["key"] for x in d["differences"]] == \
+        ["decoder.layers.1.self_attention.linear_proj.weight"] and d["differences"][0]["first_nd_index"] is not None
