@@ -76,7 +76,8 @@ def canonical_rows(src, array: str, shape: tuple) -> tuple:
 
 def _units(src, nproc: int) -> tuple[list[tuple], dict]:
     """The work: ("model", array, start, stop) per segment of whole blocks, ("optim", arrays) per run of
-    parameters in the checkpoint's order (a run's rank files are decoded once); and each model array's spec."""
+    parameters in the checkpoint's order (a run's rank files are decoded once); and the (canonical shape,
+    dtype, bytes) of every array hashed, model and optimizer."""
     specs, total = {}, 0
     for a, s in src.plan.arrays.items():
         dt = torch_dtype(s["dtype"])
@@ -92,7 +93,6 @@ def _units(src, nproc: int) -> tuple[list[tuple], dict]:
         seg = max(seg, 256 << 20)
     units = [("model", a, s0, s1) for a, (_, _, n) in specs.items() for s0, s1 in
              (fpr.segments(n, seg) if nproc > 1 else [(0, n)])]
-    units.sort(key=lambda u: -(u[3] - u[2]))
     if getattr(src, "optim", None) is not None:
         from ckptctl.optstate.params import optim_array
         arrays = list(src.format.optim_gather(src).arrays())
@@ -111,6 +111,12 @@ def _units(src, nproc: int) -> tuple[list[tuple], dict]:
                 cur, acc = [], 0
         if cur:
             units.append(("optim", tuple(cur)))
+        size.update({("optim", u[1]): sum(size[a] for a in u[1]) for u in units if u[0] == "optim"})
+    else:
+        size = {}
+    # Largest first (an optimizer run, which also decodes its rank files, counts its fp32 bytes): no
+    # worker starts a big unit when the others are done.
+    units.sort(key=lambda u: -(u[3] - u[2] if u[0] == "model" else size[u]))
     return units, specs
 
 
