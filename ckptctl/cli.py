@@ -160,6 +160,7 @@ def convert(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing destination."),
     no_optimizer: bool = typer.Option(False, "--no-optimizer", help="Drop optimizer state instead of converting it."),
     fresh_optimizer: Optional[str] = typer.Option(None, "--fresh-optimizer", help="Hugging Face source: KIND[,lr=...]: a fresh optimizer state (docs/hf.md)."),
+    moe_grouped_gemm: bool = typer.Option(False, "--moe-grouped-gemm", help="Hugging Face MoE source: write TE grouped-GEMM expert keys."),
     allow_divergent_replicas: bool = typer.Option(False, "--allow-divergent-replicas", help="Where copies of a "
                                                   "replicated tensor differ between rank files, take the first "
                                                   "file's copy instead of refusing."),
@@ -207,6 +208,7 @@ def convert(
                   max_memory=parse_size(max_memory), nodes=Nodes(nnodes, node_rank, master_addr, master_port),
                   to_format=to_format, optim_sharding=optim_sharding, dry_run=dry_run,
                   allow_divergent_replicas=allow_divergent_replicas, resume=resume, fresh_optimizer=fresh_optimizer,
+                  moe_grouped_gemm=moe_grouped_gemm,
                   format_options=cli_style.key_values(format_option, "--format-option"))
     if dry_run:
         from ckptctl import dryrun

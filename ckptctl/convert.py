@@ -113,9 +113,11 @@ def _convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = No
             overwrite: bool = False, progress=None, optimizer: bool = True,
             max_memory: int | None = None, nodes: launch.Nodes | None = None,
             to_format: str | None = None, optim_sharding: str | None = None, dry_run: bool = False,
-            format_options: dict | None = None, fresh_optimizer: str | None = None) -> ConvertReport:
+            format_options: dict | None = None, fresh_optimizer: str | None = None,
+            moe_grouped_gemm: bool = False) -> ConvertReport:
     """`dry_run`: every check of a real run, then `ckptctl.dryrun.plan`'s report (a dict) instead of any write.
-    `fresh_optimizer`: a source without optimizer state gets a fresh one (`Format.with_fresh_optimizer`)."""
+    `fresh_optimizer`: a source without optimizer state gets a fresh one (`Format.with_fresh_optimizer`);
+    `moe_grouped_gemm`: a source without an expert layout is read with grouped experts (`with_grouped_experts`)."""
     src, dst = Path(src), Path(dst)
     nodes = nodes or launch.Nodes()
     nodes.check()
@@ -129,14 +131,17 @@ def _convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = No
         raise BadInput(f"--rng: expected auto, carry, replicate or drop, got {rng!r}")
     from_store = (src / "zarr.json").is_file()
     to_store = dst.suffix == ".zarr" and to is None
-    if from_store and fresh_optimizer:
-        raise BadInput("--fresh-optimizer: only for a source without optimizer state (a Hugging Face folder)")
+    if from_store and (fresh_optimizer or moe_grouped_gemm):
+        raise BadInput(f"{'--fresh-optimizer' if fresh_optimizer else '--moe-grouped-gemm'}: only for a Hugging Face "
+                       f"source, not a store")
     if from_store:
         if to_store:
             raise BadInput(f"{src} is already a store: give a target layout with --to to write a checkpoint from it")
         return _store_to_legacy(src, dst, to, nproc, rng, progress, t0, max_memory, to_format, optim_sharding,
                                 dry_run=dry_run, format_options=format_options)
     source = inspect(src, true_vocab)
+    if moe_grouped_gemm:
+        source = registry.get(source.fmt).with_grouped_experts(source)
     if fresh_optimizer:
         source = registry.get(source.fmt).with_fresh_optimizer(source, fresh_optimizer)
     out_fmt = _out_format(to_format, source.fmt, to)

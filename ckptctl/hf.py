@@ -33,11 +33,12 @@ def export_checkpoint(src: Path, out: Path, *, true_vocab: int | None = None, np
 
 
 def import_hf(src: Path, dst: Path, layout: Layout, *, to_format: str = "legacy", overwrite: bool = False,
-              nproc: int | None = None, fresh_optimizer: str | None = None) -> dict:
+              nproc: int | None = None, fresh_optimizer: str | None = None, moe_grouped_gemm: bool = False) -> dict:
     """`fresh_optimizer`: `KIND[,key=value...]` (`ckptctl.formats.hf.fresh`): an iteration-0 checkpoint with
-    the optimizer state a fresh run holds; None: a release checkpoint with weights only."""
+    the optimizer state a fresh run holds; None: a release checkpoint with weights only. `moe_grouped_gemm`:
+    experts written with TE grouped-GEMM keys (`experts.linear_fc1.weight{j}`), else SequentialMLP."""
     convert(Path(src), Path(dst), layout, to_format=to_format, nproc=nproc, overwrite=overwrite,
-            **({"fresh_optimizer": fresh_optimizer} if fresh_optimizer else {}))
+            fresh_optimizer=fresh_optimizer, moe_grouped_gemm=moe_grouped_gemm)
     V = int(json.loads((Path(src) / "config.json").read_text())["vocab_size"])
     return {"out": str(dst), "layout": str(layout), "format": to_format, "vocab": V,
             "padded_vocab": padded_vocab(V, 128, layout.tp)}

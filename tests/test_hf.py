@@ -293,6 +293,33 @@ def test_import_gives_back_megatron_and_hf_round_trip_is_byte_identical(made, ca
     assert [n for n in first if first[n] != second[n]] == []
 
 
+@pytest.mark.parametrize("case", ["mixtral_grouped_etp1", "qwen2_moe"])
+def test_import_with_grouped_experts_gives_back_the_grouped_rank_files(made, case, tmp_path):
+    """--moe-grouped-gemm: a grouped-GEMM example's HF export imported at the example's own layout gives back its
+    rank files: the same keys in the same order (TE's `experts.linear_fc1.weight{j}`), the same bytes (the
+    `_extra_state` values aside: None here, no FP8 state)."""
+    m = made.get(case)
+    import_hf(m["hf"], tmp_path / "g", parse_layout(CASES[case][1]), moe_grouped_gemm=True, nproc=0)
+    mine = {p.parent.name: p for p in (tmp_path / "g").rglob("model_optim_rng.pt")}
+    theirs = {p.parent.name: p for p in m["meg"].rglob("model_optim_rng.pt")}
+    assert sorted(mine) == sorted(theirs)
+    for name in theirs:
+        a = torch.load(mine[name], map_location="cpu", weights_only=False)
+        b = torch.load(theirs[name], map_location="cpu", weights_only=False)
+        assert list(a["model"]) == list(b["model"]), name
+        assert any(".experts.linear_fc1.weight" in k for k in a["model"])
+        tp, V = int(name.split("_")[2]), b["args"].vocab_size
+        for k in ("embedding.word_embeddings.weight", "output_layer.weight"):    # HF has no padding rows
+            if k in b["model"]:
+                n = b["model"][k].shape[0]
+                keep = max(0, min(n, V - tp * n))
+                assert not a["model"][k][keep:].view(torch.uint8).any(), (name, k)
+                a["model"][k], b["model"][k] = a["model"][k][:keep], b["model"][k][:keep]
+        bad = [k for k, t in b["model"].items() if torch.is_tensor(t) and not same_bytes(a["model"][k], t)]
+        assert bad == [], (name, bad[:5])
+        assert a["args"].moe_grouped_gemm is True
+
+
 def test_import_to_torch_dist(made, tmp_path):
     m = made.get("qwen2")
     import_hf(m["hf"], tmp_path / "dist", parse_layout("tp2pp1"), to_format="torch_dist")

@@ -105,6 +105,15 @@ def test_arch_refused_in_the_cli_before_workers(src, cli, arch, msg):
         assert not (d / "x").exists() and not list(d.glob(".x*"))
 
 
+def test_moe_grouped_gemm_refused_where_it_cannot_apply(src, cli):
+    d, _ = src
+    r = cli("convert", d / "hf", d / "x", "--to", "tp1", "--moe-grouped-gemm")
+    assert r.code == 2 and "is a dense model (no experts)" in r.err, r.err
+    r = cli("convert", d / "meg", d / "x", "--to", "tp1", "--moe-grouped-gemm")
+    assert r.code == 2 and "only for a Hugging Face source" in r.err, r.err
+    assert not (d / "x").exists()
+
+
 def test_refusal_is_one_line_exit_2(cli, tmp_path):
     r = cli("example", "gpt", "--layout", "tp1pp1", "--out", tmp_path / "ln", "--layers", "2", "--optimizer", "none")
     assert r.code == 0

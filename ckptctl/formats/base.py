@@ -137,6 +137,13 @@ class Format:
         the store keeps) and `dropped()` (state not converted)."""
         raise NotImplementedError
 
+    def with_grouped_experts(self, src: Source) -> Source:
+        """`convert --moe-grouped-gemm`: the source read with grouped-GEMM expert keys (a source whose expert
+        layout is not fixed by its files: Hugging Face)."""
+        from ckptctl.errors import BadInput
+        raise BadInput(f"--moe-grouped-gemm: only for a Hugging Face source ({src.ckpt.root} is {self.name}: its "
+                       "expert keys are kept)")
+
     def with_fresh_optimizer(self, src: Source, spec: str) -> Source:
         """`convert --fresh-optimizer SPEC`: the source with a freshly made optimizer state (formats whose
         checkpoints hold none: Hugging Face)."""

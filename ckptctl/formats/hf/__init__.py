@@ -54,6 +54,14 @@ class HFFormat(Format):
                     "step 0)")
         return "none (a Hugging Face folder holds weights only)"
 
+    def with_grouped_experts(self, src: Source) -> Source:
+        """`--moe-grouped-gemm`: the same folder read with TE grouped-GEMM expert keys (`weight{j}`) as the
+        Megatron layout, so the target is written with them (TEGroupedMLP; `_extra_state` None: no FP8 state)."""
+        from ckptctl.formats.hf.source import inspect
+        if not src.cfg.num_experts:
+            raise BadInput(f"--moe-grouped-gemm: {src.ckpt.root} is a dense model (no experts)")
+        return inspect(Path(src.ckpt.root), src.cfg.true_vocab, src.family, expert_kind="grouped")
+
     def with_fresh_optimizer(self, src: Source, spec: str) -> Source:
         """`--fresh-optimizer SPEC`: the same source, with the optimizer state a fresh run holds
         (`ckptctl.formats.hf.fresh`), as an iteration-0 checkpoint."""
