@@ -131,6 +131,8 @@ def _convert(src: Path, dst: Path, to: Layout | None, *, store: Path | None = No
         raise BadInput(f"--rng: expected auto, carry, replicate or drop, got {rng!r}")
     from_store = (src / "zarr.json").is_file()
     to_store = dst.suffix == ".zarr" and to is None
+    if fresh_optimizer and not optimizer:
+        raise BadInput("--fresh-optimizer with --no-optimizer: give one of them")
     if from_store and (fresh_optimizer or moe_grouped_gemm):
         raise BadInput(f"{'--fresh-optimizer' if fresh_optimizer else '--moe-grouped-gemm'}: only for a Hugging Face "
                        f"source, not a store")
