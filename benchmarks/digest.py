@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=1, help="runs of each command; the fastest is kept")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary folder under /tmp)")
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--optimizer", action="store_true", help="with distributed-optimizer state (benchmarks/"
+                    "gen_optim.py; --size-gb is then the whole checkpoint; give --layout with DP, e.g. tp2pp2dp2)")
     a = ap.parse_args(argv)
     import tempfile
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="ckptctl-digest-"))
@@ -54,11 +56,13 @@ def main(argv=None) -> int:
     workers = [int(x) for x in a.workers.split(",")]
     conv_n = str(max(workers))
     res = {"cpus": os.cpu_count(), "loadavg": os.getloadavg(), "size_gb": a.size_gb, "layout": a.layout,
+           "optimizer": a.optimizer,
            "dtype": a.dtype, "workers": workers, "rows": []}
     try:
         src, dst, dist = work / "src", work / "dst", work / "dist"
-        subprocess.run([sys.executable, str(HERE / "gen.py"), "--size-gb", str(a.size_gb), "--layout", a.layout,
-                        "--dtype", a.dtype, "--out", str(src)], check=True, capture_output=True)
+        gen = ["gen_optim.py"] if a.optimizer else ["gen.py", "--dtype", a.dtype]
+        subprocess.run([sys.executable, str(HERE / gen[0]), *gen[1:], "--size-gb", str(a.size_gb), "--layout",
+                        a.layout, "--out", str(src)], check=True, capture_output=True)
         for out, extra in ((dst, ["--to", a.to]), (dist, ["--to", a.layout, "--to-format", "torch_dist"])):
             subprocess.run(CKPTCTL + ["convert", str(src), str(out), "--nproc", conv_n, "-q", "--overwrite"] + extra,
                            check=True)
