@@ -164,3 +164,16 @@ def test_verify_digest_ends_on_equal_digests_and_else_compares_bytes(gpt, tmp_pa
     d = r.json()
     assert r.code == 1 and "digest" not in d and [x["key"] for x in d["differences"]] == \
         ["decoder.layers.1.self_attention.linear_proj.weight"] and d["differences"][0]["first_nd_index"] is not None
+
+
+def _killed(unit):
+    import os
+    import signal
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_dead_worker_is_exit_3(gpt, monkeypatch):
+    from ckptctl import digest as dg
+    monkeypatch.setattr(dg, "_one", _killed)   # the forked workers run this module's copy
+    r = run_cli("digest", gpt / "src", "--nproc", "2")
+    assert r.code == 3 and "a digest worker died" in r.err and r.out == ""
