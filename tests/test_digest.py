@@ -177,3 +177,16 @@ def test_a_dead_worker_is_exit_3(gpt, monkeypatch):
     monkeypatch.setattr(dg, "_one", _killed)   # the forked workers run this module's copy
     r = run_cli("digest", gpt / "src", "--nproc", "2")
     assert r.code == 3 and "a digest worker died" in r.err and r.out == ""
+
+
+def test_unknown_true_vocab_is_noted_and_can_be_given(gpt, tmp_path):
+    nov = tmp_path / "novocab"
+    shutil.copytree(gpt / "tp4pp1", nov)
+    for f in nov.rglob("model_optim_rng.pt"):   # as many Megatron-LM runs save it
+        sd = torch.load(f, weights_only=False)
+        sd["args"].vocab_size = None
+        torch.save(sd, f)
+    d = run_cli("digest", nov, "--nproc", "0", "--json").json()
+    assert "true vocabulary size unknown" in d["notes"][0] and d["root"] != digest(gpt / "src", nproc=0).root
+    given = digest(nov, true_vocab=64, nproc=0)
+    assert not given.notes and given.root == digest(gpt / "src", nproc=0).root
