@@ -463,3 +463,20 @@ def test_a_run_killed_inside_its_commit_loses_no_old_destination(work, tmp_path)
             guard._caught.append(signal.SIGTERM)
     guard._caught.clear()
     guard._raised.clear()
+
+
+@pytest.mark.parametrize("nproc", ["1", "2"])
+def test_a_source_truncated_while_the_target_phase_maps_it(work, tmp_path, monkeypatch, nproc):
+    """A source file emptied after a target worker mapped it (zero-copy reads): the worker dies of SIGBUS,
+    and convert says which file changed (exit 2, one line), not "worker died" (exit 3); nothing at DST."""
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    monkeypatch.setenv("CKPTCTL_TEST_TRUNCATE_MAPPED", "1")
+    dst = tmp_path / "o"
+    r = run_cli("convert", work, dst, "--to", "tp1pp1", "--nproc", nproc)
+    emptied = [str(p) for p in rank_files(work) if p.stat().st_size == 0]
+    assert emptied and r.code == 2, (r.code, r.err)
+    errors = [ln for ln in r.err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and any(p in errors[0] for p in emptied), r.err
+    assert "truncated" in errors[0] or "changed" in errors[0], errors[0]
+    assert not dst.exists() and not [x for x in tmp_path.iterdir() if ".ckptctl" in x.name]
+    assert not _alive_workers(before)

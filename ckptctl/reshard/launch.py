@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -86,15 +87,17 @@ def run(job: Job, nproc: int, total_bytes: int, progress=None, label: str = "con
     log = workdir / f"workers{tag}.log"
     task = progress.add_task(label, total=max(total_bytes, 1)) if progress is not None else None
     start = time.monotonic()
+    before = source_stats(job)
     procs = (_torchrun(job_path, nproc, nodes, log) if nodes.multi or not _can_fork() else
              _fork(job_path, nproc, log))
-    rc, who = 0, None
+    rc, who, bus = 0, None, None
     try:
         while True:
             codes = [p.poll() for p in procs]
             failed = [(c, p.rank) for c, p in zip(codes, procs) if c not in (None, 0)]
             if failed or all(c == 0 for c in codes):
                 rc, who = failed[0] if failed else (0, None)
+                bus = next((r for c, r in failed if c == -signal.SIGBUS), None)   # peers fail after it: look first
                 break
             guard.raise_pending()
             if task is not None:
@@ -108,6 +111,9 @@ def run(job: Job, nproc: int, total_bytes: int, progress=None, label: str = "con
     if task is not None:
         progress.update(task, completed=total_bytes if rc == 0 else _done_bytes(workdir))
     if rc != 0:
+        changed = changed_source(job, before) if bus is not None else None
+        if changed is not None:   # SIGBUS on a mapping of a source file that shrank: the input's fault, named
+            raise BadInput(f"{changed} (worker {bus} died of SIGBUS reading it); nothing was written")
         raise _failure(workdir, log, rc, who, [d for p in procs for d in p.reports()])
     res = workdir / "result.json"
     return json.loads(res.read_text()) if res.exists() else {}
@@ -194,6 +200,56 @@ def _torchrun(job_path: Path, nproc: int, nodes: Nodes, log: Path) -> list[_Proc
         return [_Proc(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env))]
 
 
+def source_stats(job: Job) -> dict[str, tuple[int, int]]:
+    """(size, mtime_ns) of every source file the workers read, taken before they start: a worker that dies
+    of SIGBUS read a mapped file (rank files are loaded with mmap, referenced chunks are mapped) that
+    shrank under it, and `changed_source` names it."""
+    dirs = {str(Path(i["path"]).parent) for i in job.inventories if i.get("path")}   # rank dirs (+ distrib_optim.pt)
+    if job.dist and job.dist.get("iter_dir"):
+        dirs.add(str(job.dist["iter_dir"]))
+    out = {}
+    for d in sorted(dirs):
+        try:
+            with os.scandir(d) as it:
+                for e in it:
+                    if e.is_file():
+                        st = e.stat()
+                        out[e.path] = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            continue
+    return out
+
+
+def changed_source(job: Job, before: dict[str, tuple[int, int]]) -> str | None:
+    """The first source file removed, truncated or rewritten since `before`, or referenced by the store
+    beyond its end (a target-only job); None when every file is as it was (the SIGBUS has another cause)."""
+    for path, (size, mtime) in sorted(before.items()):
+        try:
+            st = os.stat(path)
+        except OSError:
+            return f"{path}: the source file was removed during the conversion"
+        if st.st_size < size:
+            return f"{path}: the source file was truncated during the conversion, {size} -> {st.st_size} bytes"
+        if (st.st_size, st.st_mtime_ns) != (size, mtime):
+            return f"{path}: the source file changed during the conversion"
+    try:
+        from ckptctl.storage.refs import Refs
+        ends: dict[str, int] = {}
+        for path, off, n, _ in Refs.load(Path(job.store)).entries.values():
+            ends[path] = max(ends.get(path, 0), off + n)
+    except (OSError, ValueError, TypeError):
+        return None
+    for path, end in sorted(ends.items()):
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            return f"{path}: the source file was removed during the conversion"
+        if size < end:
+            return f"{path}: the source file was truncated during the conversion to {size} bytes, the store " \
+                   f"references bytes up to {end}"
+    return None
+
+
 def _failure(workdir: Path, log: Path, rc: int, rank: int | None = None, reports: list | None = None) -> Exception:
     if rank is not None and rc < 0:   # a forked worker killed by a signal (e.g. SIGKILL from the OOM killer)
         return WorkerFailure(f"worker {rank} died: {_signame(-rc)} (out of memory? "
@@ -224,7 +280,6 @@ def _failure(workdir: Path, log: Path, rc: int, rank: int | None = None, reports
 
 
 def _signame(n: int) -> str:
-    import signal
     try:
         return signal.Signals(n).name
     except ValueError:

@@ -65,9 +65,21 @@ class _Maps:
                                "changed during the conversion") from None
             try:
                 m = self.maps[path] = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError) as e:   # an empty file cannot be mapped: truncated since the source phase
+                raise BadInput(f"{path}: cannot map the source file ({e}); it was truncated or changed during "
+                               "the conversion") from None
             finally:
                 os.close(fd)
+            _test_truncate(path)
         return m
+
+
+def _test_truncate(path: str) -> None:
+    """Fault injection for the tests: CKPTCTL_TEST_TRUNCATE_MAPPED=1 empties a source file right after this
+    worker mapped it (as another process truncating it during the target phase would): the next read of
+    the mapping is a SIGBUS, which the launcher reports as a changed source (`launch.changed_source`)."""
+    if os.environ.get("CKPTCTL_TEST_TRUNCATE_MAPPED") == "1":
+        os.truncate(path, 0)
 
 
 CHECK_STEP = 64 << 20
