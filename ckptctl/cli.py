@@ -98,6 +98,13 @@ def example(
                                             "(Megatron's --add-qkv-bias, Qwen2-style; default: as --bias)."),
     shared_gate: bool = typer.Option(False, "--shared-gate/--no-shared-gate", help="Sigmoid gate on the shared "
                                      "expert (MoE; Megatron's --moe-shared-expert-gate)."),
+    mla: bool = typer.Option(False, "--mla/--no-mla", help="Multi-latent attention, DeepSeek-V3 style (local spec, "
+                             "small LoRA ranks, q/kv layernorms)."),
+    mtp: Optional[int] = typer.Option(None, "--mtp", help="Multi-token prediction layers (GPT, MoE)."),
+    dense_layers: Optional[int] = typer.Option(None, "--dense-layers", help="First k layers dense, the rest MoE "
+                                               "(MoE; DeepSeek-V3's first-k dense)."),
+    expert_bias: bool = typer.Option(False, "--expert-bias/--no-expert-bias", help="Router expert bias "
+                                     "(MoE; aux-loss-free balancing, sigmoid scores)."),
     pattern: Optional[str] = typer.Option(None, help="Mamba hybrid layer pattern: M mamba, * attention, - MLP, "
                                           "E MoE, | stage boundary (default: M*M- repeated)."),
     mamba_heads: Optional[int] = typer.Option(None, "--mamba-heads", help="Mamba heads (default 8)."),
@@ -125,7 +132,8 @@ def example(
                 "swiglu": swiglu, "tied": tied, "dtype": dtype, "experts": experts,
                 "moe_ffn": moe_ffn, "grouped": grouped or None, "shared_ffn": shared_ffn, "bias": bias,
                 "binary_head": binary_head, "tokentypes": tokentypes, "encoder_layers": encoder_layers,
-                "position": position, "norm": norm, "qkv_bias": qkv_bias, "shared_gate": shared_gate or None, "pattern": pattern, "mamba_heads": mamba_heads, "mamba_groups": mamba_groups,
+                "position": position, "norm": norm, "qkv_bias": qkv_bias, "shared_gate": shared_gate or None,
+                "mla": mla or None, "mtp": mtp, "dense_layers": dense_layers, "expert_bias": expert_bias or None, "pattern": pattern, "mamba_heads": mamba_heads, "mamba_groups": mamba_groups,
                 "mamba_state": mamba_state, "mamba_head_dim": mamba_head_dim}, seed=seed, overwrite=overwrite, optimizer=optimizer,
                fmt=fmt, optim_sharding=optim_sharding)
     if json_out:

@@ -54,11 +54,12 @@ class Family:
     name = "base"
     post_prefixes: tuple[str, ...] = ()
     stacks: tuple[str, ...] = ("decoder",)
+    mtp = False           # whether the family knows multi-token prediction layers (`mtp.layers.<i>.`)
 
     def locate(self, key: str) -> KeyLoc:
         loc = parse_key(key, self.post_prefixes)
-        if loc.stack == "mtp" or key.startswith("mtp."):
-            raise BadInput(f"tensor {key!r}: multi-token prediction (MTP) layers are not supported")
+        if not self.mtp and (loc.stack == "mtp" or key.startswith("mtp.")):
+            raise BadInput(f"tensor {key!r}: multi-token prediction (MTP) layers are not supported for {self.name}")
         return loc
 
     def rule(self, loc: KeyLoc, cfg: ModelConfig) -> Rule:  # pragma: no cover - abstract
@@ -85,6 +86,15 @@ class Family:
 
     def validate(self, cfg: ModelConfig, layout: Layout) -> None:
         pass
+
+    def section_rank(self, loc: KeyLoc) -> float:
+        """Where a key's section sorts in state-dict order: top-level keys before the layers, then after."""
+        return {"pre": 0, "layer": 1, "post": 2}[loc.section]
+
+    def also_on(self, loc: KeyLoc, cfg: ModelConfig, layout: Layout) -> list[tuple[int, int]]:
+        """Further (pp stage, vpp chunk)s holding a byte copy of a top-level key under the same name (the MTP
+        stage's word embedding); the copies are replicas of the key's one store array."""
+        return []
 
     def optimizer_state(self, rest: str) -> bool:
         """Whether a model tensor is a trainable parameter with optimizer state (not a buffer).
@@ -116,6 +126,7 @@ class Family:
     def layer_ranges(self, cfg: ModelConfig, layout: Layout) -> dict[str, list[list[range]]]:
         from ckptctl.layout import stage_layers
         from ckptctl.pipeline import split_of
+        from ckptctl.models.deepseek import MTP_STACK, mtp_ranges
         sp = split_of(cfg, layout)     # the target's split when the layout carries one, else the args'
-        return {s: stage_layers(n, layout, sp.first, sp.last, sp.layout)
+        return {s: mtp_ranges(cfg, layout) if s == MTP_STACK else stage_layers(n, layout, sp.first, sp.last, sp.layout)
                 for s, n in self.stack_layers(cfg).items()}

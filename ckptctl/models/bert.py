@@ -36,6 +36,7 @@ def tokentypes(cfg: ModelConfig) -> int:
 @register
 class BERT(GPT):
     name = "bert"
+    mtp = False       # multi-token prediction is GPT/MoE's (ckptctl.models.deepseek)
     stacks = ("encoder",)
     post_prefixes = ("encoder.final_layernorm", "lm_head.", "output_layer.", "binary_head.", "pooler.")
     top_rules = BERT_TOP_RULES

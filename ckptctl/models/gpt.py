@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import re
 
-from ckptctl.errors import BadInput, LayoutError
+from ckptctl.errors import LayoutError
 from ckptctl.layout import Layout
+from ckptctl.models import deepseek
 from ckptctl.models.base import EXTRA_STATE, Family, KeyLoc, match_rule
 from ckptctl.models.config import ModelConfig
 from ckptctl.models.rules import REPLICATED, SEGMENTS, SPLIT, VOCAB, Rule
@@ -42,7 +43,7 @@ LAYER_RULES = _table([
     (r"mlp\.linear_fc1\.(weight|bias)", fc1_rule),
     (r"mlp\.linear_fc2\.weight", ROW),
     (r"mlp\.linear_fc2\.bias", R),
-])
+]) + deepseek.MLA_RULES   # multi-latent attention (DeepSeek-V2/V3): ckptctl.models.deepseek
 
 TOP_RULES = _table([
     (r"embedding\.word_embeddings\.weight", VOCAB_ROWS),
@@ -50,10 +51,6 @@ TOP_RULES = _table([
     (r"(decoder|encoder)\.(final_layernorm|final_norm)\.(weight|bias)", R),
     (r"output_layer\.weight", VOCAB_ROWS),
 ])
-
-# MLA (DeepSeek-V2/V3) attention names: refused until their TP rules are pinned against megatron-core
-_MLA = re.compile(r"self_attention\.(linear_q_proj|linear_q_down_proj|linear_q_up_proj|linear_kv_down_proj"
-                  r"|linear_kv_up_proj|linear_qkv_down_proj|kv_layernorm)\.")
 
 EMBEDDING = "embedding.word_embeddings.weight"
 OUTPUT = "output_layer.weight"
@@ -69,12 +66,38 @@ class GPT(Family):
     post_prefixes = ("decoder.final_layernorm", "decoder.final_norm", "output_layer")
     layer_rules = LAYER_RULES
     top_rules = TOP_RULES
+    stacks = ("decoder", deepseek.MTP_STACK)
+    mtp = True
 
     def rule(self, loc: KeyLoc, cfg: ModelConfig) -> Rule:
-        if loc.section == "layer" and _MLA.match(loc.rest):
-            raise BadInput(f"tensor {loc.key()!r}: multi-latent attention (MLA) is not supported")
+        rest = loc.rest
+        if loc.section == "layer" and loc.stack == deepseek.MTP_STACK:
+            rest = deepseek.inner_rest(loc.rest)
+            if rest is None:     # the MTP layer's own norms and projection
+                return match_rule(deepseek.MTP_RULES, loc.rest, cfg, loc.key())
         table = self.layer_rules if loc.section == "layer" else self.top_rules
-        return match_rule(table, loc.rest, cfg, loc.key())
+        return match_rule(table, rest, cfg, loc.key())
+
+    def stack_layers(self, cfg: ModelConfig) -> dict[str, int]:
+        n = deepseek.mtp_layers(cfg) if self.mtp else 0
+        return {"decoder": cfg.num_layers, **({deepseek.MTP_STACK: n} if n else {})}
+
+    def section_rank(self, loc: KeyLoc) -> float:
+        # GPTModel registers decoder (layers, final norm), then mtp, then output_layer
+        if loc.section == "layer" and loc.stack == deepseek.MTP_STACK:
+            return 1.7
+        if loc.section == "post" and loc.rest.startswith("decoder."):
+            return 1.5
+        return super().section_rank(loc)
+
+    def example_extra(self, opts: dict) -> dict:
+        return deepseek.example_extra(opts)        # --mla, --mtp N
+
+    def also_on(self, loc: KeyLoc, cfg: ModelConfig, layout: Layout) -> list[tuple[int, int]]:
+        # the MTP chunk's own word embedding (tied to the first stage's by megatron-core)
+        if loc.rest == EMBEDDING and self.mtp and deepseek.embedding_copy_on_mtp_stage(cfg, layout):
+            return [(layout.pp - 1, layout.vpp - 1)]
+        return []
 
     def tied_copies(self, cfg: ModelConfig) -> dict[str, str]:
         return {OUTPUT: EMBEDDING} if cfg.tied else {}
@@ -84,18 +107,19 @@ class GPT(Family):
         return key == OUTPUT and cfg.tied and layout.pp > 1
 
     def validate(self, cfg: ModelConfig, layout: Layout) -> None:
-        if cfg.extra.get("multi_latent_attention"):
-            raise LayoutError("the model uses multi-latent attention (MLA): not supported")
-        if cfg.extra.get("mtp_num_layers"):
-            raise LayoutError("the model has multi-token prediction (MTP) layers: not supported")
+        if cfg.extra.get("mtp_num_layers") and not self.mtp:
+            raise LayoutError(f"the {self.name} model has multi-token prediction (MTP) layers: not supported")
+        deepseek.validate(cfg, layout)
         tp = layout.tp
         if not cfg.num_experts and (layout.ep > 1 or layout.expert_tp != tp):
             raise LayoutError(f"layout {layout} sets EP/ETP but the model has no experts: dense -> MoE conversion "
                               "is not supported")
         check_divisible("attention heads", cfg.heads, tp, "TP")
-        if cfg.groups % tp and tp % cfg.groups:
-            raise LayoutError(f"query groups = {cfg.groups} and TP = {tp}: neither divides the other")
-        check_divisible("QKV rows (heads+2*groups)*head_dim", (cfg.heads + 2 * cfg.groups) * cfg.kv_channels, tp, "TP")
+        if not deepseek.is_mla(cfg):     # MLA has no query groups nor fused QKV
+            if cfg.groups % tp and tp % cfg.groups:
+                raise LayoutError(f"query groups = {cfg.groups} and TP = {tp}: neither divides the other")
+            check_divisible("QKV rows (heads+2*groups)*head_dim", (cfg.heads + 2 * cfg.groups) * cfg.kv_channels, tp,
+                            "TP")
         check_divisible("FFN hidden size", cfg.ffn, tp, "TP")
         self.layer_ranges(cfg, layout)  # raises when layers do not split over PP*VPP
 
@@ -105,6 +129,9 @@ class GPT(Family):
         H, hn = cfg.hidden, cfg.kv_channels
         qkv = (cfg.heads + 2 * cfg.groups) * hn
         keys = self.norm_keys("input_layernorm", cfg)
+        if deepseek.is_mla(cfg):
+            keys += deepseek.mla_attention_keys(cfg, self.linear, self.norm_keys, bias)
+            return keys + self.norm_keys("pre_mlp_layernorm", cfg) + self.mlp_keys(cfg, bias)
         keys += self.linear("self_attention.linear_proj", (H, cfg.heads * hn), bias, (H,))
         # megatron-core: the QKV bias exists with add_bias_linear or add_qkv_bias (Qwen2-style)
         keys += self.linear("self_attention.linear_qkv", (qkv, H), bias or bool(cfg.extra.get("add_qkv_bias")), (qkv,))
@@ -153,6 +180,8 @@ class GPT(Family):
         for i in range(cfg.num_layers):
             out += [(f"decoder.layers.{i}.{k}", s) for k, s in self.layer_keys(cfg, bias)]
         out += self.norm_keys("decoder.final_layernorm", cfg)
+        for i in range(deepseek.mtp_layers(cfg) if self.mtp else 0):   # the inner layer: the last layer's spec
+            out += deepseek.mtp_layer_keys(cfg, i, self.layer_keys(cfg, bias), self.linear, self.norm_keys)
         if not cfg.tied:
             out.append((OUTPUT, (Vp, H)))
         out.append((f"output_layer.{EXTRA_STATE}", None))

@@ -148,6 +148,7 @@ def target_pattern(cfg: ModelConfig, layout: Layout) -> str:
 @register
 class Mamba(MoE):
     name = "mamba"
+    mtp = False       # multi-token prediction is GPT/MoE's (ckptctl.models.deepseek)
     post_prefixes = ("decoder.final_layernorm", "decoder.final_norm", "output_layer")
     layer_rules = MAMBA_RULES
 

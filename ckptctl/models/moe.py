@@ -49,10 +49,12 @@ MOE_RULES = _table([
     (r"mlp\.shared_experts\.gate_weight", R),
 ]) + LAYER_RULES
 
-_SEQ = re.compile(r"^(?P<pre>mlp\.experts\.)local_experts\.(?P<j>\d+)\.(?P<post>linear_fc[12]\.(weight|bias|_extra_state))$")
-_GRP = re.compile(r"^(?P<pre>mlp\.experts\.linear_fc[12]\.(weight|bias))(?P<j>\d+)$")
-_GRP_EXTRA = re.compile(r"^mlp\.experts\.linear_fc[12]\._extra_state$")
-_REFUSED = re.compile(r"^mlp\.experts\.(weight[12]|linear_fc[12]\.(weight|bias))$")
+# `_IN`: an MTP layer's inner transformer layer (`mtp.layers.<i>.mtp_model_layer.mlp.experts...`)
+_IN = r"(?:(?:mtp_model_layer|transformer_layer)\.)?"
+_SEQ = re.compile(rf"^(?P<pre>{_IN}mlp\.experts\.)local_experts\.(?P<j>\d+)\.(?P<post>linear_fc[12]\.(weight|bias|_extra_state))$")
+_GRP = re.compile(rf"^(?P<pre>{_IN}mlp\.experts\.linear_fc[12]\.(weight|bias))(?P<j>\d+)$")
+_GRP_EXTRA = re.compile(rf"^{_IN}mlp\.experts\.linear_fc[12]\._extra_state$")
+_REFUSED = re.compile(rf"^{_IN}mlp\.experts\.(weight[12]|linear_fc[12]\.(weight|bias))$")
 
 
 def expert_kind_of(keys) -> str | None:
@@ -153,7 +155,7 @@ class MoE(GPT):
         # GPT.global_keys asks once per layer, in order: `_layers` says which layers are MoE.
         layer = self._next_layer
         self._next_layer += 1
-        if not self._layers[layer]:
+        if not self._layers[min(layer, len(self._layers) - 1)]:   # past the decoder: an MTP layer, as the last
             return super().mlp_keys(cfg, bias)
         H, E, Fe = cfg.hidden, cfg.num_experts, self.moe_ffn(cfg)
         fc1 = (2 if cfg.glu else 1) * Fe
@@ -212,13 +214,18 @@ MoE.example_defaults = {"experts": 8, "moe_ffn": 64, "bias": False}
 
 
 def _example_extra(self, opts: dict) -> dict:
-    extra = {"moe_grouped_gemm": bool(opts.get("grouped")), "moe_router_topk": 2}
+    extra = {**GPT.example_extra(self, opts), "moe_grouped_gemm": bool(opts.get("grouped")), "moe_router_topk": 2}
     if opts.get("shared_ffn"):
         extra["moe_shared_expert_intermediate_size"] = int(opts["shared_ffn"])
         if opts.get("shared_gate"):
             extra["moe_shared_expert_gate"] = True
     if opts.get("moe_layer_freq") is not None:
         extra["moe_layer_freq"] = opts["moe_layer_freq"]
+    if opts.get("dense_layers"):     # DeepSeek-V3's first-k dense layers (--moe-layer-freq [0]*k+[1]*(L-k))
+        k, n = int(opts["dense_layers"]), int(opts.get("layers") or 0)
+        extra["moe_layer_freq"] = [0] * k + [1] * (n - k)
+    if opts.get("expert_bias"):
+        extra.update(moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid")
     return extra
 
 

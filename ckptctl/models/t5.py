@@ -47,6 +47,7 @@ def positions(cfg: ModelConfig) -> str:
 @register
 class T5(GPT):
     name = "t5"
+    mtp = False       # multi-token prediction is GPT/MoE's (ckptctl.models.deepseek)
     stacks = ("encoder", "decoder")
     post_prefixes = ("encoder.final_layernorm", "decoder.final_layernorm", "lm_head.", "output_layer.")
     top_rules = T5_TOP_RULES

@@ -360,7 +360,7 @@ def _sort_key(loc: KeyLoc, expert: int | None, position: int, family: Family, gr
 
     `position` is where the key was first seen (files are read in stage order); for experts the
     position of the group (all keys of expert e before expert e+1, as Megatron's modules emit them)."""
-    sec = {"pre": 0, "layer": 1, "post": 2}[loc.section]
+    sec = family.section_rank(loc)
     stack = family.stacks.index(loc.stack) if loc.stack in family.stacks else 0
     if expert is None:
         return (sec, stack, loc.layer, position, -1, 0)
@@ -405,8 +405,9 @@ def _plan_target(family: Family, cfg: ModelConfig, layout: Layout, manifest: lis
             rule = family.rule(_strip_expert(family, src), cfg)
             base, _ = namer.array_of(src)
         ranks = range(layout.ep) if ex is None else [g // namer.experts_per_rank]
-        for ep in ranks:
-            placed.setdefault((p, v, ep), []).append((e, loc, key, g, rule, base))
+        for pv in [(p, v)] + family.also_on(loc, cfg, layout):     # + copies under the same key (MTP stage)
+            for ep in ranks:
+                placed.setdefault((*pv, ep), []).append((e, loc, key, g, rule, base))
     files = []
     for fc in layout.model_files:
         chunks = tuple(chunk_name(layout, v) for v in range(layout.vpp))

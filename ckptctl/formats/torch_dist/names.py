@@ -37,8 +37,16 @@ def spec_of(args: dict) -> str:
     return "local" if args.get("transformer_impl") == "local" else "te"
 
 
+# An MTP layer's inner transformer layer: `mtp_model_layer.` in 0.19.2's legacy files (the store's name),
+# `transformer_layer.` in sharded state dicts (megatron-core maps it for older checkpoints).
+MTP_INNER = (("mtp_model_layer.", "transformer_layer."),)
+
+
 def to_store_rest(rest: str, spec: str) -> str:
     """A DCP layer-key rest -> the name legacy files of `spec` use (the store keeps those)."""
+    for legacy_name, dist_name in MTP_INNER:
+        if rest.startswith(dist_name):
+            return legacy_name + to_store_rest(rest[len(dist_name):], spec)
     for legacy_name, dist_name in DIST_NAMES:
         if rest.startswith(dist_name):
             return legacy_name + rest[len(dist_name):]
@@ -59,6 +67,9 @@ def to_dist_rest(rest: str) -> str:
 def dist_rest(rest: str, local: bool) -> str:
     """A legacy layer-key rest (expert-free) -> megatron-core's sharded name (`local`: a local-spec model,
     whose norms all take the fused TE names, those of MoE layers included)."""
+    for legacy_name, dist_name in MTP_INNER + tuple((d, d) for _, d in MTP_INNER):
+        if rest.startswith(legacy_name):
+            return dist_name + dist_rest(rest[len(legacy_name):], local)
     for legacy_name, dist_name in DIST_NAMES:
         if rest.startswith(legacy_name):
             return dist_name + rest[len(legacy_name):]
@@ -79,7 +90,7 @@ def expert_keys(gkey: str, cfg: ModelConfig) -> list[str] | None:
 
     The legacy kind follows `args.moe_grouped_gemm`: SequentialMLP `local_experts.<g>.linear_fc1.weight`,
     TEGroupedMLP `linear_fc1.weight<g>` (and its single `linear_fc1._extra_state`)."""
-    m = re.match(r"^(?P<pre>[a-z_]+\.layers\.\d+\.)(?P<rest>.+)$", gkey)
+    m = re.match(r"^(?P<pre>[a-z_]+\.layers\.\d+\.(?:mtp_model_layer\.)?)(?P<rest>.+)$", gkey)
     e = _DIST_EXPERT.match(m["rest"]) if m else None
     if e is None:
         return None

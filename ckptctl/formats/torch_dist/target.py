@@ -81,7 +81,8 @@ def plan_target(family: Family, cfg: ModelConfig, layout: Layout, manifest: list
     objects: dict[str, tuple[str, str, str]] = {}
     order: dict[str, None] = {}
     experts = cfg.num_experts
-    local_names = is_local_spec(e["gkey"] for e in manifest)
+    # MLA's local spec maps no norm names (its TransformerLayer spec has no sharded_state_dict_keys_map)
+    local_names = is_local_spec(e["gkey"] for e in manifest) and not cfg.extra.get("multi_latent_attention")
     stacked = traits.stacked(family, cfg)
     for fp in files:
         for item in fp.items:
@@ -89,7 +90,7 @@ def plan_target(family: Family, cfg: ModelConfig, layout: Layout, manifest: list
             ex = family.expert_of(loc.rest)
             rest = _strip_expert(family, loc).rest
             if loc.section == "layer":
-                if stacked:
+                if stacked and loc.stack != "mtp":      # MTP layers are numbered keys (MultiTokenPredictionBlock)
                     fqn = f"{loc.stack}.layers.{dist_rest(rest, local_names)}"
                     pre_off, pre_shape = (loc.layer,), (stacks[loc.stack],)
                 else:
