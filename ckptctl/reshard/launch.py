@@ -104,7 +104,7 @@ def run(job: Job, nproc: int, total_bytes: int, progress=None, label: str = "con
                 progress.update(task, completed=min(_done_bytes(workdir), total_bytes))
             if timeout_s and time.monotonic() - start > timeout_s:
                 raise WorkerFailure(f"workers did not finish within {timeout_s:.0f} s (log: {log})")
-            time.sleep(0.05)
+            _wait(procs, 0.05)
     finally:   # one failed worker stops the rest (its peers would wait on it until the gloo timeout)
         for p in procs:
             p.stop()
@@ -126,6 +126,17 @@ def _can_fork() -> bool:
     import torch.distributed as dist
     return os.environ.get("CKPTCTL_LAUNCHER", "fork") != "torchrun" and \
         "fork" in multiprocessing.get_all_start_methods() and not (dist.is_available() and dist.is_initialized())
+
+
+def _wait(procs: list, timeout: float) -> None:
+    """Sleep until a forked worker exits or `timeout` passes (a tiny job ends as its last worker does, not
+    at the next tick); torchrun's agent has no sentinel: a plain sleep."""
+    sentinels = [p.h.sentinel for p in procs if not isinstance(p.h, subprocess.Popen) and p.h.exitcode is None]
+    if sentinels:
+        from multiprocessing.connection import wait
+        wait(sentinels, timeout)
+    else:
+        time.sleep(timeout)
 
 
 class _Proc:

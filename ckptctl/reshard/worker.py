@@ -31,7 +31,7 @@ def main(argv: list[str], report_fd: int | None = None) -> int:
         if os.environ.get("CKPTCTL_TEST_KILL_RANK") == str(rank):   # a worker that dies without a word
             import signal
             os.kill(os.getpid(), signal.SIGKILL)
-        result = run_job(job)
+        result = _profiled(rank, run_job, job)
     except BaseException as e:  # noqa: BLE001 - every failure must reach the launcher
         err = Path(job.workdir) / "errors"
         kind = "bad_input" if isinstance(e, BadInput) else "internal"
@@ -58,6 +58,21 @@ def main(argv: list[str], report_fd: int | None = None) -> int:
     if rank == 0:
         (Path(job.workdir) / "result.json").write_text(json.dumps(result))
     return 0
+
+
+def _profiled(rank: int, fn, *args):
+    """`fn(*args)`, under cProfile when CKPTCTL_PROFILE names a folder (DIR/rank<N>.prof, for pstats or
+    snakeviz): where a worker's seconds go (docs/performance.md)."""
+    where = os.environ.get("CKPTCTL_PROFILE")
+    if not where:
+        return fn(*args)
+    import cProfile
+    prof = cProfile.Profile()
+    try:
+        return prof.runcall(fn, *args)
+    finally:
+        Path(where).mkdir(parents=True, exist_ok=True)
+        prof.dump_stats(str(Path(where) / f"rank{rank}.prof"))
 
 
 def forked(job_path: str, rank: int, world: int, port: int, log: str, parent: int | None = None,
