@@ -112,3 +112,33 @@ def test_what_lite_cannot_read_goes_the_torch_path(ckpts, tmp_path):
         r = run_cli("inspect", p)
         assert r.code == 2 and str(f) in r.err
         assert ("refusing to unpickle" if how == "global" else "truncated or corrupt") in r.err
+
+
+def test_lite_never_accepts_what_the_torch_path_refuses(tmp_path):
+    """The allow-lists agree: whatever the lite reader reads, `pickles.load_pt` reads too (what it cannot
+    read, it leaves to torch)."""
+    import argparse
+    import collections
+    import io
+    import torch
+    from ckptctl.errors import BadInput
+    from ckptctl.storage import pickles
+    objs = [{1, 2}, frozenset({1}), io.BytesIO(b"x"), collections.OrderedDict(a=1), torch.nn.Parameter(torch.ones(2)),
+            torch.Size([2]), torch.bfloat16, slice(1, 2), complex(1, 2), argparse.Namespace(a=torch.float16),
+            torch.ones(3, dtype=torch.float16)[1:], fractions.Fraction(1, 2)]
+    read = 0
+    for i, obj in enumerate(objs):
+        f = tmp_path / f"{i}.pt"
+        torch.save({"a": obj}, f)
+        try:
+            lite = lite_pickle.load(f)["a"]
+        except lite_pickle.NotLite:
+            continue
+        read += 1
+        try:
+            full = pickles.load_pt(f)["a"]
+        except BadInput as e:
+            raise AssertionError(f"lite reads {obj!r}, the torch path refuses it: {e}") from None
+        if torch.is_tensor(full):
+            assert (lite.dtype.name, lite.shape) == (str(full.dtype)[6:], tuple(full.shape))
+    assert read >= 7

@@ -125,7 +125,7 @@ def _rebuild_parameter(data, requires_grad=False, hooks=None, state=None):
     return data
 
 
-_NUMPY = {"_reconstruct", "ndarray", "dtype", "scalar"}
+_NUMPY = {"_reconstruct", "ndarray", "dtype"}   # as pickles.SAFE_GLOBALS
 _GLOBALS = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
@@ -135,12 +135,14 @@ _GLOBALS = {
     ("argparse", "Namespace"): argparse.Namespace,
     ("_io", "BytesIO"): io.BytesIO, ("io", "BytesIO"): io.BytesIO,
     ("_codecs", "encode"): codecs.encode,        # protocol-2 pickles write bytes as encode(str, "latin1")
-    ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
+    ("builtins", "set"): set,     # torch's weights_only loader admits set, not frozenset
 }
 
 
 class _Unpickler(pickle.Unpickler):
     def find_class(self, module, name):
+        if module == "__builtin__":      # protocol 2 names Python 2's module (pickle's own find_class maps it)
+            module = "builtins"
         hit = _GLOBALS.get((module, name))
         if hit is not None:
             return hit

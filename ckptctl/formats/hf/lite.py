@@ -14,3 +14,8 @@ CONFIG = "config.json"
 def detect(path: Path) -> bool:
     path = Path(path)
     return path.is_dir() and (path / CONFIG).is_file() and ((path / INDEX).is_file() or (path / SINGLE).is_file())
+
+
+def inspect(path: Path, true_vocab=None, family=None):
+    from ckptctl.storage.lite_pickle import NotLite
+    raise NotLite("no torch-free inspect of a Hugging Face folder")
