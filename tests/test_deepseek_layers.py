@@ -1,8 +1,13 @@
-"""DeepSeek-V3 / Qwen3-class layer parts: QK layernorm and the router's expert bias (supported; megatron-core
-oracles in test_interop_gpt.py's gqa-swiglu case and test_interop_moe.py), MLA and MTP (refused, exit 2)."""
+"""DeepSeek-V3 / Qwen3-class layer parts: QK layernorm and the router's expert bias (megatron-core oracles in
+test_interop_gpt.py's gqa-swiglu case and test_interop_moe.py); MLA and MTP (megatron-core oracle for the local
+spec in test_mla_mtp_mcore.py). Here: the rules against expectations written by hand from megatron-core 0.19.2's
+source (ckptctl/models/deepseek.py says where), among them the TransformerEngine spec's that megatron-core cannot
+build on CPU (TELinear 'duplicated' down-projections, fused `layer_norm_weight`), and split -> merge round trips."""
 from __future__ import annotations
 
 import pytest
+
+import torch
 
 from ckptctl.errors import BadInput, LayoutError
 from ckptctl.layout import FileCoord, Layout
@@ -67,18 +72,138 @@ def test_flags_read_from_args():
     assert c.extra["qk_layernorm"] and c.extra["moe_router_enable_expert_bias"]
 
 
-@pytest.mark.parametrize("rest", ["self_attention.linear_q_down_proj.weight", "self_attention.linear_kv_up_proj.weight",
-                                  "self_attention.kv_layernorm.weight", "self_attention.linear_q_proj.weight"])
-def test_mla_tensors_are_refused(rest):
-    fam = get_family("gpt")
-    with pytest.raises(BadInput, match="multi-latent attention"):
-        fam.rule(fam.locate(f"decoder.layers.0.{rest}"), cfg())
+MLA = {"multi_latent_attention": True, "q_lora_rank": 8, "kv_lora_rank": 4, "qk_head_dim": 2, "qk_pos_emb_head_dim": 2,
+       "v_head_dim": 4, "qk_layernorm": True, "position_embedding_type": "rope"}
 
 
-def test_mtp_layers_and_flags_are_refused():
+def _held(files, key):
+    """{file: [(local offsets, global offsets, sizes)]} of one global key."""
+    out = {}
+    for f in files:
+        for t in f.tensors:
+            if t.key == key or t.gkey == key:
+                out.setdefault(f.dirname, []).extend((p.local.offsets, p.gbox.offsets, p.gbox.sizes) for p in t.pieces)
+    return out
+
+
+@pytest.mark.parametrize("impl, split", [("local", True), ("transformer_engine", False), (None, False)])
+def test_mla_down_projections_split_under_the_local_spec_replicated_under_te(impl, split):
+    # local spec: ColumnParallelLinear, rows r*n/TP..; TE: TELinear(parallel_mode='duplicated'), the whole tensor
+    extra = {**MLA, **({"transformer_impl": impl} if impl else {})}
+    fam, c = get_family("gpt"), cfg(**extra)
+    _, files = _plan(fam, c, Layout(), Layout(tp=2))
+    for key, rows in (("self_attention.linear_q_down_proj.weight", 8), ("self_attention.linear_kv_down_proj.weight", 6)):
+        held = _held(files, f"decoder.layers.1.{key}")
+        want = ({"mp_rank_00": [((0, 0), (0, 0), (rows // 2, 16))], "mp_rank_01": [((0, 0), (rows // 2, 0), (rows // 2, 16))]}
+                if split else {d: [((0, 0), (0, 0), (rows, 16))] for d in ("mp_rank_00", "mp_rank_01")})
+        assert held == want, key
+
+
+def test_mla_up_projections_per_head_rows_and_norms_replicated():
+    fam, c = get_family("gpt"), cfg(**MLA, transformer_impl="local")
+    keys = dict(layer0(fam, c))
+    # np*(qk_head_dim+qk_pos_emb_head_dim) x q_lora_rank; np*(qk_head_dim+v_head_dim) x kv_lora_rank; H x np*v_head_dim
+    assert keys["self_attention.linear_q_up_proj.weight"] == (16, 8)
+    assert keys["self_attention.linear_kv_up_proj.weight"] == (24, 4)
+    assert keys["self_attention.linear_kv_down_proj.weight"] == (6, 16)
+    assert keys["self_attention.linear_proj.weight"] == (16, 16)
+    assert keys["self_attention.q_layernorm.weight"] == (8,) and keys["self_attention.kv_layernorm.weight"] == (4,)
+    _, files = _plan(fam, c, Layout(), Layout(tp=2))
+    assert _held(files, "decoder.layers.0.self_attention.linear_kv_up_proj.weight")["mp_rank_01"] == [
+        ((0, 0), (12, 0), (12, 4))]                                                # heads 2, 3
+    assert _held(files, "decoder.layers.0.self_attention.linear_proj.weight")["mp_rank_01"] == [
+        ((0, 0), (0, 8), (16, 8))]
+    assert _held(files, "decoder.layers.0.self_attention.kv_layernorm.weight")["mp_rank_01"] == [((0,), (0,), (4,))]
+    # TE names: the q/kv norms fused into the up-projections, replicated
+    rule = fam.rule(fam.locate("decoder.layers.0.self_attention.linear_q_up_proj.layer_norm_weight"), c)
+    assert rule.kind == "replicated"
+    assert fam.rule(fam.locate("decoder.layers.0.self_attention.linear_q_proj.weight"), c).kind == "split"
+
+
+def test_mla_fused_down_projection_and_indivisible_ranks_are_refused():
+    fam, c = get_family("gpt"), cfg(**MLA, transformer_impl="local")
+    with pytest.raises(BadInput, match="fused q/kv down-projection"):
+        fam.rule(fam.locate("decoder.layers.0.self_attention.linear_qkv_down_proj.weight"), c)
+    with pytest.raises(LayoutError, match="kv_lora_rank"):       # 4 + 2 rows over TP 4
+        fam.validate(c, Layout(tp=4))
+    fam.validate(cfg(**MLA), Layout(tp=4))     # TE: the down-projections are whole on every rank
+
+
+def test_mtp_layers_on_the_last_chunk_with_an_embedding_copy():
+    import dataclasses
     fam = get_family("moe")
-    with pytest.raises(BadInput, match="multi-token prediction"):
-        fam.locate("mtp.layers.0.eh_proj.weight")
-    for extra in ({"mtp_num_layers": 1}, {"multi_latent_attention": True}):
-        with pytest.raises(LayoutError, match="not supported"):
-            fam.validate(cfg("moe", **extra), Layout())
+    c = dataclasses.replace(cfg("moe", **MLA, transformer_impl="local", mtp_num_layers=2), num_layers=4)
+    keys = [k for k, _ in fam.global_keys(c)]
+    assert keys.index("decoder.final_layernorm.weight") < keys.index("mtp.layers.0.enorm.weight") < keys.index(
+        "mtp.layers.1.final_layernorm.weight") < keys.index("output_layer.weight")
+    assert "mtp.layers.1.mtp_model_layer.mlp.experts.local_experts.3.linear_fc2.weight" in keys
+    _, files = _plan(fam, c, Layout(), Layout(pp=2, vpp=2, ep=2))
+    for f in files:
+        gk = {t.gkey for t in f.tensors}
+        last = f.coord.pp == 1
+        assert ("mtp.layers.1.eh_proj.weight" in gk) == last
+        assert "embedding.word_embeddings.weight" in gk         # first stage, and the MTP stage's copy
+        mtp = [t for t in f.tensors if t.gkey.startswith("mtp.")]
+        assert all(t.chunk == "model1" for t in mtp)              # the last virtual chunk
+        experts = {t.gkey.split("local_experts.")[1].split(".")[0] for t in mtp if "local_experts" in t.gkey}
+        assert experts == ({"0", "1"} if f.coord.ep == 0 else {"2", "3"}) or not last
+        assert {t.key for t in mtp} >= {"mtp.layers.0.enorm.weight"} or not last     # local MTP index = global
+    _, one = _plan(fam, c, Layout(), Layout(tp=2))
+    assert [k for k in _held(one, "embedding.word_embeddings.weight")] == ["mp_rank_00", "mp_rank_01"]
+    assert _held(one, "mtp.layers.0.eh_proj.weight")["mp_rank_01"] == [((0, 0), (8, 0), (8, 32))]   # (H, 2H) rows
+    assert fam.rule(fam.locate("mtp.layers.0.transformer_layer.self_attention.linear_q_up_proj.weight"), c).kind == "split"
+
+
+def test_mtp_refusals():
+    fam = get_family("moe")
+    with pytest.raises(LayoutError, match="explicit pipeline layout"):
+        fam.validate(cfg("moe", mtp_num_layers=1, position_embedding_type="rope",
+                         pipeline_model_parallel_layout="Et|tL"), Layout(pp=2))
+    with pytest.raises(LayoutError, match="learned absolute"):
+        fam.validate(cfg("moe", mtp_num_layers=1), Layout(pp=2))
+    fam.validate(cfg("moe", mtp_num_layers=1), Layout())
+    for name in ("bert", "mamba"):
+        with pytest.raises(BadInput, match="multi-token prediction"):
+            get_family(name).locate("mtp.layers.0.eh_proj.weight")
+    assert fam.stack_layers(cfg("moe", mtp_num_layers=3, mtp_use_repeated_layer=True)) == {"decoder": 2, "mtp": 1}
+
+
+def test_mla_mtp_args_read():
+    base = {"num_layers": 2, "hidden_size": 16, "num_attention_heads": 4}
+    c = config_from_args({**base, **MLA, "transformer_impl": "local", "mtp_num_layers": 1}, "gpt")
+    assert {k: c.extra[k] for k in MLA} == MLA and c.extra["transformer_impl"] == "local" and c.extra["mtp_num_layers"] == 1
+
+
+def _model(root, d):
+    return torch.load(next(root.glob(f"iter_*/{d}/model_optim_rng.pt")), weights_only=False)["model"]
+
+
+def test_example_round_trip_and_hand_split(tmp_path):
+    """`ckptctl example moe --mla --mtp 1 --dense-layers 1 --expert-bias --shared-ffn`: legacy and torch_dist
+    round trips verify equal; the TP2 files hold the hand-cut rows of the TP1 tensors."""
+    from ckptctl.convert import convert
+    from ckptctl.example import example
+    from ckptctl.verify import verify
+    opts = {"layers": 4, "hidden": 32, "heads": 4, "experts": 4, "moe_ffn": 16, "swiglu": True, "shared_ffn": 16,
+            "norm": "RMSNorm", "mla": True, "mtp": 1, "dense_layers": 1, "expert_bias": True}
+    a, b, c, d = (tmp_path / x for x in "abcd")
+    example("moe", Layout(), a, opts)
+    convert(a, b, Layout(tp=2, pp=2, ep=2), nproc=0)
+    convert(b, c, Layout(), nproc=0)
+    convert(a, d, Layout(tp=2), nproc=0, to_format="torch_dist")
+    for x in (b, c, d):
+        rep = verify(a, x)
+        assert rep.tensors > 60 and rep.equal == rep.tensors, (x, rep)
+    src = _model(a, "mp_rank_00")
+    for tp in (0, 1):
+        last = _model(b, f"mp_rank_{tp:02d}_001_001")     # stage 1 (MTP), EP rank 1
+        for key in ("mtp.layers.0.mtp_model_layer.self_attention.linear_q_down_proj.weight",
+                    "mtp.layers.0.mtp_model_layer.self_attention.linear_kv_up_proj.weight", "mtp.layers.0.eh_proj.weight"):
+            g = src[key]
+            n = g.shape[0] // 2
+            assert last[key].view(torch.uint8).equal(g[tp * n:(tp + 1) * n].contiguous().view(torch.uint8)), key
+        e = "mtp.layers.0.mtp_model_layer.mlp.experts.local_experts.{}.linear_fc2.weight"
+        ge, half = src[e.format(3)], src[e.format(3)].shape[1] // 2       # global expert 3 = EP 1's local 1, ETP cols
+        assert last[e.format(1)].view(torch.uint8).equal(ge[:, tp * half:(tp + 1) * half].contiguous().view(torch.uint8))
+        emb = _model(b, f"mp_rank_{tp:02d}_000_000")["embedding.word_embeddings.weight"]
+        assert last["embedding.word_embeddings.weight"].view(torch.uint8).equal(emb.view(torch.uint8))
