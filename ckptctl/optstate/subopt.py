@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import torch
-
 from ckptctl.errors import BadInput
 from ckptctl.optstate.params import group_of, n_subs
 from ckptctl.optstate.state import Context
@@ -35,6 +33,7 @@ GROUP_ROLE = ("params", "is_expert_parallel")      # not hyperparameters: where 
 
 def canon(obj) -> str:
     """A byte-exact, order-stable text form of plain state (tensors by dtype, shape and raw bytes)."""
+    import torch   # here, not at the top: inspect's torch-free reader imports this module
     if torch.is_tensor(obj):
         t = obj.detach().contiguous().reshape(-1)
         raw = t.view(torch.uint8).numpy().tobytes().hex() if t.numel() else ""

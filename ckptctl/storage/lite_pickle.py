@@ -10,7 +10,7 @@ no tensor byte is read and no global outside the list is ever called (checkpoint
 
 Anything the list does not name, and any file that is not such a zip, raises `NotLite`: the caller then
 reads the file with torch (`ckptctl.storage.pickles`), which refuses or accepts it as before. The list
-is the one `pickles.SAFE_GLOBALS` admits through `torch.load(weights_only=True)`, minus what inspect
+is the one `pickles.safe_globals()` admits through `torch.load(weights_only=True)`, minus what inspect
 never needs to be exact about (numpy's RNG arrays become `Opaque`).
 """
 from __future__ import annotations
@@ -125,7 +125,7 @@ def _rebuild_parameter(data, requires_grad=False, hooks=None, state=None):
     return data
 
 
-_NUMPY = {"_reconstruct", "ndarray", "dtype"}   # as pickles.SAFE_GLOBALS
+_NUMPY = {"_reconstruct", "ndarray", "dtype"}   # as pickles.safe_globals()
 _GLOBALS = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,

@@ -4,23 +4,27 @@ under the same name. Used by every format and by the store's pickled objects (ar
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import pickle
 import re
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from ckptctl.errors import BadInput
 
 
-# Globals a Megatron checkpoint may name besides torch's own: args is a Namespace; TE extra state may
-# be a BytesIO. Megatron's enums in args get a stand-in that writes itself back under the same name.
-SAFE_GLOBALS: list = [argparse.Namespace, io.BytesIO]
-# Megatron-LM's RNG state holds numpy's RandomState state: an ndarray of uint32.
-SAFE_GLOBALS += [np._core.multiarray._reconstruct, (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
-                 np.ndarray, np.dtype] + [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+@functools.cache
+def safe_globals() -> list:
+    """Globals a Megatron checkpoint may name besides torch's own: args is a Namespace; TE extra state may
+    be a BytesIO. Megatron's enums in args get a stand-in that writes itself back under the same name.
+    Megatron-LM's RNG state holds numpy's RandomState state: an ndarray of uint32. (Built on the first
+    load: inspect's torch-free readers import modules that import this one, without numpy.)"""
+    import numpy as np
+    return [argparse.Namespace, io.BytesIO, np._core.multiarray._reconstruct,
+            (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype] + \
+        [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+
+
 FOREIGN_PREFIXES = ("megatron.",)
 
 
@@ -105,6 +109,7 @@ _Pickler.dispatch[_GlobalRef] = _dispatch_global
 
 def save_pt(obj, path: Path) -> None:
     """torch.save, routing through our pickler only when Megatron stand-ins must be written back."""
+    import torch   # here, not at the top: inspect's torch-free readers import modules that import this one
     if _with_stand_ins(obj):
         torch.save(obj, path, pickle_module=_PickleModule)
     else:
@@ -124,12 +129,13 @@ def load_pt(path: Path, mmap: bool = True):
 
 def _weights_only_load(src, what: str, mmap: bool = False):
     """torch.load(weights_only=True) with our allow-list; Megatron's own classes get stand-ins as met."""
+    import torch
     extra = [(_stand_in(q), q) for q in _foreign]
     for _ in range(16):
         if isinstance(src, io.BytesIO):
             src.seek(0)
         try:
-            with torch.serialization.safe_globals(SAFE_GLOBALS + extra):
+            with torch.serialization.safe_globals(safe_globals() + extra):
                 return torch.load(src, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as e:
             m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))

@@ -24,8 +24,6 @@ import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from ckptctl.errors import BadInput, CkptctlError
 from ckptctl.formats.megatron import TRACKER, args_dict, iter_dirname, layout_from_args
 from ckptctl.layout import Layout
@@ -74,6 +72,7 @@ class _Record:
         elif isinstance(state, dict):
             self.__dict__.update(state)
         else:                                            # TensorProperties: (dtype, layout, ...)
+            import torch   # here, not at the top: inspect's torch-free reader imports this module
             self._state = state
             if isinstance(state, tuple) and state and isinstance(state[0], torch.dtype):
                 self.dtype = state[0]
@@ -94,6 +93,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         self.path = path
 
     def find_class(self, module, name):
+        import torch
         if (module, name) in _ALLOWED or (module, name) in _MCORE_STAND_INS:
             if module.startswith(_DCP) or module.startswith("megatron."):
                 return _record(name)
@@ -135,6 +135,7 @@ def read_blob(iter_dir: Path, ref: list) -> bytes:
 
 
 def load_tensor(iter_dir: Path, ref: list, what: str) -> torch.Tensor:
+    import torch
     try:
         return torch.load(io.BytesIO(read_blob(iter_dir, ref)), map_location="cpu", weights_only=True)
     except CkptctlError:

@@ -41,8 +41,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import torch
-
 from ckptctl.errors import BadInput
 from ckptctl.formats.torch_dist.metadata import load_object
 from ckptctl.optstate.params import ADAM_KEYS, comps_of
@@ -263,6 +261,7 @@ def adam_common(opt, variant: str, where) -> dict:
 
 def adam_dist_common(common: dict, variant: str):
     """The common state's `optimizer` as megatron-core 0.19.2 saves the non-distributed optimizer."""
+    import torch   # here, not at the top: inspect's torch-free reader imports this module
     step = common.get("step")
     out = []
     for sub in common["subs"]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from ckptctl.box import Box
 from ckptctl.core.coverage import coverage_problems
 from ckptctl.core.dtypes import chunk_shape, itemsize as _itemsize, storage_dtype
