@@ -25,7 +25,11 @@ CASES = {   # name -> (family, layout, opts, optimizer, format)
     "moe_subs": ("moe", "tp1pp1ep2", {"layers": 2}, "adam", None),
     "mamba": ("mamba", "tp2pp1", {}, "none", None),
     "torch_dist": ("gpt", "tp2pp1", {"layers": 2}, "distributed", "torch_dist"),
+    "torch_dist_full": ("gpt", "tp1pp2dp2", {"layers": 2}, "distributed", "torch_dist:fully_reshardable"),
+    "torch_dist_adam": ("gpt", "tp2pp2", {"layers": 4, "dtype": "bfloat16"}, "adam", "torch_dist"),
+    "torch_dist_moe": ("moe", "tp1pp1ep2", {"layers": 2}, "adam", "torch_dist"),   # 2 sub-optimizers: torch path
 }
+TORCH_PATH = {"torch_dist_moe"}
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +37,9 @@ def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("lite")
     out = {}
     for name, (fam, lay, opts, opt, fmt) in CASES.items():
-        example(fam, parse_layout(lay), root / name, opts, optimizer=opt, fmt=fmt)
+        fmt, _, sharding = (fmt or "").partition(":")
+        example(fam, parse_layout(lay), root / name, opts, optimizer=opt, fmt=fmt or None,
+                optim_sharding=sharding or None)
         out[name] = root / name
     return out
 
@@ -51,8 +57,7 @@ def test_lite_report_equals_torch_report(ckpts, name):
     lite = inspect_cmd.describe(p)
     assert json.dumps(lite, sort_keys=True) == json.dumps(torch_path, sort_keys=True)
     assert _text(lite) == _text(torch_path)
-    if CASES[name][4] is None:      # legacy: read without torch (torch_dist goes the torch path for now)
-        assert inspect_cmd._inspect_lite(p, None) is not None
+    assert (inspect_cmd._inspect_lite(p, None) is None) == (name in TORCH_PATH)
     assert inspect_cmd.describe(p, true_vocab=100) == inspect_cmd.describe(p, true_vocab=100, lite=False)
 
 
@@ -64,7 +69,7 @@ def test_store_report_equals_and_cli_imports_no_torch(ckpts, tmp_path):
             "try:\n    main()\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
             "heavy = sorted(m for m in ('torch', 'numpy', 'zarr') if m in sys.modules)\n"
             "assert not heavy, heavy")
-    for p in (ckpts["gpt_adam"], ckpts["moe_subs"], st):
+    for p in (ckpts["gpt_adam"], ckpts["moe_subs"], ckpts["torch_dist"], st):
         r = subprocess.run([sys.executable, "-c", code, str(p)], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
         assert json.loads(r.stdout)["ok"]

@@ -169,10 +169,11 @@ def loads(data: bytes):
     return _Unpickler(io.BytesIO(data)).load()
 
 
-def load(path: Path):
-    """The object of a `torch.save` zip file, tensors as `TensorStub`. NotLite for anything else."""
+def load(path: Path, data: bytes | None = None):
+    """The object of a `torch.save` zip file (or of its bytes `data`, `path` naming them), tensors as
+    `TensorStub`. NotLite for anything else."""
     try:
-        z = zipfile.ZipFile(path)
+        z = zipfile.ZipFile(path if data is None else io.BytesIO(data))
     except (zipfile.BadZipFile, OSError, ValueError) as e:
         raise NotLite(f"{path}: {e}") from None
     with z:
