@@ -4,11 +4,10 @@ moe_ffn_hidden_size, vocab_size, bf16, optimizer, use_distributed_optimizer, ...
 `ModelConfig` a checkpoint's args give (`config_from_args`), plus what the plan needs that args say
 elsewhere: the parameter dtype and the optimizer state's components.
 
-Multi-latent attention (MLA) cannot be planned as such (ckptctl has no MLA rules; convert refuses it):
-the plan uses a GQA stand-in with the config's heads and query groups whose kv_channels is chosen so that
-each layer's attention holds (nearly) as many parameters as the MLA described (the difference is
-reported). Multi-token-prediction (MTP) layers are left out of the plan (convert refuses them); their
-parameters are estimated and reported, not counted in files or bytes.
+Multi-latent attention (MLA) and multi-token-prediction (MTP) layers are planned with their own rules
+(ckptctl.models.deepseek), as convert moves them. Which spec the run used decides MLA's down-projections:
+`transformer_impl: local` splits them over TP, anything else (Megatron-LM's default, transformer_engine)
+replicates them on every TP rank.
 """
 from __future__ import annotations
 
@@ -98,18 +97,10 @@ def load(path: Path, src_tp: int, with_optimizer: bool = True) -> PlanInput:
     notes, stand_in, left_out = [], {}, {}
     hidden, heads = int(args["hidden_size"]), int(args["num_attention_heads"])
     if args.get("multi_latent_attention"):
-        attn = mla_attention_params(args, hidden, heads)
-        groups = int(args.get("num_query_groups") or heads)
-        kv = max(1, round(attn / (hidden * 2 * (heads + groups))))
-        gqa = hidden * kv * 2 * (heads + groups)
-        stand_in = {"replaced": "multi_latent_attention", "by": "gqa", "num_query_groups": groups, "kv_channels": kv,
-                    "mla_attention_params_per_layer": attn, "gqa_attention_params_per_layer": gqa}
-        args = {k: v for k, v in args.items() if k not in ("multi_latent_attention", *MLA_DIMS)}
-        args.update(group_query_attention=True, num_query_groups=groups, kv_channels=kv)
-        notes.append(f"multi-latent attention planned as a GQA stand-in ({heads} heads, {groups} query groups, "
-                     f"kv_channels {kv}: {gqa:,} attention parameters per layer vs MLA's {attn:,}); convert refuses MLA, "
-                     "and MLA's down-projections are replicated over TP where the stand-in splits them")
-    mtp = int(args.pop("mtp_num_layers", 0) or 0)
+        mla_attention_params(args, hidden, heads)     # the MLA sizes are all there (one-line error otherwise)
+        if args.get("transformer_impl") != "local":
+            notes.append("multi-latent attention under the TransformerEngine spec: its q/kv down-projections are "
+                         "replicated on every TP rank (transformer_impl: local splits them)")
     family = args.pop("family", None)
     if family is None:
         from ckptctl.models import detect_family
@@ -120,8 +111,4 @@ def load(path: Path, src_tp: int, with_optimizer: bool = True) -> PlanInput:
     if cfg.true_vocab is None:
         raise BadInput(f"{path}: the model config lacks 'vocab_size'")
     cfg = ModelConfig(**{**cfg.__dict__, "padded_vocab": padded_vocab(cfg.true_vocab, cfg.vocab_divisor, src_tp)})
-    if mtp:
-        left_out = {"mtp_num_layers": mtp}
-        notes.append(f"{mtp} multi-token-prediction (MTP) layer(s) left out of the plan (convert refuses them); "
-                     "their estimated parameters are under left_out")
     return PlanInput(family, cfg, dtype, kind, comps, stand_in, left_out, notes)
