@@ -86,7 +86,7 @@ class GPT(Family):
         # GPTModel registers decoder (layers, final norm), then mtp, then output_layer
         if loc.section == "layer" and loc.stack == deepseek.MTP_STACK:
             return 1.7
-        if loc.section == "post" and loc.rest.startswith("decoder."):
+        if self.mtp and loc.section == "post" and loc.rest.startswith("decoder."):
             return 1.5
         return super().section_rank(loc)
 
