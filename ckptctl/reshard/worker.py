@@ -98,6 +98,8 @@ def forked(job_path: str, rank: int, world: int, port: int, log: str, parent: in
         # Fresh stream objects: the parent's may have been locked by another thread at fork time.
         sys.stdout = open(1, "w", buffering=1, closefd=False)
         sys.stderr = open(2, "w", buffering=1, closefd=False)
+        import faulthandler   # a SIGBUS/SIGSEGV leaves its Python traceback in the log (not the parent's terminal)
+        faulthandler.enable(file=sys.stderr)
         _name(f"ckptctl-w{rank}")
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                           GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
