@@ -91,7 +91,10 @@ def _inspect_lite(path: Path, true_vocab: int | None):
             if lite is None:
                 return None
         return lite.inspect(path, true_vocab), lite.optim_form
-    except Exception:  # noqa: BLE001 - NotLite or a refusal: the torch path reads it again and gives the verdict
+    except Exception as e:  # noqa: BLE001 - NotLite or a refusal: the torch path reads it again and gives the verdict
+        from ckptctl.guard import Interrupted
+        if isinstance(e, Interrupted):   # a signal (CkptctlError) ends the command, never starts the torch path
+            raise
         return None
 
 
