@@ -207,3 +207,23 @@ def test_example_round_trip_and_hand_split(tmp_path):
         assert last[e.format(1)].view(torch.uint8).equal(ge[:, tp * half:(tp + 1) * half].contiguous().view(torch.uint8))
         emb = _model(b, f"mp_rank_{tp:02d}_000_000")["embedding.word_embeddings.weight"]
         assert last["embedding.word_embeddings.weight"].view(torch.uint8).equal(emb.view(torch.uint8))
+
+
+def test_mtp_inner_layer_under_its_older_name(tmp_path):
+    """Legacy files of older megatron-core name the MTP inner layer `transformer_layer.`: read as the same tensors
+    (optimizer state placed by the model's order), written under 0.19.2's `mtp_model_layer.`."""
+    from ckptctl.convert import convert
+    from ckptctl.example import example
+    from ckptctl.verify import verify
+    a, b = tmp_path / "a", tmp_path / "b"
+    example("gpt", Layout(), a, {"layers": 2, "hidden": 32, "heads": 4, "mla": True, "mtp": 1, "norm": "RMSNorm"})
+    f = next(a.glob("iter_*/mp_rank_00/model_optim_rng.pt"))
+    d = torch.load(f, weights_only=False)
+    d["model"] = {k.replace(".mtp_model_layer.", ".transformer_layer."): v for k, v in d["model"].items()}
+    assert any(".transformer_layer." in k for k in d["model"])
+    torch.save(d, f)
+    convert(a, b, Layout(tp=2, pp=2), nproc=0)
+    rep = verify(a, b)
+    assert rep.tensors > 40 and rep.equal == rep.tensors, rep
+    last = _model(b, "mp_rank_01_001")
+    assert any(".mtp_model_layer." in k for k in last) and not any(".transformer_layer." in k for k in last)

@@ -22,7 +22,7 @@ MLA (`MLASelfAttention`, below `self_attention.`):
 MTP (`mtp.layers.<i>.`, `MultiTokenPredictionLayer`): `enorm`, `hnorm`, `final_layernorm` replicated; `eh_proj`
 ColumnParallel `(H, 2H)`: dim-0 split; the inner transformer layer is `mtp_model_layer.<layer key>` in 0.19.2's
 legacy files (`transformer_layer.` in older ones and in every torch_dist checkpoint: megatron-core maps the
-prefix in `sharded_state_dict`), built from the spec of the *last* decoder layer (dense or MoE alike). All MTP
+prefix in `sharded_state_dict`; ckptctl reads both and names it `mtp_model_layer.` in the store and legacy targets), built from the spec of the *last* decoder layer (dense or MoE alike). All MTP
 layers live on the last pipeline stage's last virtual chunk (an explicit pipeline layout with 'm' is refused);
 `mtp_use_repeated_layer` builds one layer for every depth. The MTP stage keeps its own copy of the word
 embedding when it is not the first chunk (tied to the first stage's like a tied output layer); torch_dist saves
@@ -78,6 +78,14 @@ def inner_rest(rest: str) -> str | None:
     """The transformer-layer key inside an MTP layer's key (`mtp_model_layer.<rest>`), or None."""
     m = _INNER.match(rest)
     return m["rest"] if m else None
+
+
+def canonical_mtp_rest(rest: str) -> str:
+    """The store (and every legacy target) names the inner layer as megatron-core 0.19.2 does: `mtp_model_layer.`."""
+    for old in INNER[1:]:
+        if rest.startswith(old + "."):
+            return INNER[0] + rest[len(old):]
+    return rest
 
 
 def mtp_layers(cfg: ModelConfig) -> int:

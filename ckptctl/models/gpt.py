@@ -78,6 +78,12 @@ class GPT(Family):
         table = self.layer_rules if loc.section == "layer" else self.top_rules
         return match_rule(table, rest, cfg, loc.key())
 
+    def locate(self, key: str) -> KeyLoc:
+        loc = super().locate(key)
+        if loc.section == "layer" and loc.stack == deepseek.MTP_STACK:   # one store name for the MTP inner layer
+            loc = KeyLoc(loc.section, loc.stack, loc.layer, deepseek.canonical_mtp_rest(loc.rest))
+        return loc
+
     def stack_layers(self, cfg: ModelConfig) -> dict[str, int]:
         n = deepseek.mtp_layers(cfg) if self.mtp else 0
         return {"decoder": cfg.num_layers, **({deepseek.MTP_STACK: n} if n else {})}
