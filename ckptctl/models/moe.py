@@ -193,6 +193,7 @@ class MoE(GPT):
 # Megatron's MoE reconfiguration tuples (TP, PP, EP, ETP) that legacy files can hold (DESIGN §10; the
 # ETP > TP ones are refused, see tests), alternating the two expert key layouts.
 _G = {"grouped": True}
+_DS = {"mla": True, "mtp": 1, "dense_layers": 2, "expert_bias": True, "shared_ffn": 32, "swiglu": True, "norm": "RMSNorm"}
 MoE.matrix_pairs = [
     ("tp2pp4", "tp2pp4", {}),                                   # (2,4,1,2) -> same
     ("tp1pp1", "tp1pp1ep4", _G),                                # (1,1,1,1) -> (1,1,4,1)
@@ -209,6 +210,8 @@ MoE.matrix_pairs = [
     ("tp1pp1dp2", "tp1pp1ep2dp4", {}),                          # DistOpt 1 -> 2 sub-optimizers, EDP 2
     ("tp2pp1ep4etp1", "tp2pp1", {}),                            # DistOpt 2 -> 1: EP 4 -> 1 and ETP 1 -> TP
     ("tp1pp1ep2", "tp1pp1", {"optimizer": "adam"}),             # plain Adam 2 -> 1
+    # DeepSeek-V3-class (ckptctl.models.deepseek): MLA, an MTP layer, first-k dense, shared experts, expert bias
+    ("tp1pp1", "tp2pp2ep2", _DS), ("tp2pp2ep2", "tp1pp4vpp2ep4", _DS),
 ]   # pairs across formats: each format's `Format.matrix_pairs` (ckptctl.matrix adds them)
 MoE.example_defaults = {"experts": 8, "moe_ffn": 64, "bias": False}
 
