@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ckptctl.core.dtypes import itemsize
+from ckptctl.storage.pickles import _stand_in
 
 
 class NotLite(Exception):
@@ -63,33 +64,6 @@ class Opaque:
 
     def __setstate__(self, state):
         self.state = state
-
-
-class Foreign:
-    """A Megatron class named in args (an enum): printed like `pickles.ForeignObject`, never imported."""
-
-    qualname = ""
-
-    def __init__(self, *args):
-        self.args = args
-
-    def __repr__(self):
-        return f"{self.qualname}{self.args!r}"
-
-    def __eq__(self, other):
-        return type(other) is type(self) and other.args == self.args
-
-    def __hash__(self):
-        return hash((self.qualname, self.args))
-
-
-_foreign: dict[str, type] = {}
-
-
-def _foreign_class(qualname: str) -> type:
-    if qualname not in _foreign:
-        _foreign[qualname] = type(qualname.rsplit(".", 1)[1], (Foreign,), {"qualname": qualname})
-    return _foreign[qualname]
 
 
 # torch's typed storage classes as `torch.save` names them -> the dtype of their elements
@@ -154,7 +128,7 @@ class _Unpickler(pickle.Unpickler):
                 module in ("numpy", "numpy.dtypes", "numpy.core.multiarray", "numpy._core.multiarray"):
             return Opaque
         if module.startswith("megatron."):
-            return _foreign_class(f"{module}.{name}")
+            return _stand_in(f"{module}.{name}")   # the same stand-in as the torch path: equal reports
         raise NotLite(f"global {module}.{name}")
 
     def persistent_load(self, pid):
