@@ -22,6 +22,13 @@ DIST_COMMON_POLICY = {"content_metadata": "format"}
 def inspect(src: Path, true_vocab: int | None = None, family: str | None = None):
     """CLI process: a torch_dist checkpoint: metadata, common state and the source plan."""
     ck = open_dist(src)
+    return source_of(ck, true_vocab, family, optim_inspect_info,
+                     lambda k: BadInput(f"{ck.iter_dir}: unknown common-state key {k!r} (no policy carries it)"))
+
+
+def source_of(ck, true_vocab, family, info_of, unknown):
+    """The Source of an opened checkpoint (torch or torch-free reader: `info_of` reads the optimizer's
+    description, `unknown(key)` is the error for a common-state key no policy carries)."""
     spec = spec_of(ck.args)
     keys = [store_key(f, 0, spec) for f in ck.index["tensors"]]
     fam_name = family or detect_family(keys, ck.args)
@@ -37,13 +44,12 @@ def inspect(src: Path, true_vocab: int | None = None, family: str | None = None)
     for k in ck.common:
         pol = TOP_LEVEL_POLICY.get(k) or DIST_COMMON_POLICY.get(k)
         if pol is None:
-            raise BadInput(f"{ck.iter_dir}: unknown common-state key {k!r} (no policy carries it)")
+            raise unknown(k)
         policies[k] = pol
     if any(n.startswith(RNG_KEY + "/") for n in ck.index["objects"]):
         policies[RNG_KEY] = "rng"
     for k in dropped_keys(ck.index):
         policies[k] = "optimizer" if k == "optimizer" else "dropped"
     dist = {"iter_dir": str(ck.iter_dir), "spec": spec, "index": ck.index}
-    info = optim_inspect_info(ck, cfg, ck.layout)
-    return Source(ck, fam_name, cfg, [], plan, policies, fmt=BACKEND, dist=dist, optim=info)
+    return Source(ck, fam_name, cfg, [], plan, policies, fmt=BACKEND, dist=dist, optim=info_of(ck, cfg, ck.layout))
 

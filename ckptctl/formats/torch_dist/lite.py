@@ -120,27 +120,5 @@ def inspect(src: Path, true_vocab: int | None = None, family: str | None = None)
     ck = open_dist(Path(src))
     if any(n.startswith("chained_") for n in ck.index["order"]) or int_keyed(ck.common.get("optimizer")):
         raise NotLite("several sub-optimizers")
-    spec = spec_of(ck.args)
-    keys = [store_key(f, 0, spec) for f in ck.index["tensors"]]
-    fam_name = family or detect_family(keys, ck.args)
-    fam = get_family(fam_name)
-    cfg = config_from_args(ck.args, fam_name, true_vocab)
-    fam.validate(cfg, ck.layout)
-    plan = plan_source(fam, cfg, ck.layout, ck.index, spec)
-    if cfg.padded_vocab is None:
-        emb = plan.arrays.get(MODEL + "embedding.word_embeddings.weight")
-        if emb:
-            cfg = ModelConfig(**{**cfg.__dict__, "padded_vocab": emb["shape"][0]})
-    policies = {}
-    for k in ck.common:
-        pol = TOP_LEVEL_POLICY.get(k) or DIST_COMMON_POLICY.get(k)
-        if pol is None:
-            raise NotLite(f"unknown common-state key {k!r}")
-        policies[k] = pol
-    if any(n.startswith(RNG_KEY + "/") for n in ck.index["objects"]):
-        policies[RNG_KEY] = "rng"
-    for k in dropped_keys(ck.index):
-        policies[k] = "optimizer" if k == "optimizer" else "dropped"
-    dist = {"iter_dir": str(ck.iter_dir), "spec": spec, "index": ck.index}
-    info = inspect_info(ck, cfg, ck.layout)
-    return Source(ck, fam_name, cfg, [], plan, policies, fmt=BACKEND, dist=dist, optim=info)
+    from ckptctl.formats.torch_dist.inspect import source_of   # the one Source builder, torch-free at import
+    return source_of(ck, true_vocab, family, inspect_info, lambda k: NotLite(f"unknown common-state key {k!r}"))
