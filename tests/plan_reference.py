@@ -124,7 +124,8 @@ def plan_target(family: Family, cfg: ModelConfig, layout: Layout, manifest: list
         loc = family.locate(e["gkey"])
         p, v, l = namer.placement(loc)
         ex = family.expert_of(loc.rest)
-        placed.setdefault((p, v), []).append((e, loc, l, ex))
+        for pv in [(p, v)] + family.also_on(loc, cfg, layout):     # + copies under the same key (MTP stage)
+            placed.setdefault(pv, []).append((e, loc, l, ex))
     files = []
     for fc in layout.model_files:
         chunks = tuple(chunk_name(layout, v) for v in range(layout.vpp))
