@@ -15,6 +15,7 @@ import typer
 from ckptctl import output
 from ckptctl.errors import BadInput, CkptctlError
 from ckptctl.layout import Layout, parse_layout
+from ckptctl.paths import require_checkpoint
 
 from ckptctl import cli_style  # noqa: E402  (help without type tags on flags; before commands are built)
 
@@ -205,6 +206,7 @@ def convert(
     """Convert a checkpoint to another parallel layout (through worker processes and a Zarr store)."""
     from ckptctl.guard import refuse_under_launcher
     refuse_under_launcher(nnodes)   # before the heavy imports: under torchrun/srun every copy refuses within a second
+    require_checkpoint(src)
     from ckptctl.convert import convert as run
     from ckptctl.reshard.launch import Nodes
     from ckptctl.reshard.stream import parse_size
@@ -255,6 +257,8 @@ def verify(
     json_out: JsonOpt = False,
 ):
     """Compare two checkpoints, in any layouts, byte for byte. Exit 0 equal, 1 different."""
+    require_checkpoint(a)
+    require_checkpoint(b)
     from ckptctl.reshard.stream import parse_size
     from ckptctl.verify import verify as run
     from ckptctl import verify_report
@@ -313,6 +317,7 @@ def digest(
     json_out: JsonOpt = False,
 ):
     """Fingerprint the model and optimizer state, independent of layout and format. Exit 1 on a mismatch."""
+    require_checkpoint(ckpt)
     from ckptctl import digest_cmd
     raise typer.Exit(digest_cmd.run(ckpt, nproc, max_memory, true_vocab, out, check, all_rows, json_out))
 
@@ -393,6 +398,7 @@ def inspect(
     Family, format, layout and world size, iteration, model config, optimizer kind and sharding,
     training state, tensors and bytes per kind.
     """
+    require_checkpoint(ckpt)
     from ckptctl import inspect_cmd
     d = inspect_cmd.describe(ckpt, true_vocab)
     if json_out:

@@ -158,3 +158,9 @@ def no_space_message(e: OSError, where: str | os.PathLike | None) -> str | None:
     if getattr(e, "errno", None) == errno.ENOSPC:
         return f"No space left on device writing {getattr(e, 'filename', None) or where}"
     return None
+
+
+def require_checkpoint(path) -> None:
+    """A path to read must exist: refused here, before a command imports torch (2-3 s), not after."""
+    if not Path(path).exists():
+        raise BadInput(f"no checkpoint at {path}")

@@ -30,8 +30,7 @@ def check(src: Path, dst: Path, to, store: Path | None, keep_store: bool, overwr
     out of the source are followed, named in `notes`, and what they lead to is protected like the source."""
     if not Path(os.path.abspath(dst)).name or not str(dst).strip():
         raise BadInput(f"destination {str(dst)!r} names no folder to create")
-    if not Path(src).exists():
-        raise BadInput(f"{src}: no such checkpoint")
+    paths.require_checkpoint(src)
     writes = write_paths(src, dst, to, store, keep_store)
     reads = {"the source": Path(src)}
     for link, target in paths.outside_links(Path(src)):

@@ -200,3 +200,20 @@ def test_notes_for_a_same_layout_copy_and_an_unknown_vocab(src, tmp_path, cli):
     d = cli("convert", novocab, tmp_path / "y", "--to", "tp4pp1", "--dry-run", "--json").json()
     assert any("--true-vocab-size" in n for n in d["notes"])
     assert not any("--true-vocab-size" in n for n in same["notes"])
+
+
+@pytest.mark.parametrize("argv", [["convert", "{m}", "{d}", "--to", "tp1pp1"], ["verify", "{m}", "{m}"],
+                                  ["digest", "{m}"], ["inspect", "{m}"]])
+def test_a_missing_checkpoint_is_refused_before_torch_is_imported(argv, tmp_path):
+    """A mistyped path is answered at once (exit 2, the path named), not after a 2-3 s torch import."""
+    import subprocess
+    import sys
+    missing, dst = tmp_path / "nope", tmp_path / "out"
+    args = [a.format(m=missing, d=dst) for a in argv]
+    code = ("import sys; from ckptctl.cli import main; sys.argv = ['ckptctl'] + sys.argv[1:]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    print('EXIT', e.code)\n"
+            "print('HEAVY', sorted(m for m in ('torch', 'numpy', 'zarr') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    assert "EXIT 2" in r.stdout and "HEAVY []" in r.stdout, r.stdout + r.stderr
+    assert f"no checkpoint at {missing}" in r.stderr
+    assert not dst.exists()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptctl.errors import BadInput
+from ckptctl.paths import require_checkpoint
 from ckptctl.formats.megatron import TOP_LEVEL_POLICY, TRACKER, args_dict, iter_dirname, layout_from_args
 from ckptctl.layout import FileCoord, Layout
 
@@ -46,8 +47,7 @@ def open_legacy(root: Path, load=None) -> LegacyCheckpoint:
     if load is None:
         from ckptctl.storage.pickles import load_pt as load   # torch: imported where a file is loaded
     root = Path(root)
-    if not root.exists():
-        raise BadInput(f"no checkpoint at {root}")
+    require_checkpoint(root)
     tracker = root / TRACKER
     if tracker.is_file():
         text = tracker.read_text().strip()
@@ -124,15 +124,21 @@ def top_level_keys(sd: dict, path: Path) -> dict[str, str]:
     return out
 
 
-def inventory(sd: dict, path: Path) -> dict[str, list]:
-    """Per chunk: (key, shape, dtype) for tensors, (key, None, None) for `_extra_state` objects."""
+def _torch_tensor(v) -> tuple | None:
+    """(shape, dtype name) of a torch tensor, None for anything else."""
     import torch
+    return (tuple(v.shape), str(v.dtype).removeprefix("torch.")) if torch.is_tensor(v) else None
+
+
+def inventory(sd: dict, path: Path, tensor=_torch_tensor) -> dict[str, list]:
+    """Per chunk: (key, shape, dtype) for tensors, (key, None, None) for `_extra_state` objects. `tensor(v)`:
+    (shape, dtype name) of a tensor, None for anything else (the torch-free reader passes its own)."""
     out = {}
     for chunk in chunk_names(sd, path):
         entries = []
         for k, v in sd[chunk].items():
-            if torch.is_tensor(v):
-                entries.append((k, tuple(v.shape), str(v.dtype).removeprefix("torch.")))
+            if (t := tensor(v)) is not None:
+                entries.append((k, *t))
             elif k.endswith("_extra_state"):
                 entries.append((k, None, None))
             else:
