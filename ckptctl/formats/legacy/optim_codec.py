@@ -21,43 +21,18 @@ from pathlib import Path
 import torch
 
 from ckptctl.errors import BadInput
+from ckptctl.formats.legacy.optim_kind import DIST_FILE, variant
 from ckptctl.optstate.flat import _sub_list, decode_distributed, encode_distributed
 from ckptctl.optstate.params import ADAM_KEYS, HALF, Param, group_of, split_subs
 from ckptctl.optstate.state import Context, FileState, fill_tensors, target_comps
 from ckptctl.optstate.subopt import merge_subs, strip_adam
 from ckptctl.storage.pickles import load_pt, save_pt
 
-DIST_FILE = "distrib_optim.pt"
-
-
 def detect(sd: dict, model_path: Path) -> dict | None:
-    """The optimizer variant of a rank file, or None when it carries no optimizer state."""
-    d = Path(model_path).parent
-    for bad in sorted(d.glob("layer_wise_optimizer_*.pt"))[:1]:
-        raise BadInput(f"{bad}: layer-wise distributed optimizer state is not supported")
-    if (d / "optim.pt").exists() or (d / "model_rng.pt").exists():
-        raise BadInput(f"{d}: pre-2023 distributed optimizer layout (per-DP optim.pt) is not supported")
-    if "optimizer" not in sd:
-        return None
-    opt = sd["optimizer"]
-    first = next((o for o in opt if o is not None), None) if isinstance(opt, list) else opt
-    if not isinstance(first, dict):
-        raise BadInput(f"{model_path}: 'optimizer' is a {type(first).__name__}, not a state dict")
-    n = len(opt) if isinstance(opt, list) else 1
-    if "param_state" in first or "param_state_sharding_type" in first:
-        raise BadInput(f"{model_path}: optimizer state in a torch_dist layout inside a legacy file is not supported")
-    if "state" in first and "param_groups" in first:
-        return _with_merge({"kind": "adam", "variant": "fp32", "subs": n}, opt, model_path)
-    inner = first.get("optimizer")
-    if not isinstance(inner, dict) or "param_groups" not in inner:
-        raise BadInput(f"{model_path}: unrecognised 'optimizer' entry (keys {sorted(map(str, first))[:6]})")
-    if "state" in inner:
-        if "fp32_from_fp16_params" not in first:
-            raise BadInput(f"{model_path}: mixed-precision optimizer state without fp32_from_fp16_params")
-        return _with_merge({"kind": "adam", "variant": "float16", "subs": n}, opt, model_path)
-    if not (d / DIST_FILE).is_file():
-        raise BadInput(f"missing {d / DIST_FILE}: the optimizer key says distributed optimizer")
-    return _with_merge({"kind": "distributed", "variant": "distributed", "subs": n}, opt, model_path)
+    """The optimizer variant of a rank file (`optim_kind.variant`), or None when it carries no optimizer
+    state; with several sub-optimizers, whether they can be merged."""
+    d = variant(sd, model_path)
+    return None if d is None else _with_merge(d, sd["optimizer"], model_path)
 
 
 def _with_merge(d: dict, opt, model_path: Path) -> dict:
