@@ -17,8 +17,9 @@ from ckptctl.formats.base import Source
 from ckptctl.formats.megatron import TOP_LEVEL_POLICY, args_dict, layout_from_args
 from ckptctl.formats.torch_dist.inspect import DIST_COMMON_POLICY
 from ckptctl.formats.torch_dist.metadata import (_ALLOWED, _DCP, _MCORE_STAND_INS, BACKEND, COMMON_KEY, COMMON_PT,
-                                                 CONFIG, METADATA, RNG_KEY, DistCheckpoint, _iter_dir, check_files,
-                                                 index_of, is_torch_dist, read_blob)
+                                                 CONFIG, METADATA, RNG_KEY, DistCheckpoint, _iter_dir, _record,
+                                                 check_files, index_of, is_torch_dist, read_blob)
+from ckptctl.formats.torch_dist.metadata import _Record as _TorchRecord
 from ckptctl.formats.torch_dist.names import spec_of, store_key
 from ckptctl.formats.torch_dist.optim_info import form_text, inspect_info, int_keyed
 from ckptctl.formats.torch_dist.source import dropped_keys, plan_source
@@ -31,32 +32,12 @@ detect = is_torch_dist
 optim_form = form_text
 
 
-class _Record:
-    """As `metadata._Record`: an allowed DCP class kept as its pickled fields (dtype as a DType)."""
+class _Record(_TorchRecord):
+    """As `metadata._Record`, with a pickled dtype as a `lite_pickle.DType`."""
 
-    def __init__(self, *args):
-        self._args = args
-
-    def __setstate__(self, state):
-        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict) \
-                and (state[0] is None or isinstance(state[0], dict)):
-            self.__dict__.update(state[0] or {})
-            self.__dict__.update(state[1])
-        elif isinstance(state, dict):
-            self.__dict__.update(state)
-        else:
-            self._state = state
-            if isinstance(state, tuple) and state and isinstance(state[0], DType):
-                self.dtype = state[0]
-
-
-_records: dict[str, type] = {}
-
-
-def _record(name: str) -> type:
-    if name not in _records:
-        _records[name] = type(name, (_Record,), {})
-    return _records[name]
+    @staticmethod
+    def _dtype_class() -> type:
+        return DType
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -65,7 +46,7 @@ class _MetadataUnpickler(pickle.Unpickler):
             module = "builtins"
         if (module, name) in _ALLOWED or (module, name) in _MCORE_STAND_INS:
             if module.startswith(_DCP) or module.startswith("megatron."):
-                return _record(name)
+                return _record(name, _Record)
             if (module, name) == ("torch", "Size"):
                 return tuple
             if (module, name) == ("torch.serialization", "_get_layout"):

@@ -72,19 +72,25 @@ class _Record:
         elif isinstance(state, dict):
             self.__dict__.update(state)
         else:                                            # TensorProperties: (dtype, layout, ...)
-            import torch   # here, not at the top: inspect's torch-free reader imports this module
             self._state = state
-            if isinstance(state, tuple) and state and isinstance(state[0], torch.dtype):
+            if isinstance(state, tuple) and state and isinstance(state[0], self._dtype_class()):
                 self.dtype = state[0]
 
+    @staticmethod
+    def _dtype_class() -> type:
+        """What a pickled dtype unpickles to (inspect's torch-free reader: `lite_pickle.DType`)."""
+        import torch   # here, not at the top: inspect's torch-free reader imports this module
+        return torch.dtype
 
-_records: dict[str, type] = {}
+
+_records: dict[tuple[type, str], type] = {}
 
 
-def _record(name: str) -> type:
-    if name not in _records:
-        _records[name] = type(name, (_Record,), {})
-    return _records[name]
+def _record(name: str, base: type = _Record) -> type:
+    """The stand-in class of an allowed DCP class `name` (one per name and base)."""
+    if (base, name) not in _records:
+        _records[base, name] = type(name, (base,), {})
+    return _records[base, name]
 
 
 class _MetadataUnpickler(pickle.Unpickler):
