@@ -51,9 +51,9 @@ def optimizer_bytes(info: dict | None, arrays: dict) -> int:
     return elems * 4 * len(info["comps"])
 
 
-def target_files(to, out_fmt: str, family, cfg, manifest, arrays, slots, iteration) -> list[str]:
+def target_files(to, out_fmt: str, family, cfg, manifest, arrays, slots, iteration, optim_info=None) -> list[str]:
     """The files a target phase writes, relative to DST (the target format lists them)."""
-    return registry.get(out_fmt).target_files(to, family, cfg, manifest, arrays, slots, iteration)
+    return registry.get(out_fmt).target_files(to, family, cfg, manifest, arrays, slots, iteration, optim_info)
 
 
 def plan(*, src: Path, dst: Path, source_layout, to, family: str, cfg, out_fmt: str, src_fmt: str,
@@ -76,7 +76,7 @@ def plan(*, src: Path, dst: Path, source_layout, to, family: str, cfg, out_fmt: 
                        dst if to_store else store_path, moved if kept else opt + weights // 20))
     files: list[str] = []
     if to is not None and not to_store:
-        files = target_files(to, out_fmt, get_family(family), cfg, manifest, arrays, slots, iteration)
+        files = target_files(to, out_fmt, get_family(family), cfg, manifest, arrays, slots, iteration, optim_info)
         writes.append(("target checkpoint", dst, moved))
     budget = max_memory or stream.DEFAULT_MAX_MEMORY
     disks = disk_rows(writes)

@@ -111,8 +111,10 @@ class Format:
         """Report lines for state only this format's target files hold (e.g. legacy's distrib_optim.pt)."""
         return {}
 
-    def target_files(self, to: Layout, family, cfg, manifest, arrays, slots, iteration) -> list[str]:
-        """The files a target phase writes, relative to DST (dry run; no writes)."""
+    def target_files(self, to: Layout, family, cfg, manifest, arrays, slots, iteration,
+                     optim_info: dict | None = None) -> list[str]:
+        """The files a target phase writes, relative to DST (dry run; no writes). `optim_info`: the optimizer
+        state converted with the weights (None: none, or --no-optimizer)."""
         raise NotImplementedError
 
     def common_state(self, src: Source) -> dict:

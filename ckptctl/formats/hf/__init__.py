@@ -74,7 +74,7 @@ class HFFormat(Format):
         return dataclasses.replace(src, ckpt=ckpt, optim=info, dist={**src.dist, "fresh": info},
                                    policies={**src.policies, "optimizer": "optimizer"})
 
-    def target_files(self, to, family, cfg, manifest, arrays, slots, iteration) -> list[str]:
+    def target_files(self, to, family, cfg, manifest, arrays, slots, iteration, optim_info=None) -> list[str]:
         from math import prod
 
         from ckptctl.formats.hf import arch as archmod

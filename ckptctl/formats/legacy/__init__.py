@@ -37,11 +37,14 @@ class LegacyFormat(Format):
         return {DIST_FILE: ("re-encoded per target model directory (flat buffers for the target's bucket layout "
                             "and DP size)" if optimizer else "dropped (--no-optimizer)")}
 
-    def target_files(self, to, family, cfg, manifest, arrays, slots, iteration) -> list[str]:
+    def target_files(self, to, family, cfg, manifest, arrays, slots, iteration, optim_info=None) -> list[str]:
         from ckptctl.formats.legacy.files import MODEL_FILE
+        from ckptctl.formats.legacy.optim_kind import DIST_FILE
         from ckptctl.formats.megatron import TRACKER, iter_dirname
         it = iter_dirname(iteration)
-        return [f"{it}/{fc.dirname(to)}/{MODEL_FILE}" for fc in to.model_files] + [TRACKER]
+        # the distributed optimizer's state sits beside each model file (write_target), as Megatron-LM saves it
+        names = [MODEL_FILE] + ([DIST_FILE] if optim_info and optim_info.get("kind") == "distributed" else [])
+        return [f"{it}/{fc.dirname(to)}/{n}" for fc in to.model_files for n in names] + [TRACKER]
 
     def common_state(self, src: Source) -> dict:
         from ckptctl.storage.pickles import load_pt

@@ -45,14 +45,15 @@ class TorchDistFormat(Format):
         from ckptctl.formats.torch_dist.optim_info import form_text
         return form_text(info, sharding)
 
-    def target_files(self, to, family, cfg, manifest, arrays, slots, iteration) -> list[str]:
-        # megatron-core's torch_dist writer: .distcp files of the saving ranks, plus metadata
+    def target_files(self, to, family, cfg, manifest, arrays, slots, iteration, optim_info=None) -> list[str]:
+        # megatron-core's torch_dist writer: .distcp files of the saving ranks, plus metadata (the common state
+        # goes into the .distcp files, as megatron-core 0.19.2 saves it; older checkpoints had common.pt)
         from ckptctl.formats.megatron import TRACKER, iter_dirname
         from ckptctl.formats.torch_dist.target import plan_target
         plan = plan_target(family, cfg, to, manifest, arrays, slots)
         it = iter_dirname(iteration)
-        return [f"{it}/{f}" for f in (f"__*_0.distcp ({len(plan.chunks)} chunks)", ".metadata", "metadata.json",
-                                      "common.pt")] + [TRACKER]
+        return [f"{it}/{f}" for f in (f"__*_0.distcp ({len(plan.chunks)} chunks)", ".metadata",
+                                      "metadata.json")] + [TRACKER]
 
     def common_state(self, src: Source) -> dict:
         return src.ckpt.common
