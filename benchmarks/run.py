@@ -32,6 +32,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CKPTCTL = [sys.executable, "-m", "ckptctl"]
 
+sys.path.insert(0, str(ROOT))   # this checkout's ckptctl, as the commands timed below run it
+from ckptctl.paths import tree_bytes  # noqa: E402
+
 
 class Monitor:
     """Polls a process tree: per-process peak RSS (VmHWM) and the peak of the summed current RSS."""
@@ -124,24 +127,10 @@ class DiskPeak:
         self._t = threading.Thread(target=self._loop, daemon=True)
         self._t.start()
 
-    @staticmethod
-    def _tree(p: Path, skip: Path | None = None) -> int:
-        total = 0
-        for dirpath, dirs, files in os.walk(p):
-            if skip is not None and Path(dirpath) == skip:
-                dirs[:] = []
-                continue
-            for f in files:
-                try:
-                    total += os.lstat(os.path.join(dirpath, f)).st_size
-                except OSError:
-                    pass
-        return total
-
     def _loop(self):
         while not self._stop.is_set():
-            n = sum(self._tree(w, w / "out") for w in self.dst.parent.glob(f".{self.dst.name}.ckptctl-*"))
-            n += sum(self._tree(p) for p in self.extra)
+            n = sum(tree_bytes(w, w / "out") for w in self.dst.parent.glob(f".{self.dst.name}.ckptctl-*"))
+            n += sum(tree_bytes(p) for p in self.extra)
             self.peak = max(self.peak, n)
             self._stop.wait(self.interval)
 

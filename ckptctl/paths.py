@@ -106,13 +106,16 @@ def make_dir(p: Path, exist_ok: bool = False) -> None:
         raise BadInput(f"cannot create {p}: {e.strerror or e}") from None
 
 
-def tree_bytes(p: Path) -> int:
-    """Bytes of the files under p (symlinks not followed)."""
+def tree_bytes(p: Path, skip: Path | None = None) -> int:
+    """Bytes of the files under p (symlinks not followed), without the folder `skip` below it."""
     p = Path(p)
     if p.is_file():
         return p.stat().st_size
     total = 0
-    for dirpath, _, files in os.walk(p):
+    for dirpath, dirs, files in os.walk(p):
+        if skip is not None and Path(dirpath) == Path(skip):
+            dirs[:] = []
+            continue
         for f in files:
             try:
                 total += os.lstat(os.path.join(dirpath, f)).st_size
