@@ -71,7 +71,9 @@ def shape_for(size_gb: float, dtype: str, hidden: int | None = None, vocab: int 
             "seq": seq, "dtype": dtype}
 
 
-def generate(out: Path, layout: Layout, opts: dict, block: int = 256 << 20) -> dict:
+def plans(layout: Layout, opts: dict) -> tuple:
+    """(family, config at `layout`'s TP, the global TP1PP1 source plan, the target files of `layout`) of a GPT
+    with model options `opts` (gen_optim.py's too)."""
     fam = get_family("gpt")
     cfg = make_config("gpt", opts)
     cfg = ModelConfig(**{**cfg.__dict__, "padded_vocab": padded_vocab(cfg.true_vocab, cfg.vocab_divisor, layout.tp)})
@@ -81,7 +83,12 @@ def generate(out: Path, layout: Layout, opts: dict, block: int = 256 << 20) -> d
     inv = Inventory(FileCoord(0, 0), "global", {"model": [(k, s, None if s is None else dtype)
                                                           for k, s in fam.global_keys(base)]})
     src = plan_source(fam, base, Layout(ep=1), [inv])
-    files = plan_target(fam, cfg, layout, src.manifest, src.arrays, set())
+    return fam, cfg, src, plan_target(fam, cfg, layout, src.manifest, src.arrays, set())
+
+
+def generate(out: Path, layout: Layout, opts: dict, block: int = 256 << 20) -> dict:
+    fam, cfg, src, files = plans(layout, opts)
+    dtype = opts["dtype"]
     store = PoolStore()
     store.dtypes = {a: getattr(torch, s["dtype"]) for a, s in src.arrays.items()}
     args = make_args(cfg, layout, dtype, opts["seq"], True)

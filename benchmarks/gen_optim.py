@@ -30,26 +30,22 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gen import shape_for  # noqa: E402  (benchmarks/gen.py: model options for a size)
+from gen import plans, shape_for  # noqa: E402  (benchmarks/gen.py: model options for a size, the plans)
 
-from ckptctl.example import make_config  # noqa: E402
+from ckptctl.formats.legacy.example import ITERATION, common_state  # noqa: E402
 from ckptctl.formats.legacy.files import MODEL_FILE  # noqa: E402
 from ckptctl.formats.legacy.optim_sides import TargetSide  # noqa: E402
 from ckptctl.formats.megatron import iter_dirname, make_args, rng_state, write_tracker  # noqa: E402
-from ckptctl.layout import FileCoord, Layout, parse_layout  # noqa: E402
-from ckptctl.models import get_family  # noqa: E402
-from ckptctl.models.config import ModelConfig, padded_vocab  # noqa: E402
+from ckptctl.layout import Layout, parse_layout  # noqa: E402
 from ckptctl.optstate.example import EXAMPLE_ARGS, EXAMPLE_STEP, example_groups  # noqa: E402
 from ckptctl.optstate.params import OPTIM, comps_of, n_subs  # noqa: E402
 from ckptctl.optstate.state import plan_arrays  # noqa: E402
-from ckptctl.reshard.plan import Inventory, plan_source, plan_target  # noqa: E402
 from ckptctl.reshard.stream import save_streaming  # noqa: E402
 from ckptctl.storage.build import build_file  # noqa: E402
 from ckptctl.storage.pickles import save_pt  # noqa: E402
 from ckptctl.storage.progress import Progress  # noqa: E402
 
 POOL = 1 << 24          # elements in the value pool
-ITERATION = 10
 BYTES_PER_PARAM = 14    # bf16 weight + fp32 master + exp_avg + exp_avg_sq
 
 
@@ -138,16 +134,8 @@ def _write_one(i: int) -> int:
 
 
 def generate(out: Path, layout: Layout, opts: dict, jobs: int = 1) -> dict:
-    fam = get_family("gpt")
-    cfg = make_config("gpt", opts)
-    cfg = ModelConfig(**{**cfg.__dict__, "padded_vocab": padded_vocab(cfg.true_vocab, cfg.vocab_divisor, layout.tp)})
-    fam.validate(cfg, layout)
-    base = ModelConfig(**{**cfg.__dict__, "padded_vocab": padded_vocab(cfg.true_vocab, cfg.vocab_divisor, 1)})
+    fam, cfg, src, files = plans(layout, opts)
     dtype = opts["dtype"]
-    inv = Inventory(FileCoord(0, 0), "global", {"model": [(k, s, None if s is None else dtype)
-                                                          for k, s in fam.global_keys(base)]})
-    src = plan_source(fam, base, Layout(ep=1), [inv])
-    files = plan_target(fam, cfg, layout, src.manifest, src.arrays, set())
     info, ocommon = optim_common(fam, cfg, layout, src)
     arrays = {**src.arrays, **plan_arrays(src, info["comps"])}
     store = IndexPoolStore({a: tuple(s["shape"]) for a, s in arrays.items()},
@@ -156,12 +144,7 @@ def generate(out: Path, layout: Layout, opts: dict, jobs: int = 1) -> dict:
     args = argparse.Namespace(**fam.layout_args(vars(args), cfg, layout))
     vars(args).update(dict(EXAMPLE_ARGS))
     args.use_distributed_optimizer = True
-    common = {"args": args, "checkpoint_version": 3.0, "iteration": ITERATION,
-              "opt_param_scheduler": {"max_lr": 3e-4, "lr_warmup_steps": 2, "num_steps": 10,
-                                      "lr_decay_style": "cosine", "lr_decay_steps": 100, "min_lr": 3e-5,
-                                      "start_wd": 0.1, "end_wd": 0.1, "wd_incr_style": "constant",
-                                      "wd_incr_steps": 100},
-              "num_floating_point_operations_so_far": 1.0e12}
+    common = common_state(args)
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)

@@ -28,13 +28,7 @@ def write_example(fam, cfg, layout, out: Path, src, arrays: dict, dtype: str, se
     args = make_args(cfg, layout, dtype, int(cfg.extra.get("max_position_embeddings", 64)),
                      bool(cfg.extra.get("add_bias_linear", True)))
     args = argparse.Namespace(**fam.layout_args(vars(args), cfg, layout))
-    common = {"args": args, "checkpoint_version": 3.0, "iteration": ITERATION,
-              # the keys Megatron-LM's OptimizerParamScheduler.state_dict() writes
-              "opt_param_scheduler": {"max_lr": 3e-4, "lr_warmup_steps": 2, "num_steps": 10,
-                                      "lr_decay_style": "cosine", "lr_decay_steps": 100, "min_lr": 3e-5,
-                                      "start_wd": 0.1, "end_wd": 0.1, "wd_incr_style": "constant",
-                                      "wd_incr_steps": 100},
-              "num_floating_point_operations_so_far": 1.0e12}
+    common = common_state(args)
     tside = None
     if optim is not None:
         oarrays, ocommon, oinfo = optim
@@ -52,3 +46,15 @@ def write_example(fam, cfg, layout, out: Path, src, arrays: dict, dtype: str, se
         save_pt(sd, it_dir / fp.dirname / MODEL_FILE)
     write_tracker(out, ITERATION)
     return {"files": len(files), "bytes": sum(f.nbytes() for f in files)}
+
+
+def common_state(args) -> dict:
+    """The non-model keys of an example rank file, as a Megatron-LM run at iteration ITERATION saves them
+    (benchmarks/gen_optim.py writes the same)."""
+    return {"args": args, "checkpoint_version": 3.0, "iteration": ITERATION,
+            # the keys Megatron-LM's OptimizerParamScheduler.state_dict() writes
+            "opt_param_scheduler": {"max_lr": 3e-4, "lr_warmup_steps": 2, "num_steps": 10,
+                                    "lr_decay_style": "cosine", "lr_decay_steps": 100, "min_lr": 3e-5,
+                                    "start_wd": 0.1, "end_wd": 0.1, "wd_incr_style": "constant",
+                                    "wd_incr_steps": 100},
+            "num_floating_point_operations_so_far": 1.0e12}
