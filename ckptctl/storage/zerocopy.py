@@ -150,17 +150,25 @@ def segments(store, name: str, box: Box) -> list[Segment] | None:
             n *= s
         parts.append((idx, e, start, n))
     maps, out = _maps(store), []
-    for idx, (path, off, n, crc), start, length in parts:
-        if n != a.chunk_nbytes:
-            raise BadInput(f"{path}: reference of store {a.where(idx)} is {n} bytes, the chunk {a.chunk_nbytes}")
-        m = maps.get(path)
-        if off + n > len(m):
-            raise BadInput(f"{path}: ends before byte {off + n}; the source file was truncated "
-                           "during the conversion")
-        part = _verify(maps, m, a, idx, (path, off, n, crc), start, length)
+    for idx, e, start, length in parts:
+        m, off = _mapped(maps, a, idx, e), e[1]
+        part = _verify(maps, m, a, idx, e, start, length)
         view = np.frombuffer(m, np.uint8, length, off + start)
         out.append(Segment(view, part if part is not None else int(google_crc32c.value(view)), m, off + start))
     return out
+
+
+def _mapped(maps: _Maps, a, idx: tuple, e: list) -> mmap.mmap:
+    """The mapping of the source file of chunk `idx`'s reference `e` = [path, offset, nbytes, crc32c], once the
+    reference is a whole chunk and the file still holds it."""
+    path, off, n, _ = e
+    if n != a.chunk_nbytes:
+        raise BadInput(f"{path}: reference of store {a.where(idx)} is {n} bytes, the chunk {a.chunk_nbytes}")
+    m = maps.get(path)
+    if off + n > len(m):
+        raise BadInput(f"{path}: ends before byte {off + n}; the source file was truncated "
+                       "during the conversion")
+    return m
 
 
 def _verify(maps: _Maps, m: mmap.mmap, a, idx: tuple, e: list, start: int, length: int) -> int | None:
@@ -195,13 +203,8 @@ def gather(store, name: str, box: Box):
         return None
     maps, out = _maps(store), np.empty(box.sizes, a.dtype)
     for (idx, box_sl, chunk_sl, _), e in zip(grid, entries):
-        path, off, n, _ = e
-        if n != a.chunk_nbytes:
-            raise BadInput(f"{path}: reference of store {a.where(idx)} is {n} bytes, the chunk {a.chunk_nbytes}")
-        m = maps.get(path)
-        if off + n > len(m):
-            raise BadInput(f"{path}: ends before byte {off + n}; the source file was truncated "
-                           "during the conversion")
+        _, off, n, _ = e
+        m = _mapped(maps, a, idx, e)
         _verify(maps, m, a, idx, e, 0, n)
         out[box_sl] = np.frombuffer(m, a.dtype, n // a.dtype.itemsize, off).reshape(a.chunks)[chunk_sl]
         Segment(None, 0, m, off).release(n)
