@@ -121,14 +121,8 @@ def compute(inp: PlanInput, src: Layout, to: Layout) -> dict:
         "largest_array": {"name": largest[1].removeprefix("model/"), "bytes": largest[0]},
         "planning": {"synthesis_cpu_s": round(c1 - c0, 2), "plan_cpu_s": round(c2 - c1, 2),
                      "peak_rss_bytes": rss1, "plan_rss_bytes": max(0, rss1 - rss0)},
-        "stand_in": inp.stand_in, "left_out": dict(inp.left_out), "notes": list(inp.notes),
+        "notes": list(inp.notes),
     }
-    if inp.left_out.get("mtp_num_layers"):
-        last = f"model/decoder.layers.{cfg.num_layers - 1}."
-        layer = sum(_volume(a["shape"]) for k, a in arrays.items() if k.startswith(last))
-        h = cfg.hidden
-        # an MTP layer = one decoder layer + eh_proj [h, 2h] + enorm, hnorm, final_layernorm
-        out["left_out"]["mtp_parameters_estimate"] = inp.left_out["mtp_num_layers"] * (layer + 2 * h * h + 3 * h)
     out["_rows"] = (srows, trows)
     return out
 
@@ -187,5 +181,3 @@ def render(d: dict, say) -> None:
         f"({p['target_phase']['bound']}-bound)")
     for n in d["notes"]:
         say(f"  note: {n}")
-    if d["left_out"].get("mtp_parameters_estimate"):
-        say(f"  left out    ~{d['left_out']['mtp_parameters_estimate']:,} MTP parameters")

@@ -28,8 +28,6 @@ class PlanInput:
     dtype: str                       # parameter dtype (torch name)
     optim_kind: str | None           # "adam", "distributed" or None (no optimizer state)
     optim_comps: tuple[str, ...]     # fp32 arrays per parameter element: ("param", "exp_avg", "exp_avg_sq")
-    stand_in: dict = field(default_factory=dict)   # MLA -> GQA: what was replaced and by what
-    left_out: dict = field(default_factory=dict)   # MTP: layers and estimated parameters not planned
     notes: list[str] = field(default_factory=list)
 
 
@@ -94,7 +92,7 @@ def load(path: Path, src_tp: int, with_optimizer: bool = True) -> PlanInput:
     for need in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size"):
         if args.get(need) is None:
             raise BadInput(f"{path}: the model config lacks {need!r}")
-    notes, stand_in, left_out = [], {}, {}
+    notes = []
     hidden, heads = int(args["hidden_size"]), int(args["num_attention_heads"])
     if args.get("multi_latent_attention"):
         mla_attention_params(args, hidden, heads)     # the MLA sizes are all there (one-line error otherwise)
@@ -111,4 +109,4 @@ def load(path: Path, src_tp: int, with_optimizer: bool = True) -> PlanInput:
     if cfg.true_vocab is None:
         raise BadInput(f"{path}: the model config lacks 'vocab_size'")
     cfg = ModelConfig(**{**cfg.__dict__, "padded_vocab": padded_vocab(cfg.true_vocab, cfg.vocab_divisor, src_tp)})
-    return PlanInput(family, cfg, dtype, kind, comps, stand_in, left_out, notes)
+    return PlanInput(family, cfg, dtype, kind, comps, notes)
