@@ -18,6 +18,7 @@ import mmap
 import os
 import struct
 import zipfile
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -211,9 +212,10 @@ def _storage_type(dtype: torch.dtype) -> str:
     return torch.storage._dtype_to_storage_type_map()[dtype]
 
 
-def save_streaming(obj, path: Path, sums: dict | None = None) -> int:
+def save_streaming(obj, path: Path, sums: dict | None = None, exact: bool = False) -> int:
     """Write `obj` (which may hold LazyTensors) as torch.save would. Returns bytes of lazy data written;
-    `sums`, if given, gets {str(path): crc32c of the whole file} (without reading the file again)."""
+    `sums`, if given, gets {str(path): crc32c of the whole file} (without reading the file again);
+    `exact`: the file's bytes are torch.save's too (`finish_exact`), not only what torch.load reads."""
     path = Path(path)
     archive, lazies = write_skeleton(obj, path)
     if not lazies:
@@ -230,7 +232,7 @@ def save_streaming(obj, path: Path, sums: dict | None = None) -> int:
             filled.append((name, off, fill.n, fill.crc, fill.crc32c))
     finally:
         os.close(fd)
-    finish_file(path, archive, filled, sums)
+    finish_file(path, archive, filled, sums, exact)
     return sum(f[2] for f in filled)
 
 
@@ -268,12 +270,15 @@ def write_skeleton(obj, path: Path) -> tuple[str, list]:
     return archive, [(name, lz, where[name]) for name, lz in lazies]
 
 
-def finish_file(path: Path, archive: str, filled: list, sums: dict | None = None) -> None:
+def finish_file(path: Path, archive: str, filled: list, sums: dict | None = None, exact: bool = False) -> None:
     """Each filled record's CRC-32 into the zip headers; `filled`: [(name, offset, nbytes, crc32, crc32c)].
-    `sums`: gets {str(path): the whole file's crc32c}, combined from the records'."""
+    `sums`: gets {str(path): the whole file's crc32c}, combined from the records'. `exact`: `finish_exact`."""
     from ckptctl.storage.zipwrite import file_crc32c
-    with open(path, "r+b") as f:
-        _patch_crcs(f, {f"{archive}/{name}": crc for name, _, _, crc, _ in filled})
+    if exact:
+        finish_exact(path, archive, filled)
+    else:
+        with open(path, "r+b") as f:
+            _patch_crcs(f, {f"{archive}/{name}": crc for name, _, _, crc, _ in filled})
     if sums is not None:   # ckptctl.reshard.resume's mark
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -305,3 +310,83 @@ def _patch_crcs(f, crcs: dict[str, int]) -> None:
             f.seek(infos[name].header_offset + 14)
             f.write(struct.pack("<I", crcs[name]))
         pos += 46 + nlen + xlen + clen
+
+
+# --- byte-exact: the CRCs where torch's writer puts them, and its serialization id -------------------
+
+_DESCRIPTOR, _CENTRAL = 0x08074B50, 0x02014B50
+_MASK64 = (1 << 64) - 1
+SERIALIZATION_ID = ".data/serialization_id"
+
+
+def finish_exact(path: Path, archive: str, filled: list) -> None:
+    """Make a `write_skeleton` file byte-identical to torch.save's: torch's writer (miniz, streaming) puts a
+    record's CRC-32 in the data descriptor after the data (its local header keeps 0) and in the central
+    directory; and `.data/serialization_id` ends with the combined CRC-32 of all records, which the reserved
+    records (CRC 0 when it was written) made wrong. `filled`: as `finish_file`'s."""
+    crcs = {f"{archive}/{name}": crc for name, _, _, crc, _ in filled}
+    sid = f"{archive}/{SERIALIZATION_ID}"
+    with open(path, "r+b") as f:
+        entries = _central_entries(f)
+        combined = 0
+        for e in entries:
+            if e[0] in crcs:
+                _put_crc(f, e, crcs[e[0]])
+            if e[0] != sid:
+                combined = _hash_combine(combined, crcs.get(e[0], _read_u32(f, e[1] + 16)))
+        for e in entries:
+            if e[0] == sid:
+                data_at = _data_at(f, e[2])
+                f.seek(data_at)
+                new = f.read(e[3])[:20] + b"%020d" % combined   # c10's record-name hash, then the CRC part
+                f.seek(data_at)
+                f.write(new)
+                _put_crc(f, e, zlib.crc32(new))
+
+
+def _hash_combine(seed: int, value: int) -> int:
+    """c10::hash_combine on a 64-bit size_t (how caffe2's PyTorchStreamWriter combines the records' CRCs)."""
+    return (seed ^ ((value + 0x9E3779B9 + (seed << 6) + (seed >> 2)) & _MASK64)) & _MASK64
+
+
+def _central_entries(f) -> list[tuple[str, int, int, int]]:
+    """(name, central-directory entry offset, local header offset, size) of every record, in file order."""
+    f.seek(0)
+    zf = zipfile.ZipFile(f)
+    infos, pos = zf.infolist(), zf.start_dir
+    zf.close()
+    out = []
+    for info in infos:
+        f.seek(pos)
+        head = f.read(46)
+        if struct.unpack_from("<I", head, 0)[0] != _CENTRAL:
+            raise RuntimeError("zip central directory not where expected")
+        nlen, xlen, clen = struct.unpack_from("<HHH", head, 28)
+        out.append((info.filename, pos, info.header_offset, info.compress_size))
+        pos += 46 + nlen + xlen + clen
+    return out
+
+
+def _data_at(f, local: int) -> int:
+    f.seek(local + 26)
+    nlen, xlen = struct.unpack("<HH", f.read(4))
+    return local + 30 + nlen + xlen
+
+
+def _put_crc(f, entry: tuple, crc: int) -> None:
+    """A record's CRC-32 where torch's writer puts it: the data descriptor (flag bit 3; else the local
+    header) and the central-directory entry."""
+    _, pos, local, size = entry
+    f.seek(local + 6)
+    described = struct.unpack("<H", f.read(2))[0] & 0x8
+    at = _data_at(f, local) + size
+    if described and _read_u32(f, at) != _DESCRIPTOR:
+        raise RuntimeError("zip data descriptor not where expected")
+    for where in (at + 4 if described else local + 14, pos + 16):
+        f.seek(where)
+        f.write(struct.pack("<I", crc))
+
+
+def _read_u32(f, at: int) -> int:
+    f.seek(at)
+    return struct.unpack("<I", f.read(4))[0]

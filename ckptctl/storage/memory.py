@@ -7,6 +7,8 @@ import torch
 class MemoryStore:
     """The store interface over in-memory global arrays (the example's source of truth)."""
 
+    refs = None     # no source bytes to reference (ckptctl.storage.zerocopy falls back to read())
+
     def __init__(self, arrays: dict[str, torch.Tensor]):
         self.arrays = arrays
 

@@ -16,17 +16,21 @@ groups, steps or grad scalers disagree.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ckptctl.errors import BadInput
 from ckptctl.formats.legacy.optim_kind import DIST_FILE, variant
-from ckptctl.optstate.flat import _sub_list, decode_distributed, encode_distributed
-from ckptctl.optstate.params import ADAM_KEYS, HALF, Param, group_of, split_subs
+from ckptctl.optstate.flat import _sub_list, decode_distributed, encode_distributed, lazy_flat
+from ckptctl.optstate.params import ADAM_KEYS, HALF, Param, group_of, optim_piece, split_subs
 from ckptctl.optstate.state import Context, FileState, fill_tensors, target_comps
 from ckptctl.optstate.subopt import merge_subs, strip_adam
-from ckptctl.storage.pickles import load_pt, save_pt
+from ckptctl.reshard.stream import Budget, save_streaming
+from ckptctl.storage.build import lazy_tensor
+from ckptctl.storage.pickles import load_pt
+
 
 def detect(sd: dict, model_path: Path) -> dict | None:
     """The optimizer variant of a rank file (`optim_kind.variant`), or None when it carries no optimizer
@@ -154,15 +158,34 @@ def encode_adam(ctx: Context, fp, params, tensors: dict[int, dict], common: dict
     return out[0] if len(out) == 1 else out
 
 
-def write_target(ctx: Context, reader, fp, sd: dict, out_dir: Path, common) -> int:
-    """Put the optimizer state of one target file into `sd` (and distrib_optim.pt into out_dir)."""
+def write_target(ctx: Context, reader, fp, sd: dict, out_dir: Path, common, block: int | None = None) -> int:
+    """Put the optimizer state of one target file into `sd` (and distrib_optim.pt into out_dir). The
+    distributed optimizer's flat buffers are streamed from the store in blocks of `block` bytes (default:
+    the default budget's), like the model file's tensors; Adam state is built in memory."""
     params = ctx.params(fp)
     comps = target_comps(ctx.info)
-    tensors = fill_tensors(reader, fp, params, comps)
     if ctx.info["kind"] == "distributed":
-        save_pt(encode_distributed(ctx, fp, params, tensors), Path(out_dir) / DIST_FILE)
+        block = block or Budget(None).block
+        save_streaming(encode_distributed(ctx, fp, params, lazy_flat(_param_filler(reader, fp, block), block)),
+                       Path(out_dir) / DIST_FILE, exact=True)
         sd["optimizer"] = common
     else:
-        sd["optimizer"] = encode_adam(ctx, fp, params, tensors, common)
+        sd["optimizer"] = encode_adam(ctx, fp, params, fill_tensors(reader, fp, params, comps), common)
     return sum(p.numel * 4 * len(comps) for p in params)
 
+
+class _Uncounted:
+    """Progress for the parameters' lazy reads: write_target's caller counts the file's state once."""
+
+    def add(self, n: int, force: bool = False) -> None:
+        pass
+
+
+def _param_filler(reader, fp, block: int):
+    """`lazy_flat`'s fill_param: one parameter's state of one component, read like its weight (the same
+    pieces on the component's store array, `fill_tensors`' reads) block by block (`storage.build`)."""
+    def fill(p: Param, comp: str, write) -> None:
+        item = fp.tensors[p.index]
+        state = replace(item, dtype="float32", pieces=tuple(optim_piece(q, comp) for q in item.pieces))
+        lazy_tensor(reader, state, block, _Uncounted()).fill(write)
+    return fill

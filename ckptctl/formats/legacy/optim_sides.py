@@ -44,8 +44,9 @@ class SourceSide:
 class TargetSide(TargetState):
     """Target phase: the restructured state encoded into each target rank file (and its distrib_optim.pt)."""
 
-    def write(self, reader, fp, sd: dict, out_dir: Path) -> int:
-        return write_target(self.ctx, reader, fp, sd, out_dir, self.common)
+    def write(self, reader, fp, sd: dict, out_dir: Path, block: int | None = None) -> int:
+        """`block`: the worker's `Budget.block`, what distrib_optim.pt is streamed in."""
+        return write_target(self.ctx, reader, fp, sd, out_dir, self.common, block)
 
 
 def form_text(info: dict) -> str:

@@ -42,7 +42,7 @@ def target_phase(job, comm, progress) -> dict:
         sd = build_file(store, fp, common, encs, progress, block=budget.block)
         if tside is not None:
             (it_dir / fp.dirname).mkdir(parents=True, exist_ok=True)
-            progress.add(tside.write(store, fp, sd, it_dir / fp.dirname))
+            progress.add(tside.write(store, fp, sd, it_dir / fp.dirname, budget.block))
         slot = rng_for(job.rng, src_layout, dst, fp, encs)
         if slot is not None:
             sd["rng_state"] = get_object(store, slot, encs[slot])
