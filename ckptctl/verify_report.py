@@ -2,7 +2,8 @@
 
 `verify.verify` finds differences in global coordinates; here they are sorted into kinds (tensors,
 optimizer, state, replicas) and a differing element is traced back to the rank file (and the element
-inside that file's tensor) that holds it on each side, so the user can open the bad bytes.
+inside that file's tensor) that holds it on each side, so the user can open the bad bytes; optimizer
+state through `verify_locate_optim`.
 """
 from __future__ import annotations
 
@@ -67,34 +68,37 @@ def locate(src, key: str, index: list[int] | None) -> dict | None:
         return None
     array = "model/" + key
     paths = {i["dirname"]: i["path"] for i in (src.inventories or [])}
+    from ckptctl.store import torch_dtype
+    from ckptctl.verify_locate_optim import element_of, flat_of
+    import torch
     hits = []
     for fp in src.plan.files:
         for t in fp.tensors:
             for p, owned in zip(t.pieces, t.owned or (True,) * len(t.pieces)):
-                if p.array != array or len(index) != len(p.gbox.sizes):
+                local = element_of(p, index) if p.array == array else None
+                if local is None:
                     continue
-                if all(o <= i < o + s for i, o, s in zip(index, p.gbox.offsets, p.gbox.sizes)):
-                    lead = len(p.gbox.sizes) - len(p.local.sizes)
-                    local = [lo + i - g for lo, i, g in zip(p.local.offsets, index[lead:], p.gbox.offsets[lead:])]
-                    flat = 0
-                    for i, s in zip(local, t.shape):
-                        flat = flat * s + i
-                    from ckptctl.store import torch_dtype
-                    import torch
-                    size = torch.empty((), dtype=torch_dtype(t.dtype)).element_size()
-                    hits.append((not owned, {"file": paths.get(fp.dirname, fp.dirname), "tensor": f"{t.chunk}[{t.key}]",
-                                             "local_index": local, "byte_offset": flat * size}))
+                size = torch.empty((), dtype=torch_dtype(t.dtype)).element_size()
+                hits.append((not owned, {"file": paths.get(fp.dirname, fp.dirname), "tensor": f"{t.chunk}[{t.key}]",
+                                         "local_index": local, "byte_offset": flat_of(local, t.shape) * size}))
     hits.sort(key=lambda h: h[0])
     return hits[0][1] if hits else None
 
 
 def add_locations(rep, a: Path, b: Path, true_vocab: int | None = None, limit: int = 20) -> None:
-    """Fill `where_a` / `where_b` of the first `limit` differing model tensors (one inspect per side)."""
-    todo = [d for d in rep.differences if d.first_nd_index is not None and kind_of(d) == "tensors"][:limit]
+    """Fill `where_a` / `where_b` of the first `limit` differing model and optimizer tensors (one inspect per
+    side; the optimizer's files are read only when an optimizer tensor differs)."""
+    todo = [d for d in rep.differences
+            if d.first_nd_index is not None and kind_of(d) in ("tensors", "optimizer")][:limit]
     if not todo:
         return
     from ckptctl.convert import inspect
+    from ckptctl.verify_locate_optim import Locator
     sa, sb = inspect(Path(a), true_vocab), inspect(Path(b), true_vocab)
+    la, lb = Locator(sa), Locator(sb)
     for d in todo:
-        d.where_a = locate(sa, d.key, d.first_nd_index)
-        d.where_b = locate(sb, d.key, d.first_nd_index)
+        if kind_of(d) == "optimizer":
+            d.where_a, d.where_b = la(d.key, d.first_nd_index), lb(d.key, d.first_nd_index)
+        else:
+            d.where_a = locate(sa, d.key, d.first_nd_index)
+            d.where_b = locate(sb, d.key, d.first_nd_index)

@@ -27,7 +27,7 @@ LAYERS = [
     # the worker phases (source, target), the launcher, replicas; verify's reference gather
     ("phases", ("ckptctl.reshard", "ckptctl.verify_gather")),
     ("commands", ("ckptctl.convert", "ckptctl.verify", "ckptctl.verify_optim", "ckptctl.verify_parallel", "ckptctl.verify_store",
-                  "ckptctl.verify_report", "ckptctl.optim_ranks", "ckptctl.example", "ckptctl.matrix", "ckptctl.hf",
+                  "ckptctl.verify_report", "ckptctl.verify_locate_optim", "ckptctl.optim_ranks", "ckptctl.example", "ckptctl.matrix", "ckptctl.hf",
                   "ckptctl.inspect_cmd", "ckptctl.dryrun", "ckptctl.next_flags", "ckptctl.notes",
                   "ckptctl.convert_summary", "ckptctl.digest", "ckptctl.digest_record", "ckptctl.digest_cmd", "ckptctl.plan_cmd", "ckptctl.plan_project", "ckptctl.safety", "ckptctl.cli",
                   "ckptctl.cli_style", "ckptctl.__main__")),

@@ -166,3 +166,11 @@ class Format:
     def optim_gather(self, src: Source):
         """verify: the optimizer gather (`ckptctl.optstate.gather.Gather`) of an inspected checkpoint."""
         raise NotImplementedError
+
+    def optim_locate(self, src: Source, gather, array: str, comp: str, index: list[int], held,
+                     memo: dict) -> dict | None:
+        """verify (CLI): where in this format's files element `index` of optimizer array `array`, component
+        `comp`, lies: {"file", "tensor", "local_index", "byte_offset", ...}. `gather` is `optim_gather(src)`,
+        `held` the rank plan holding the element (`ckptctl.verify_locate_optim.Held`), `memo` a dict the
+        caller keeps per checkpoint (files decoded once). None: not located."""
+        return None

@@ -77,5 +77,9 @@ class LegacyFormat(Format):
         from ckptctl.formats.legacy.optim_sides import LegacyGather
         return LegacyGather(src)
 
+    def optim_locate(self, src, gather, array, comp, index, held, memo):
+        from ckptctl.formats.legacy.optim_locate import locate
+        return locate(src, gather, array, comp, index, held, memo)
+
 
 FORMAT = LegacyFormat()

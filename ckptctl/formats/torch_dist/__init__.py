@@ -78,5 +78,9 @@ class TorchDistFormat(Format):
         from ckptctl.formats.torch_dist.optim_read import DistGather
         return DistGather(src)
 
+    def optim_locate(self, src, gather, array, comp, index, held, memo):
+        from ckptctl.formats.torch_dist.optim_locate import locate
+        return locate(src, gather, array, comp, index, held, memo)
+
 
 FORMAT = TorchDistFormat()
