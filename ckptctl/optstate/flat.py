@@ -12,7 +12,6 @@ import torch
 from ckptctl.errors import BadInput
 from ckptctl.optstate.buffers import Buffer, writer_flags
 from ckptctl.optstate.params import ADAM_KEYS, Param
-from ckptctl.reshard.stream import LazyTensor
 
 
 def _dt(name: str) -> torch.dtype:
@@ -67,7 +66,8 @@ def decode_distributed(obj, subs: list[list[Param]], bufs: list[list[Buffer]], w
 
 def encode_distributed(ctx, fp, params, flat) -> object:
     """A target file's `distrib_optim.pt` object; `flat(buf, comp)` gives one component's flat buffer
-    (`numel_unpadded` fp32: each parameter at its offset, zeros between): `lazy_flat` streams it."""
+    (`numel_unpadded` fp32: each parameter at its offset, zeros between): the legacy writer's `lazy_flat`
+    streams it."""
     subs, bufs = ctx.layout_of(fp, params)
     flags = writer_flags(ctx.layout, fp)
     states = []
@@ -82,29 +82,3 @@ def encode_distributed(ctx, fp, params, flat) -> object:
             state[g] = {(_dt(buf.dtypes[0]), _dt(buf.dtypes[1])): e}
         states.append(state)
     return states[0] if len(states) == 1 else states
-
-
-def lazy_flat(fill_param, block: int):
-    """`encode_distributed`'s `flat` as LazyTensors written in buffer order when the file is saved:
-    `fill_param(param, comp, write)` writes one parameter's state (in blocks of at most `block` bytes),
-    the gaps between parameters are written as zeros, so no buffer is ever whole in memory."""
-    def flat(buf: Buffer, comp: str) -> LazyTensor:
-        def fill(write):
-            at = 0
-            for p, off in sorted(zip(buf.params, buf.offsets), key=lambda x: x[1]):
-                if off < at or off + p.numel > buf.numel_unpadded:
-                    raise RuntimeError(f"parameter {p.key!r} at [{off}, {off + p.numel}) overlaps its neighbour "
-                                       f"or leaves the buffer of {buf.numel_unpadded}")
-                _zeros(write, off - at, block)
-                fill_param(p, comp, write)
-                at = off + p.numel
-            _zeros(write, buf.numel_unpadded - at, block)
-        return LazyTensor((buf.numel_unpadded,), torch.float32, fill)
-    return flat
-
-
-def _zeros(write, n: int, block: int) -> None:
-    step = max(1, min(n, block // 4))
-    z = torch.zeros(step, dtype=torch.float32)
-    for a in range(0, n, step):
-        write(z[:min(step, n - a)])

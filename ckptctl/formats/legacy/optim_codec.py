@@ -23,11 +23,12 @@ import torch
 
 from ckptctl.errors import BadInput
 from ckptctl.formats.legacy.optim_kind import DIST_FILE, variant
-from ckptctl.optstate.flat import _sub_list, decode_distributed, encode_distributed, lazy_flat
+from ckptctl.optstate.buffers import Buffer
+from ckptctl.optstate.flat import _sub_list, decode_distributed, encode_distributed
 from ckptctl.optstate.params import ADAM_KEYS, HALF, Param, group_of, optim_piece, split_subs
 from ckptctl.optstate.state import Context, FileState, fill_tensors, target_comps
 from ckptctl.optstate.subopt import merge_subs, strip_adam
-from ckptctl.reshard.stream import Budget, save_streaming
+from ckptctl.reshard.stream import Budget, LazyTensor, save_streaming
 from ckptctl.storage.build import lazy_tensor
 from ckptctl.storage.pickles import load_pt
 
@@ -189,3 +190,29 @@ def _param_filler(reader, fp, block: int):
         state = replace(item, dtype="float32", pieces=tuple(optim_piece(q, comp) for q in item.pieces))
         lazy_tensor(reader, state, block, _Uncounted()).fill(write)
     return fill
+
+
+def lazy_flat(fill_param, block: int):
+    """`encode_distributed`'s `flat` as LazyTensors written in buffer order when the file is saved:
+    `fill_param(param, comp, write)` writes one parameter's state (in blocks of at most `block` bytes),
+    the gaps between parameters are written as zeros, so no buffer is ever whole in memory."""
+    def flat(buf: Buffer, comp: str) -> LazyTensor:
+        def fill(write):
+            at = 0
+            for p, off in sorted(zip(buf.params, buf.offsets), key=lambda x: x[1]):
+                if off < at or off + p.numel > buf.numel_unpadded:
+                    raise RuntimeError(f"parameter {p.key!r} at [{off}, {off + p.numel}) overlaps its neighbour "
+                                       f"or leaves the buffer of {buf.numel_unpadded}")
+                _zeros(write, off - at, block)
+                fill_param(p, comp, write)
+                at = off + p.numel
+            _zeros(write, buf.numel_unpadded - at, block)
+        return LazyTensor((buf.numel_unpadded,), torch.float32, fill)
+    return flat
+
+
+def _zeros(write, n: int, block: int) -> None:
+    step = max(1, min(n, block // 4))
+    z = torch.zeros(step, dtype=torch.float32)
+    for a in range(0, n, step):
+        write(z[:min(step, n - a)])
