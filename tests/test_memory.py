@@ -131,6 +131,28 @@ def test_workers_stay_under_the_budget_with_a_tensor_larger_than_it(tmp_path, cl
     assert peak <= budget * (1 + margin), f"verify peaked at {peak >> 20} MiB > {budget >> 20} MiB + 10 %"
 
 
+def test_workers_stay_under_the_budget_with_a_distrib_optim_larger_than_it(tmp_path, cli):
+    """The source side's distributed-optimizer state is written in row blocks, the pages of distrib_optim.pt
+    dropped after each: before, a worker kept every page of the file it decoded (1195 MiB here)."""
+    budget = 384 << 20
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    r = cli("example", "gpt", "--layout", "tp4pp1dp2", "--vocab", "144000", "--hidden", "512", "--heads", "8",
+            "--ffn", "256", "--layers", "2", "--optimizer", "distributed", "--out", src)
+    assert r.code == 0, r.err
+    sizes = [f.stat().st_size for f in src.rglob("distrib_optim.pt")]
+    assert len(sizes) == 4 and min(sizes) > budget
+    proc = subprocess.Popen([sys.executable, "-m", "ckptctl", "convert", str(src), str(dst), "--to", "tp2pp1",
+                             "--nproc", "2", "--max-memory", str(budget), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    peaks = _peaks(proc)
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err.decode()[-800:]
+    assert sorted(role for role, _ in peaks.values()) == ["main", "worker", "worker"], peaks
+    for pid, (role, peak) in peaks.items():
+        assert peak <= budget * 1.1, f"{role} {pid} peaked at {peak >> 20} MiB > {budget >> 20} MiB + 10 %"
+    assert len(list(dst.rglob("distrib_optim.pt"))) == 2
+
+
 def test_verify_in_boxes_finds_the_same_first_difference(tmp_path):
     """compare_regions with boxes of a few elements reports what one whole-tensor comparison reports."""
     from ckptctl.verify_gather import VerifyReport, compare_arrays, compare_regions

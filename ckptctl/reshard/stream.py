@@ -80,6 +80,18 @@ class Budget:
         fixed_mmap_threshold()
         self.baseline = rss_bytes()
         self.block = max(MIN_BLOCK, (self.max_bytes - self.baseline) // parts)
+        global _worker_block
+        _worker_block = self.block
+
+
+_worker_block: int | None = None
+
+
+def worker_block() -> int:
+    """The block of the budget this process made last: a worker makes one per phase before it moves any
+    tensor, so code the phase calls without a block (the legacy optimizer's source side) streams in the
+    same blocks as the weights. The default budget's when none was made."""
+    return _worker_block or Budget(None).block
 
 
 def row_blocks(rows: int, row_bytes: int, limit: int, align: int = 1) -> list[tuple[int, int]]:
@@ -125,6 +137,29 @@ def release_pages(t: torch.Tensor) -> None:
     lo, hi = -(-start // page) * page, end // page * page
     if hi > lo:
         _libc.madvise(lo, hi - lo, 4)   # MADV_DONTNEED
+
+
+def put_rows(store, p, part: torch.Tensor, block: int, progress, mapped: bool) -> None:
+    """One source piece (`p`: array, gbox, local) into the store in blocks of whole chunk rows of at most
+    `block` bytes, each block's mapped pages dropped once written when `mapped` (`release_pages`)."""
+    lead = len(p.gbox.sizes) - len(p.local.sizes)
+    if part.dim() == 0:
+        store.write(p.array, p.gbox, part)
+        if progress is not None:
+            progress.add(part.element_size())
+        return
+    row = part[0].numel() * part.element_size()
+    align = store.array(p.array).chunks[lead]
+    for r0, r1 in row_blocks(part.shape[0], row, block, align):
+        sub = part[r0:r1]
+        offs, sizes = list(p.gbox.offsets), list(p.gbox.sizes)
+        offs[lead] += r0
+        sizes[lead] = r1 - r0
+        store.write(p.array, Box(tuple(offs), tuple(sizes)), sub)
+        if mapped:
+            release_pages(sub)
+        if progress is not None:
+            progress.add(sub.numel() * sub.element_size())
 
 
 def _span_end(t: torch.Tensor) -> int:
