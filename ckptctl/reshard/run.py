@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 
-from ckptctl.box import Box
 from ckptctl.errors import BadInput
 from ckptctl.formats import registry
 from ckptctl.layout import Layout
@@ -107,7 +106,7 @@ def source_phase(job: Job, comm: Comm, progress: Progress) -> dict:
             where = refw and getattr(sd, "locate", lambda _: None)(tensor)
             for p, owned in zip(t.pieces, t.owned):
                 if owned and not (where and refw.put(p, tensor, where, progress, mapped)):
-                    put_piece(store, p, tensor[p.local.slices], budget.block, progress, mapped)
+                    stream.put_rows(store, p, tensor[p.local.slices], budget.block, progress, mapped)
         rows = ObjectRows(store, i, len(plan.files))   # this file's objects: one row per kind, written at once
         for o in fp.objects:
             if plan.slots[o.slot] == i:
@@ -116,7 +115,7 @@ def source_phase(job: Job, comm: Comm, progress: Progress) -> dict:
             rows.put(slot, value)
         encodings.update(rows.flush())
         if oside is not None and own_units is None:
-            st = oside.write_file(store, i, fp, sd.sd, Path(job.inventories[i]["path"]), progress)
+            st = oside.write_file(store, i, fp, sd.sd, Path(job.inventories[i]["path"]), progress, budget.block)
             if i == 0:
                 encodings[OPTIM_COMMON] = put_object(store, OPTIM_COMMON, st.common)
         if i == 0:
@@ -153,27 +152,6 @@ def source_phase(job: Job, comm: Comm, progress: Progress) -> dict:
 
 
 # --- target phase --------------------------------------------------------------------------------
-
-def put_piece(store: Store, p, part: torch.Tensor, block: int, progress: Progress, mapped: bool) -> None:
-    """One source piece into the store in blocks of whole chunk rows of at most `block` bytes."""
-    lead = len(p.gbox.sizes) - len(p.local.sizes)
-    if part.dim() == 0:
-        store.write(p.array, p.gbox, part)
-        progress.add(part.element_size())
-        return
-    row = part[0].numel() * part.element_size()
-    align = store.array(p.array).chunks[lead]
-    for r0, r1 in stream.row_blocks(part.shape[0], row, block, align):
-        sub = part[r0:r1]
-        offs = list(p.gbox.offsets)
-        sizes = list(p.gbox.sizes)
-        offs[lead] += r0
-        sizes[lead] = r1 - r0
-        store.write(p.array, Box(tuple(offs), tuple(sizes)), sub)
-        if mapped:
-            stream.release_pages(sub)
-        progress.add(sub.numel() * sub.element_size())
-
 
 def target_phase(job: Job, comm: Comm, progress: Progress) -> dict:
     """Every worker: its share of the target files, written by the target format."""

@@ -80,18 +80,6 @@ class Budget:
         fixed_mmap_threshold()
         self.baseline = rss_bytes()
         self.block = max(MIN_BLOCK, (self.max_bytes - self.baseline) // parts)
-        global _worker_block
-        _worker_block = self.block
-
-
-_worker_block: int | None = None
-
-
-def worker_block() -> int:
-    """The block of the budget this process made last: a worker makes one per phase before it moves any
-    tensor, so code the phase calls without a block (the legacy optimizer's source side) streams in the
-    same blocks as the weights. The default budget's when none was made."""
-    return _worker_block or Budget(None).block
 
 
 def row_blocks(rows: int, row_bytes: int, limit: int, align: int = 1) -> list[tuple[int, int]]:

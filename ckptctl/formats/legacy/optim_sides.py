@@ -13,7 +13,7 @@ from ckptctl.optstate.gather import Gather
 from ckptctl.optstate.params import optim_piece
 from ckptctl.optstate.state import Context, FileState, check_order, owned_pieces, plan_arrays, state_indices
 from ckptctl.optstate.subopt import TargetState
-from ckptctl.reshard.stream import put_rows, release_pages, row_blocks, worker_block
+from ckptctl.reshard.stream import put_rows, release_pages, row_blocks
 from ckptctl.storage.pickles import load_pt
 
 
@@ -41,10 +41,9 @@ class SourceSide:
         return sum(fp.tensors[k].pieces[j].local.volume * 4 * len(self.info["comps"])
                    for k, flags in self.owned[i].items() for j, o in enumerate(flags) if o)
 
-    def write_file(self, store, i: int, fp, sd: dict, model_path: Path, progress=None,
-                   block: int | None = None) -> FileState:
-        """`block`: the worker's `Budget.block` (default: the budget the phase made, `reshard.stream.worker_block`)."""
-        block, where = block or worker_block(), str(model_path)
+    def write_file(self, store, i: int, fp, sd: dict, model_path: Path, progress, block: int) -> FileState:
+        """`block`: the worker's `Budget.block`: the state moves in the weights' blocks, pages dropped after each."""
+        where = str(model_path)
         st = decode_file(self.ctx, fp, sd, model_path)
         # the state must be its parameter's (issue 10), checked before anything of it is written
         for p in self.ctx.params(fp):
