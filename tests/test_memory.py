@@ -99,6 +99,20 @@ def _peaks(proc: subprocess.Popen) -> dict[int, tuple[str, int]]:
         time.sleep(0.02)
     return peaks
 
+def _convert_under(src, dst, to: str, budget: int, margin: float) -> None:
+    """`convert SRC DST --to TO --nproc 2 --max-memory BUDGET`: exit 0, and the CLI and both workers peak
+    within the budget + margin."""
+    proc = subprocess.Popen([sys.executable, "-m", "ckptctl", "convert", str(src), str(dst), "--to", to,
+                             "--nproc", "2", "--max-memory", str(budget), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    peaks = _peaks(proc)
+    _, err = proc.communicate()
+    assert proc.returncode == 0, err.decode()[-800:]
+    assert sorted(role for role, _ in peaks.values()) == ["main", "worker", "worker"], peaks
+    for pid, (role, peak) in peaks.items():
+        assert peak <= budget * (1 + margin), f"{role} {pid} peaked at {peak >> 20} MiB > {budget >> 20} MiB + {margin:.0%}"
+
+
 
 def test_workers_stay_under_the_budget_with_a_tensor_larger_than_it(tmp_path, cli):
     budget = 384 << 20
@@ -110,15 +124,7 @@ def test_workers_stay_under_the_budget_with_a_tensor_larger_than_it(tmp_path, cl
     assert r.code == 0, r.err
     emb = 100352 * 1024 * 4
     assert emb > budget
-    proc = subprocess.Popen([sys.executable, "-m", "ckptctl", "convert", str(src), str(dst), "--to", "tp1pp1",
-                             "--nproc", "2", "--max-memory", str(budget), "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    peaks = _peaks(proc)
-    out, err = proc.communicate()
-    assert proc.returncode == 0, err.decode()[-800:]
-    assert sorted(role for role, _ in peaks.values()) == ["main", "worker", "worker"], peaks
-    for pid, (role, peak) in peaks.items():   # the CLI holds no tensor data: it is under the budget too
-        assert peak <= budget * (1 + margin), f"{role} {pid} peaked at {peak >> 20} MiB > {budget >> 20} MiB + 10 %"
+    _convert_under(src, dst, "tp1pp1", budget, margin)   # the CLI holds no tensor data: under the budget too
     # verify compares the two global embeddings (411 MB each side) box by box under the same budget
     proc = subprocess.Popen([sys.executable, "-m", "ckptctl", "verify", str(src), str(dst), "--max-memory", str(budget),
                              "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -141,15 +147,7 @@ def test_workers_stay_under_the_budget_with_a_distrib_optim_larger_than_it(tmp_p
     assert r.code == 0, r.err
     sizes = [f.stat().st_size for f in src.rglob("distrib_optim.pt")]
     assert len(sizes) == 4 and min(sizes) > budget
-    proc = subprocess.Popen([sys.executable, "-m", "ckptctl", "convert", str(src), str(dst), "--to", "tp2pp1",
-                             "--nproc", "2", "--max-memory", str(budget), "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    peaks = _peaks(proc)
-    out, err = proc.communicate()
-    assert proc.returncode == 0, err.decode()[-800:]
-    assert sorted(role for role, _ in peaks.values()) == ["main", "worker", "worker"], peaks
-    for pid, (role, peak) in peaks.items():
-        assert peak <= budget * 1.1, f"{role} {pid} peaked at {peak >> 20} MiB > {budget >> 20} MiB + 10 %"
+    _convert_under(src, dst, "tp2pp1", budget, 0.10)
     assert len(list(dst.rglob("distrib_optim.pt"))) == 2
 
 
