@@ -61,15 +61,16 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
 
 
-def flip_dist_chunk(root: Path, out: Path, key: str, index: int | tuple) -> tuple:
-    """Copy the torch_dist checkpoint `root` to `out` and flip one bit of the first chunk of `key`,
-    in place in its .distcp file (same blob size), at element `index` of the chunk's int32 view.
-    Returns the chunk's global offsets."""
+def flip_dist_chunk(root: Path, out: Path, key: str, index: int | tuple, chunk: int = 0, whole: bool = False):
+    """Copy the torch_dist checkpoint `root` to `out` and flip one bit of chunk number `chunk` of `key`
+    (in `.metadata` order; -1: the last), in place in its .distcp file (same blob size), at element `index`
+    of the chunk's int32 view. Returns the chunk's global offsets (`whole`: its whole .metadata record)."""
     import shutil
     import ckptctl.formats.torch_dist.metadata as td_metadata
     shutil.copytree(root, out)
     ck = td_metadata.open_dist(out)
-    off, _, f, at, n = ck.index["tensors"][key]["chunks"][0]
+    record = ck.index["tensors"][key]["chunks"][chunk]
+    off, _, f, at, n = record
     t = td_metadata.load_tensor(ck.iter_dir, [f, at, n], key).clone()
     v = t.view(torch.int32)
     (v.reshape(-1) if isinstance(index, int) else v)[index] ^= 1
@@ -79,4 +80,4 @@ def flip_dist_chunk(root: Path, out: Path, key: str, index: int | tuple) -> tupl
     with open(ck.iter_dir / f, "r+b") as fh:
         fh.seek(at)
         fh.write(buf.getvalue())
-    return off
+    return record if whole else off

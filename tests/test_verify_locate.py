@@ -10,8 +10,7 @@ import shutil
 import pytest
 import torch
 
-import ckptctl.formats.torch_dist.metadata as td_metadata
-from conftest import load
+from conftest import flip_dist_chunk, load
 
 LAYERS = ("--layers", "2")
 
@@ -109,20 +108,9 @@ def _flip_chunk(root, out, key: str, j: int) -> list:
     """Copy torch_dist `root` to `out` and flip the low bit of element `j` of the LAST `.metadata` chunk of
     `key` (a bucket's last chunk is a parameter slice: alignment gaps are under 64 elements and come before
     a parameter; a stacked key's last chunk is its last layer), in place in its .distcp blob."""
-    import io
-    shutil.copytree(root, out)
-    ck = td_metadata.open_dist(out)
-    chunk = ck.index["tensors"][key]["chunks"][-1]
-    off, sizes, fname, at, n = chunk
+    chunk = flip_dist_chunk(root, out, key, j, chunk=-1, whole=True)
+    sizes = chunk[1]
     assert j < math.prod(sizes) and (len(sizes) > 1 or sizes[0] >= 64)
-    t = td_metadata.load_tensor(ck.iter_dir, [fname, at, n], key).clone()
-    t.view(-1).view(torch.int32)[j] ^= 1
-    buf = io.BytesIO()
-    torch.save(t, buf)
-    assert len(buf.getvalue()) == n
-    with open(ck.iter_dir / fname, "r+b") as fh:
-        fh.seek(at)
-        fh.write(buf.getvalue())
     return chunk
 
 
