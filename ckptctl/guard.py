@@ -29,7 +29,9 @@ class Interrupted(CkptctlError):
         name = signal.Signals(self.signum).name
         if self.committed:
             return f"interrupted by {name} after {self.dst or 'the output'} was written completely"
-        return f"interrupted by {name}" + (f"; nothing written to {self.dst}" if self.dst else "")
+        # no destination yet: the signal came before the command chose one (imports, inspection), when
+        # nothing has been written anywhere
+        return f"interrupted by {name}; nothing written" + (f" to {self.dst}" if self.dst else "")
 
 
 _caught: list[int] = []

@@ -253,6 +253,29 @@ def _gone(pids: list[int], within: float = 10) -> bool:
     return False
 
 
+def test_signal_during_start_up_says_nothing_was_written(work, tmp_path):
+    """SIGTERM while the CLI still imports and inspects (its handler installed, no destination chosen yet):
+    exit 143, one line saying nothing was written, no destination, no work folder."""
+    d = digest(work)
+    dst = tmp_path / "o"
+    p = subprocess.Popen([sys.executable, "-m", "ckptctl", "convert", str(work), str(dst), "--to", "tp1pp1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:   # SigCgt bit 15: the CLI's SIGTERM handler is in place
+        with open(f"/proc/{p.pid}/status") as f:
+            caught = int(next(ln for ln in f if ln.startswith("SigCgt:")).split()[1], 16)
+        if caught >> (signal.SIGTERM - 1) & 1:
+            break
+        time.sleep(0.005)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM, err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: interrupted by SIGTERM; nothing written"), err
+    assert digest(work) == d and not dst.exists()
+    assert not [x for x in tmp_path.iterdir() if ".ckptctl" in x.name]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_signal_stops_every_worker_and_removes_the_work_folder(work, tmp_path, sig):
     d = digest(work)
