@@ -121,6 +121,13 @@ def load_pt(path: Path, mmap: bool = True):
     path = Path(path)
     if not path.is_file():
         raise BadInput(f"missing rank file {path}")
+    if mmap:
+        # the same object through the C unpickler (~5x faster); what it cannot read goes to torch.load below
+        from ckptctl.storage.mapped_pickle import NotLite, load   # it imports this module
+        try:
+            return load(path)
+        except NotLite:
+            pass
     try:
         return _weights_only_load(path, str(path), mmap)
     except (RuntimeError, EOFError, OSError, ValueError) as e:
