@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ckptctl.core.dtypes import itemsize
-from ckptctl.storage.pickles import _stand_in
+from ckptctl.storage.allow_list import _stand_in
 
 
 class NotLite(Exception):

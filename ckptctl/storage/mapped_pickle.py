@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ckptctl.storage import lite_pickle as lite
-from ckptctl.storage.pickles import safe_globals
+from ckptctl.storage.allow_list import safe_globals
 
 NotLite = lite.NotLite
 _numpy_globals: dict | None = None

@@ -4,55 +4,15 @@ under the same name. Used by every format and by the store's pickled objects (ar
 from __future__ import annotations
 
 import argparse
-import functools
 import io
 import pickle
 import re
 from pathlib import Path
 
 from ckptctl.errors import BadInput
-
-
-@functools.cache
-def safe_globals() -> list:
-    """Globals a Megatron checkpoint may name besides torch's own: args is a Namespace; TE extra state may
-    be a BytesIO. Megatron's enums in args get a stand-in that writes itself back under the same name.
-    Megatron-LM's RNG state holds numpy's RandomState state: an ndarray of uint32. (Built on the first
-    load: inspect's torch-free readers import modules that import this one, without numpy.)"""
-    import numpy as np
-    return [argparse.Namespace, io.BytesIO, np._core.multiarray._reconstruct,
-            (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype] + \
-        [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
-
-
-FOREIGN_PREFIXES = ("megatron.",)
-
-
-class ForeignObject:
-    """An object of a class we do not import (a Megatron enum in args), kept by name and arguments."""
-
-    qualname = ""
-
-    def __init__(self, *args):
-        self.args = args
-
-    def __repr__(self):
-        return f"{self.qualname}{self.args!r}"
-
-    def __eq__(self, other):
-        return type(other) is type(self) and other.args == self.args
-
-    def __hash__(self):
-        return hash((self.qualname, self.args))
-
-
-_foreign: dict[str, type] = {}
-
-
-def _stand_in(qualname: str) -> type:
-    if qualname not in _foreign:
-        _foreign[qualname] = type(qualname.rsplit(".", 1)[1], (ForeignObject,), {"qualname": qualname})
-    return _foreign[qualname]
+# the allow-list lives below this module so the torch-free readers (lite_pickle) and the C-unpickler path
+# (mapped_pickle), which this module calls, can share it without an import cycle
+from ckptctl.storage.allow_list import FOREIGN_PREFIXES, ForeignObject, _foreign, _stand_in, safe_globals  # noqa: F401
 
 
 class _Pickler(pickle._Pickler):
@@ -123,7 +83,7 @@ def load_pt(path: Path, mmap: bool = True):
         raise BadInput(f"missing rank file {path}")
     if mmap:
         # the same object through the C unpickler (~5x faster); what it cannot read goes to torch.load below
-        from ckptctl.storage.mapped_pickle import NotLite, load   # it imports this module
+        from ckptctl.storage.mapped_pickle import NotLite, load
         try:
             return load(path)
         except NotLite:
