@@ -2,6 +2,8 @@
 gather, the master/weight invariant). Pure: raw bytes only, never `==` on floats or `allclose`."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from dataclasses import dataclass
 
 import torch
@@ -31,9 +33,37 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def _libc_memcmp():
+    try:
+        f = ctypes.CDLL(ctypes.util.find_library("c") or None).memcmp
+    except (OSError, AttributeError):  # pragma: no cover - no C library to call (not Linux/macOS)
+        return None
+    f.restype, f.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    return f
+
+
+# libc's memcmp through ctypes (which releases the GIL): ~6 GB/s per side on one core, where an elementwise
+# `!=` plus a sum is ~0.3 GB/s (it writes a bool per element and reads it again); equal regions are the
+# common case in verify, so they are answered by memcmp and only a difference pays for the elementwise pass.
+_MEMCMP = _libc_memcmp()
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Do two tensors of one shape and dtype hold the same bytes? (Not `==`: NaN payloads, -0.0 count.)"""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    a, b = a.contiguous(), b.contiguous()
+    n = a.numel() * a.element_size()
+    if n == 0:
+        return True
+    if _MEMCMP is not None:
+        return _MEMCMP(a.data_ptr(), b.data_ptr(), n) == 0
+    return bool(torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))  # pragma: no cover
+
+
 def byte_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int] | None:
     """(differing element count, first differing flat index), comparing raw bytes; None if equal."""
-    if a.numel() == 0:
+    if a.numel() == 0 or same_bytes(a, b):
         return None
     iv = _INT_VIEW.get(a.element_size())
     if iv is not None and a.dtype != torch.bool:   # same-width integer view: bits compared, one bool per element

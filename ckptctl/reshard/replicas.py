@@ -8,18 +8,10 @@ from __future__ import annotations
 
 import os
 
-import torch
-
+from ckptctl.core.diff import same_bytes
 from ckptctl.errors import BadInput
 
 ALLOW_ENV = "CKPTCTL_ALLOW_DIVERGENT_REPLICAS"
-
-
-def _bytes_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    a, b = a.contiguous(), b.contiguous()
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    return bool(torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
 
 
 def owners(plan) -> dict[tuple, str]:
@@ -49,7 +41,7 @@ def check(store, plan, mine: list[int], open_unit, comm) -> list[str]:
                 if owned:
                     continue
                 local = sd.tensor(t)[p.local.slices].reshape(p.gbox.sizes)
-                if not _bytes_equal(local, store.read(p.array, p.gbox).reshape(p.gbox.sizes)):
+                if not same_bytes(local, store.read(p.array, p.gbox).reshape(p.gbox.sizes)):
                     found.append(f"{t.key!r} differs between {who.get((p.array, p.gbox), '?')} and {fp.dirname}")
         del sd
     every = [f for part in comm.all_gather_object(found) for f in part]
