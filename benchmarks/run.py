@@ -6,7 +6,7 @@
 
 For every size: make a synthetic checkpoint (benchmarks/gen.py, streamed), then time `cp -r`, a tiny
 conversion (the fixed start-up), `ckptctl convert` at each worker count, the same tiny conversion
-through the torchrun launcher, the naive converter and `ckptctl verify`. `--store-modes ref,copy`: each
+through the torchrun launcher, the naive converter, `ckptctl verify` (one process and --nproc N) and `ckptctl digest` of the source (1 and N workers). `--store-modes ref,copy`: each
 convert with the default hidden store (`ref`: chunks reference the source's bytes, ckptctl.storage.refs) and
 with `--store` beside the output (`copy`: a self-contained store, every byte written twice); the peak extra
 disk of each (the hidden work folder without its output, plus the store) is polled. Peak RSS is measured for
@@ -217,6 +217,8 @@ def bench_size(size: float, workers: list[int], work: Path, src_layout: str, dst
     rows["verify"] = best([*CKPTCTL, "verify", str(src), str(work / "out"), "--json", *mm])
     if n > 1:   # the same comparison spread over n forked workers (verify --nproc)
         rows[f"verify {n}p"] = best([*CKPTCTL, "verify", str(src), str(work / "out"), "--json", "--nproc", str(n), *mm])
+    for k in sorted({1, n}):   # the layout-free digest of the source (one side, read once)
+        rows[f"digest {k}p"] = best([*CKPTCTL, "digest", str(src), "--json", "--nproc", str(k), *mm])
     _partial(rows)
     prof = None
     if profile:
