@@ -1,24 +1,60 @@
 """A worker's progress: bytes done, in a file the launcher sums (cheap, no communication)."""
 from __future__ import annotations
 
-import time
+import threading
 from pathlib import Path
 
 from ckptctl.storage.commit import write_text
 
+_EVERY = 0.2   # seconds between writes of the progress file
+
 
 class Progress:
-    """Bytes done by this worker, in a file the launcher sums (cheap, no communication)."""
+    """Bytes done by this worker, in a file the launcher sums (cheap, no communication).
+
+    The file is written by a background thread, never by the worker's copy loop: replacing a small file
+    is a journal operation, and while 16 workers fill the page cache with target bytes one such rename took
+    ~130 ms on ext4 (lent 16-core host, 15 GB convert: 39 progress writes = 5.0 s of each worker's 12 s).
+    `add(..., force=True)` (a phase's end) writes at once, in the caller."""
 
     def __init__(self, workdir: str | None, rank: int):
         self.path = Path(workdir) / "progress" / f"rank{rank}" if workdir else None
-        self.done, self._last = 0, 0.0
+        self.done, self._written = 0, 0
+        self._lock = threading.Lock()         # one write at a time: an older count never lands last
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def add(self, n: int, force: bool = False) -> None:
         self.done += n
-        now = time.monotonic()
-        if self.path and (force or now - self._last > 0.2):
-            self._last = now
-            write_text(self.path, str(self.done))
+        if not self.path:
+            return
+        if force:
+            self._flush()
+        elif self._thread is None and not self._stop.is_set():
+            self._thread = threading.Thread(target=self._loop, name="ckptctl-progress", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop the writer thread after a last write (the launcher reads the final count)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self.path:
+            self._flush()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(_EVERY):
+            try:
+                self._flush()
+            except OSError:   # progress is advisory; the work goes on, the final flush reports
+                pass
+
+    def _flush(self) -> None:
+        with self._lock:
+            done = self.done
+            if done != self._written:
+                write_text(self.path, str(done))
+                self._written = done
