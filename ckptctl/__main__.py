@@ -1,3 +1,3 @@
-from ckptctl.cli import main
+from ckptctl.cli import entry
 
-main()
+entry()

@@ -236,3 +236,20 @@ def test_a_missing_checkpoint_is_refused_before_torch_is_imported(argv, tmp_path
     assert "EXIT 2" in r.stdout and "HEAVY []" in r.stdout, r.stdout + r.stderr
     assert f"no checkpoint at {missing}" in r.stderr
     assert not dst.exists()
+
+
+@pytest.mark.parametrize("argv,code", [(["inspect", "{s}", "--json"], 0), (["verify", "{s}", "{s}/nope", "--json"], 2)])
+def test_the_command_exits_quickly_with_its_output_exit_handlers_and_code(argv, code, src):
+    """`ckptctl` (cli.entry) skips the interpreter's teardown of torch once a command is done: the JSON on a
+    pipe must still be whole, exit handlers must still run and the exit code must be the command's."""
+    import json
+    import subprocess
+    import sys
+    prog = ("import atexit, sys, torch; from ckptctl import cli\n"
+            "atexit.register(lambda: print('HANDLER RAN', file=sys.stderr))\n"
+            "sys.argv = ['ckptctl'] + sys.argv[1:]\ncli.entry()\nprint('NOT REACHED')")
+    r = subprocess.run([sys.executable, "-c", prog, *[a.format(s=src) for a in argv]], capture_output=True, text=True)
+    assert r.returncode == code, r.stdout + r.stderr
+    assert "HANDLER RAN" in r.stderr and "NOT REACHED" not in r.stdout
+    d = json.loads(r.stdout)
+    assert d.get("ok", True) is (code == 0) and (code == 0 or d["exit_code"] == code)

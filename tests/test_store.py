@@ -192,3 +192,19 @@ def test_crc32c_checked_by_us_and_by_zarr(tmp_path, mmap_min, monkeypatch):
     f.unlink()
     with pytest.raises(BadInput, match=r"array 'm/w' chunk 1\.0 is missing"):
         Store.open(tmp_path / "s.zarr").read("m/w", Box.full(shape))
+
+
+def test_resumed_add_arrays_rewrites_torn_metadata(tmp_path):
+    """Array metadata is written in place (not renamed into place): a crash can leave one torn. A resumed run
+    (`existing_ok`) must write it again, keep whole ones, and zarr-python must then open every array."""
+    specs = {f"m/w{i}": {"shape": [6, 4], "dtype": "bfloat16", "chunks": [2, 4]} for i in range(3)}
+    st = Store.create(tmp_path / "s.zarr", specs, {"format": "ckptctl-store", "complete": False})
+    whole = (tmp_path / "s.zarr" / "m" / "w1" / "zarr.json").read_text()
+    (tmp_path / "s.zarr" / "m" / "w2" / "zarr.json").write_text(whole[: len(whole) // 2])   # torn by a crash
+    kept = (tmp_path / "s.zarr" / "m" / "w0" / "zarr.json").stat().st_mtime_ns
+    Store.open(tmp_path / "s.zarr", mode="r+").add_arrays(specs, existing_ok=True)
+    assert (tmp_path / "s.zarr" / "m" / "w0" / "zarr.json").stat().st_mtime_ns == kept
+    g = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    for i in range(3):
+        assert g[f"m/w{i}"].shape == (6, 4) and g[f"m/w{i}"].attrs["torch_dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "s.zarr" / "m" / "w2" / "zarr.json").read_text()) == json.loads(whole)

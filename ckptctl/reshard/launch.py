@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ckptctl import guard
 from ckptctl.errors import BadInput, WorkerFailure
-from ckptctl.reshard.run import Job, run_job
+from ckptctl.reshard.run import Job, _trace, run_job
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def run(job: Job, nproc: int, total_bytes: int, progress=None, label: str = "con
         return run_job(job)
     log = workdir / f"workers{tag}.log"
     task = progress.add_task(label, total=max(total_bytes, 1)) if progress is not None else None
-    start = time.monotonic()
+    start, start_wall = time.monotonic(), time.time()
     before = source_stats(job)
     procs = (_torchrun(job_path, nproc, nodes, log) if nodes.multi or not _can_fork() else
              _fork(job_path, nproc, log))
@@ -108,6 +108,7 @@ def run(job: Job, nproc: int, total_bytes: int, progress=None, label: str = "con
     finally:   # one failed worker stops the rest (its peers would wait on it until the gloo timeout)
         for p in procs:
             p.stop()
+        _trace("cli", "workers", start_wall)
     if task is not None:
         progress.update(task, completed=total_bytes if rc == 0 else _done_bytes(workdir))
     if rc != 0:

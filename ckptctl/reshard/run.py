@@ -6,6 +6,7 @@ share of the files, and touches only the store regions the plan gives it.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,6 +205,16 @@ def target_phase(job: Job, comm: Comm, progress: Progress) -> dict:
     return registry.get(job.dst_format).target_phase(job, comm, progress)
 
 
+def _trace(rank, name: str, start: float) -> None:
+    """With CKPTCTL_PROFILE=DIR: each phase's wall-clock start and end per rank (DIR/phases.jsonl), to place
+    the profiles on one time line with the CLI's own stamps (docs/performance.md)."""
+    where = os.environ.get("CKPTCTL_PROFILE")
+    if where:
+        Path(where).mkdir(parents=True, exist_ok=True)
+        with open(Path(where) / "phases.jsonl", "a") as f:
+            f.write(json.dumps({"rank": rank, "phase": name, "start": start, "end": time.time()}) + "\n")
+
+
 def run_job(job: Job) -> dict:
     """Run the job's phases in this process (one of the torchrun workers, or alone)."""
     configure()
@@ -213,9 +224,10 @@ def run_job(job: Job) -> dict:
     try:
         for name, phase in (("source", source_phase), ("target", target_phase)):
             if name in job.phases:
-                t = time.monotonic()
+                t, t_wall = time.monotonic(), time.time()
                 result[name] = phase(job, comm, progress)
                 result[name]["seconds"] = round(time.monotonic() - t, 3)   # rank 0's, after its last barrier
+                _trace(comm.rank, name, t_wall)
     finally:
         progress.close()
         comm.close()
