@@ -30,6 +30,7 @@ import time
 
 import google_crc32c
 import numpy as np
+from pwrite_probe import timed
 
 try:
     from isal.isal_zlib import crc32
@@ -126,12 +127,7 @@ def run(d: str, mode: str, srcs: list[str], sizes: list[int], nproc: int) -> flo
             f.truncate(s)
     q = mp.Queue()
     procs = [mp.Process(target=_work, args=(mode, srcs, dsts, sizes, r, nproc, q)) for r in range(nproc)]
-    t = time.time()
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
-    dt = time.time() - t
+    dt = timed(procs)
     per = sorted(q.get()[1] for _ in procs)
     for p in dsts:
         os.unlink(p)

@@ -35,6 +35,16 @@ def _write(path: str, off: int, n: int, blk: int, mode: str) -> None:
         os.close(fd)
 
 
+def timed(procs: list) -> float:
+    """Seconds from starting the processes to the last one's end (also used by copy_probe.py)."""
+    t = time.time()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    return time.time() - t
+
+
 def run(d: str, nproc: int, mode: str, shared: bool, per: int = 512 << 20, blk: int = 4 << 20) -> tuple[float, float]:
     """GB/s and seconds for `nproc` processes writing `per` bytes each in `blk` pieces."""
     paths = [os.path.join(d, "shared" if shared else f"f{i}") for i in range(nproc)]
@@ -43,12 +53,7 @@ def run(d: str, nproc: int, mode: str, shared: bool, per: int = 512 << 20, blk: 
             with open(p, "wb") as f:
                 f.truncate(per * nproc if shared else per)
     procs = [mp.Process(target=_write, args=(p, i * per if shared else 0, per, blk, mode)) for i, p in enumerate(paths)]
-    t = time.time()
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
-    dt = time.time() - t
+    dt = timed(procs)
     for f in os.listdir(d):
         os.unlink(os.path.join(d, f))
     return nproc * per / dt / 1e9, dt
