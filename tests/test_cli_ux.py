@@ -240,14 +240,14 @@ def test_a_missing_checkpoint_is_refused_before_torch_is_imported(argv, tmp_path
 
 @pytest.mark.parametrize("argv,code", [(["inspect", "{s}", "--json"], 0), (["verify", "{s}", "{s}/nope", "--json"], 2)])
 def test_the_command_exits_quickly_with_its_output_exit_handlers_and_code(argv, code, src):
-    """`ckptctl` (cli.entry) skips the interpreter's teardown of torch once a command is done: the JSON on a
+    """`ckptctl` (ckptctl.__main__.entry) skips the interpreter's teardown of torch once a command is done: the JSON on a
     pipe must still be whole, exit handlers must still run and the exit code must be the command's."""
     import json
     import subprocess
     import sys
-    prog = ("import atexit, sys, torch; from ckptctl import cli\n"
+    prog = ("import atexit, sys, torch; from ckptctl.__main__ import entry\n"
             "atexit.register(lambda: print('HANDLER RAN', file=sys.stderr))\n"
-            "sys.argv = ['ckptctl'] + sys.argv[1:]\ncli.entry()\nprint('NOT REACHED')")
+            "sys.argv = ['ckptctl'] + sys.argv[1:]\nentry()\nprint('NOT REACHED')")
     r = subprocess.run([sys.executable, "-c", prog, *[a.format(s=src) for a in argv]], capture_output=True, text=True)
     assert r.returncode == code, r.stdout + r.stderr
     assert "HANDLER RAN" in r.stderr and "NOT REACHED" not in r.stdout
