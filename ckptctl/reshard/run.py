@@ -121,14 +121,14 @@ def source_phase(job: Job, comm: Comm, progress: Progress) -> dict:
     comm.barrier()
     store = Store.open(Path(job.store), mode="r+")
     arrays = {**plan.arrays, **(oside.arrays() if oside else {})}
+    from ckptctl.storage.refs import RefWriter, arrays_doc, finish
     store.add_arrays({a: arrays[a] for a in sorted(arrays)[comm.rank::comm.world]},   # creating costs ms each
-                     existing_ok=keep)
+                     existing_ok=keep, doc=arrays_doc(comm.rank) if job.refs else None)
     comm.barrier()
     units = source_units(plan, comm.world)
     mine = assign([u.nbytes + 1 for u in units], comm.world)[comm.rank]
     budget = stream.Budget(job.max_memory)
     encodings: dict[str, str] = {}
-    from ckptctl.storage.refs import RefWriter, finish
     refw = RefWriter(store, comm.rank) if job.refs else None
     for u in (units[k] for k in mine):
         i, fp = u.file, plan.files[u.file]

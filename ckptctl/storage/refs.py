@@ -7,11 +7,15 @@ zip entries and DCP's blobs hold raw, uncompressed bytes). The source phase then
 `[file, offset, length, crc32c]` instead of copying the bytes; only chunks that are not one contiguous
 range are written as chunk files (as before). The source is only ever opened for reading.
 
-Files in the store (besides the Zarr v3 group and arrays, which are unchanged):
+Files in the store (besides the Zarr v3 group, its chunk files and a few arrays' zarr.json):
 
     refs/<rank>.jsonl   per source worker, one line per finished source unit: {chunk key: [file, offset,
                         length, crc32c]}; a line cut short by a kill is ignored (its unit is not marked done,
                         so a --resume run redoes it and appends it again)
+    refs/arrays-<rank>.json
+                        per source worker, the zarr.json of the arrays it created, in one document
+                        (`Store.add_arrays(doc=...)`): only the first array of each dtype has its own
+                        folder and zarr.json; refs.json carries every one inline
     refs.json           written by rank 0 when the source phase is complete: the whole store as a
                         kerchunk / fsspec ReferenceFileSystem v1 document (every zarr.json inline, every
                         chunk a reference, referenced or materialized) plus `crc32c`: {chunk key: crc}
@@ -47,6 +51,19 @@ _MAP_MIN = 1 << 20   # a chunk read in part above this size is memory-mapped (as
 
 def chunk_key(name: str, sep: str, idx: tuple) -> str:
     return name + "/" + sep.join(["c", *map(str, idx)])
+
+
+def arrays_doc(rank: int) -> str:
+    """Where source worker `rank` keeps its arrays' metadata, relative to the store."""
+    return f"{REFS_DIR}/arrays-{rank}.json"
+
+
+def inline_meta(root: Path) -> dict[str, dict]:
+    """Every worker's `arrays_doc`, merged (none: a store whose arrays all have their own zarr.json)."""
+    out: dict[str, dict] = {}
+    for part in sorted((Path(root) / REFS_DIR).glob("arrays-*.json")):
+        out.update(json.loads(part.read_text()))   # written whole (beside, then renamed)
+    return out
 
 
 # --- source phase ---------------------------------------------------------------------------------
@@ -116,33 +133,48 @@ def finish(store) -> None:
     entries = _load_parts(root)
     refs: dict[str, object] = {}
     crcs = {k: e[3] for k, e in entries.items()}
+    docs = {k + "/zarr.json": v for k, v in inline_meta(root).items()}
+    for name in list(docs):   # the parent groups of arrays without a folder of their own, as zarr writes them
+        parts = name.split("/")[:-2]
+        for i in range(1, len(parts) + 1):
+            docs.setdefault("/".join(parts[:i]) + "/zarr.json", _GROUP)
     for dirpath, dirs, files in os.walk(root):
         dirs.sort()
         rel = os.path.relpath(dirpath, root)
         prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
         if prefix.startswith(REFS_DIR + "/"):
+            dirs[:] = []
             continue
-        if "zarr.json" not in files:
+        doc = json.loads((Path(dirpath) / "zarr.json").read_text()) if "zarr.json" in files else \
+            docs.get(prefix + "zarr.json")
+        if doc is None:
             continue
-        doc = json.loads((Path(dirpath) / "zarr.json").read_text())
-        trailer = 0
+        docs[prefix + "zarr.json"] = doc
         if doc.get("node_type") == "array":
-            codecs = doc.get("codecs", [])
-            if [c.get("name") for c in codecs[1:]] == ["crc32c"]:
-                doc = {**doc, "codecs": codecs[:1]}   # referenced bytes carry no crc32c trailer
-                trailer = 4
+            # an array's subfolders are its chunks (materialized ones: the rest are references)
             for cdir, _, cfiles in os.walk(dirpath):
                 for f in cfiles:
                     if f == "zarr.json" or f.startswith("."):
                         continue
                     full = os.path.join(cdir, f)
                     key = prefix + os.path.relpath(full, dirpath).replace(os.sep, "/")
-                    refs[key] = [os.path.abspath(full), 0, os.path.getsize(full) - trailer]
-            dirs[:] = []   # an array's subfolders are its chunks
-        refs[prefix + "zarr.json"] = json.dumps(doc)
+                    refs[key] = [os.path.abspath(full), 0, os.path.getsize(full) - _trailer(doc)]
+            dirs[:] = []
+    for key, doc in sorted(docs.items()):
+        if doc.get("node_type") == "array" and _trailer(doc):
+            doc = {**doc, "codecs": doc["codecs"][:1]}   # referenced bytes carry no crc32c trailer
+        refs[key] = json.dumps(doc)
     for k, e in entries.items():
         refs[k] = e[:3]
     write_text(root / REFS_FILE, json.dumps({"version": 1, "refs": refs, "crc32c": crcs}, separators=(",", ":")))
+
+
+_GROUP = {"attributes": {}, "zarr_format": 3, "node_type": "group"}
+
+
+def _trailer(doc: dict) -> int:
+    """Bytes of crc32c after each chunk file's body: 4 when the codec chain ends in crc32c."""
+    return 4 if [c.get("name") for c in doc.get("codecs", [])[1:]] == ["crc32c"] else 0
 
 
 def _load_parts(root: Path) -> dict[str, list]:
