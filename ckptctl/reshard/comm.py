@@ -30,6 +30,21 @@ class Comm:
         dist.all_gather_object(out, obj)
         return out
 
+    def take(self, name: str, n: int):
+        """Indices 0..n-1, each handed to whichever worker asks for the next one first: workers that run
+        faster take more (write-back and shared files make equal shares finish up to 3x apart). An
+        atomic counter in the process group's key-value store (the one its rendezvous made), one round
+        trip per index; every worker must iterate until the end, and `name` must be new in this run."""
+        if not self.distributed:
+            yield from range(n)
+            return
+        store = dist.distributed_c10d._get_default_store()
+        while True:
+            k = store.add(f"ckptctl/take/{name}", 1) - 1
+            if k >= n:
+                return
+            yield k
+
     def all_reduce_sum(self, t) -> None:
         if self.distributed:
             dist.all_reduce(t)
