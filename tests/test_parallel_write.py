@@ -52,3 +52,29 @@ def test_shared_files_are_byte_identical_to_one_worker(tmp_path, monkeypatch, fa
             with zipfile.ZipFile(tmp_path / "many" / k) as z:
                 assert z.testzip() is None   # every record's CRC-32 matches its bytes
             torch.load(tmp_path / "many" / k, weights_only=False, mmap=True)
+
+
+def test_profile_spans_put_every_worker_and_its_parts_on_one_time_line(tmp_path, monkeypatch):
+    """CKPTCTL_PROFILE=DIR: DIR/phases.jsonl holds each worker's source and target spans, each worker's parts
+    (with their bytes, which together are the files' tensor records) inside its target span, and the CLI's
+    span of the workers around them all (docs/performance.md reads time lines from it)."""
+    import json
+    src = tmp_path / "src"
+    example("gpt", parse_layout("tp2pp2"), src, dict(SMALL))
+    monkeypatch.setattr(pw, "MIN_PART", 256)
+    monkeypatch.setenv("CKPTCTL_PROFILE", str(tmp_path / "prof"))
+    convert(src, tmp_path / "out", parse_layout("tp2pp1"), nproc=5, to_format="legacy")
+    rows = [json.loads(line) for line in (tmp_path / "prof" / "phases.jsonl").read_text().splitlines()]
+    assert all(r["start"] <= r["end"] for r in rows)
+    span = {(r["rank"], r["phase"]): r for r in rows if ":" not in r["phase"]}
+    assert {k for k in span} == {(w, p) for w in range(5) for p in ("source", "target")} | {("cli", "workers")}
+    parts = [r for r in rows if r["phase"].startswith("target:parts:")]
+    assert sorted(r["rank"] for r in parts) == list(range(5))
+    for r in parts:
+        t = span[(r["rank"], "target")]
+        assert span[("cli", "workers")]["start"] <= t["start"] <= r["start"] <= r["end"] <= t["end"]
+    records = 0
+    for f in (tmp_path / "out").rglob("model_optim_rng.pt"):
+        with zipfile.ZipFile(f) as z:
+            records += sum(i.file_size for i in z.infolist() if "/data/" in i.filename)
+    assert 0 < sum(int(r["phase"].rsplit(":", 1)[1]) for r in parts) <= records

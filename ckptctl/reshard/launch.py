@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ckptctl import guard
 from ckptctl.errors import BadInput, WorkerFailure
-from ckptctl.reshard.run import Job, _trace, run_job
+from ckptctl.reshard.run import Job, run_job
+from ckptctl.storage.trace import span
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ def run(job: Job, nproc: int, total_bytes: int, progress=None, label: str = "con
     finally:   # one failed worker stops the rest (its peers would wait on it until the gloo timeout)
         for p in procs:
             p.stop()
-        _trace("cli", "workers", start_wall)
+        span("cli", "workers", start_wall)
     if task is not None:
         progress.update(task, completed=total_bytes if rc == 0 else _done_bytes(workdir))
     if rc != 0:

@@ -6,7 +6,6 @@ share of the files, and touches only the store regions the plan gives it.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from ckptctl.storage.build import build_file, lazy_tensor  # noqa: F401 - the ph
 from ckptctl.storage.objects import COMMON, OPTIM_COMMON, get_object, put_object, rng_for  # noqa: F401
 from ckptctl.storage.bulk_objects import ObjectRows
 from ckptctl.storage.progress import Progress
+from ckptctl.storage.trace import span
 from ckptctl.store import FORMAT, FORMAT_VERSION, Store, configure
 
 
@@ -205,16 +205,6 @@ def target_phase(job: Job, comm: Comm, progress: Progress) -> dict:
     return registry.get(job.dst_format).target_phase(job, comm, progress)
 
 
-def _trace(rank, name: str, start: float) -> None:
-    """With CKPTCTL_PROFILE=DIR: each phase's wall-clock start and end per rank (DIR/phases.jsonl), to place
-    the profiles on one time line with the CLI's own stamps (docs/performance.md)."""
-    where = os.environ.get("CKPTCTL_PROFILE")
-    if where:
-        Path(where).mkdir(parents=True, exist_ok=True)
-        with open(Path(where) / "phases.jsonl", "a") as f:
-            f.write(json.dumps({"rank": rank, "phase": name, "start": start, "end": time.time()}) + "\n")
-
-
 def run_job(job: Job) -> dict:
     """Run the job's phases in this process (one of the torchrun workers, or alone)."""
     configure()
@@ -227,7 +217,7 @@ def run_job(job: Job) -> dict:
                 t, t_wall = time.monotonic(), time.time()
                 result[name] = phase(job, comm, progress)
                 result[name]["seconds"] = round(time.monotonic() - t, 3)   # rank 0's, after its last barrier
-                _trace(comm.rank, name, t_wall)
+                span(comm.rank, name, t_wall)
     finally:
         progress.close()
         comm.close()

@@ -19,6 +19,7 @@ offsets), so the files are byte-identical whatever the number of workers (tests/
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import ckptctl.reshard.resume as resume
@@ -27,6 +28,7 @@ from ckptctl.reshard.plan import TensorItem
 from ckptctl.reshard.stream import LazyTensor, finish_file, write_skeleton
 from ckptctl.storage.build import lazy_tensor
 from ckptctl.storage.crcs import CRC32, CRC32C, combine
+from ckptctl.storage.trace import span
 from ckptctl.storage.zipwrite import RecordFill
 
 PARTS_PER_WORKER = 8        # parts per worker on average: taken as workers get free, a finer cut ends closer together
@@ -36,6 +38,7 @@ MIN_PART = 8 << 20          # bytes: smaller parts cost more in bookkeeping than
 def write_shared(job, comm, progress, store, files: list, mine: list, block: int, prepare) -> None:
     """Write `files` with all workers. `prepare(i)` (owner only): the file's state dict (tensors as
     LazyTensors) and folder, its optimizer and RNG state already written."""
+    t0 = time.time()
     layouts = {}
     for i in mine:
         if resume.target_done(job, i):
@@ -48,10 +51,12 @@ def write_shared(job, comm, progress, store, files: list, mine: list, block: int
         archive, lazies = write_skeleton(sd, path)
         layouts[i] = (str(path), archive, [(name, names[id(lz)], off, lz.nbytes) for name, lz, off in lazies])
         del sd
+    span(comm.rank, "target:skeletons", t0)
     merged = {}
     for g in comm.all_gather_object(layouts):
         merged.update(g)
     parts = _parts(files, merged, comm.world)
+    t0 = time.time()
     done = []
     fds: dict[str, int] = {}
     items = {}
@@ -76,6 +81,7 @@ def write_shared(job, comm, progress, store, files: list, mine: list, block: int
     finally:
         for fd in fds.values():
             os.close(fd)
+    span(comm.rank, f"target:parts:{sum(d[3] for d in done)}", t0)   # each worker's parts and their bytes
     progress.add(0, force=True)
     results = [r for g in comm.all_gather_object(done) for r in g]
     for i in mine:
