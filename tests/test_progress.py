@@ -3,19 +3,27 @@ whole, final on close."""
 import threading
 import time
 
+import pytest
+
 import ckptctl.storage.progress as progress_mod
 from ckptctl.storage.progress import Progress
 
 
-def test_adds_never_write_in_the_caller_and_close_writes_the_total(tmp_path, monkeypatch):
-    writers = []
+@pytest.fixture
+def writers(monkeypatch) -> list:
+    """(thread name, text) of every progress file write, in order."""
+    seen = []
     real = progress_mod.write_text
 
     def spy(path, text, fsync=False):
-        writers.append((threading.current_thread().name, text))
+        seen.append((threading.current_thread().name, text))
         real(path, text, fsync)
 
     monkeypatch.setattr(progress_mod, "write_text", spy)
+    return seen
+
+
+def test_adds_never_write_in_the_caller_and_close_writes_the_total(tmp_path, monkeypatch, writers):
     monkeypatch.setattr(progress_mod, "_EVERY", 0.01)
     p = Progress(str(tmp_path), 3)
     for _ in range(2000):
@@ -27,17 +35,9 @@ def test_adds_never_write_in_the_caller_and_close_writes_the_total(tmp_path, mon
     assert not p._thread
 
 
-def test_force_wakes_the_writer_at_once_and_never_writes_in_the_caller(tmp_path, monkeypatch):
+def test_force_wakes_the_writer_at_once_and_never_writes_in_the_caller(tmp_path, monkeypatch, writers):
     """A phase's end (`force`) gets its count written promptly, but by the thread: a write in the caller held
     the phase's final all-gather back by 0.4-1.0 s on a lent 16-core host (docs/performance.md)."""
-    writers = []
-    real = progress_mod.write_text
-
-    def spy(path, text, fsync=False):
-        writers.append((threading.current_thread().name, text))
-        real(path, text, fsync)
-
-    monkeypatch.setattr(progress_mod, "write_text", spy)
     monkeypatch.setattr(progress_mod, "_EVERY", 3600.0)   # only a wake gets the thread to write
     p = Progress(str(tmp_path), 0)
     p.add(7)
