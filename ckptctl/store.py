@@ -22,6 +22,7 @@ from zarr.codecs import Crc32cCodec
 
 from ckptctl.box import Box
 from ckptctl.storage.commit import write_text
+from ckptctl.storage.zarr_meta import GROUP_META, ends_in_crc32c
 from ckptctl.core.dtypes import BITVIEW, chunk_grid as _grid, dtype_name, storage_dtype, torch_dtype  # noqa: F401 (re-exported)
 from ckptctl.errors import BadInput
 
@@ -86,7 +87,7 @@ class ArrayInfo:
             dtype = np.dtype(meta["data_type"]).newbyteorder("<")
         except (TypeError, KeyError):
             dtype = None
-        crc = [c.get("name") for c in codecs[1:]] == ["crc32c"]
+        crc = ends_in_crc32c(meta)
         raw = (dtype is not None and grid.get("name") == "regular" and keys.get("name") == "default"
                and len(chunks) == len(shape) and len(codecs) == 1 + crc and codecs[0].get("name") == "bytes"
                and codecs[0].get("configuration", {}).get("endian", "little") == "little"
@@ -206,7 +207,7 @@ class Store:
                     continue
                 parts = name.split("/")
                 for i in range(1, len(parts)):   # implicit parent groups, as zarr writes them
-                    _write_json(self.path.joinpath(*parts[:i]) / "zarr.json", _GROUP_META, exist_ok=True)
+                    _write_json(self.path.joinpath(*parts[:i]) / "zarr.json", GROUP_META, exist_ok=True)
                 # written in place, not beside and renamed (~1.5 ms a rename on a busy disk, thousands of arrays):
                 # nothing reads an array's metadata before the phase's barrier, and a resumed run rewrites one
                 # a crash left torn (`torn_ok` above)
@@ -388,9 +389,6 @@ def _read_json(path: Path, torn_ok: bool = False) -> dict | None:
         if torn_ok:
             return None
         raise
-
-
-_GROUP_META = {"attributes": {}, "zarr_format": 3, "node_type": "group"}   # what zarr writes for a parent
 
 
 def _write_json(path: Path, doc: dict, exist_ok: bool = False, atomic: bool = True) -> None:

@@ -25,6 +25,7 @@ import numpy as np
 from ckptctl.errors import BadInput
 from ckptctl.storage.commit import write_beside
 from ckptctl.storage.pickles import dumps_bytes, loads_bytes
+from ckptctl.storage.zarr_meta import GROUP_META
 
 BULK = "objects_bulk/"
 CHUNK = 256 << 10        # bytes per chunk: a typical row (a file's extra states, or its RNG state) is one
@@ -47,9 +48,6 @@ def array_meta(rows: int) -> dict:
                        {"name": "crc32c"}],
             "attributes": {"ckptctl": "torch.save({slot: object}) per row; index: the store's 'objects' attribute"},
             "zarr_format": 3, "node_type": "array", "storage_transformers": []}
-
-
-_GROUP = {"attributes": {}, "zarr_format": 3, "node_type": "group"}
 
 
 def _zstd():
@@ -104,7 +102,7 @@ class ObjectRows:
             data = dumps_bytes(objs)
             if len(data) > CAP:      # never in practice (a TiB of small objects in one rank file)
                 raise BadInput(f"objects of source unit {self.row}: {len(data)} bytes of {kind} objects exceed {CAP}")
-            _write_json_once(self.store, root / BULK / "zarr.json", _GROUP)
+            _write_json_once(self.store, root / BULK / "zarr.json", GROUP_META)
             _write_json_once(self.store, root / BULK / kind / "zarr.json", array_meta(self.rows))
             n = -(-len(data) // CHUNK)
             buf = np.zeros(n * CHUNK, np.uint8)

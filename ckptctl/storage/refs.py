@@ -43,6 +43,7 @@ import torch
 from ckptctl.box import Box
 from ckptctl.errors import BadInput
 from ckptctl.storage.commit import write_text
+from ckptctl.storage.zarr_meta import GROUP_META, ends_in_crc32c
 
 REFS_DIR = "refs"
 REFS_FILE = "refs.json"
@@ -137,7 +138,7 @@ def finish(store) -> None:
     for name in list(docs):   # the parent groups of arrays without a folder of their own, as zarr writes them
         parts = name.split("/")[:-2]
         for i in range(1, len(parts) + 1):
-            docs.setdefault("/".join(parts[:i]) + "/zarr.json", _GROUP)
+            docs.setdefault("/".join(parts[:i]) + "/zarr.json", GROUP_META)
     for dirpath, dirs, files in os.walk(root):
         dirs.sort()
         rel = os.path.relpath(dirpath, root)
@@ -169,12 +170,9 @@ def finish(store) -> None:
     write_text(root / REFS_FILE, json.dumps({"version": 1, "refs": refs, "crc32c": crcs}, separators=(",", ":")))
 
 
-_GROUP = {"attributes": {}, "zarr_format": 3, "node_type": "group"}
-
-
 def _trailer(doc: dict) -> int:
-    """Bytes of crc32c after each chunk file's body: 4 when the codec chain ends in crc32c."""
-    return 4 if [c.get("name") for c in doc.get("codecs", [])[1:]] == ["crc32c"] else 0
+    """Bytes of crc32c after each chunk file's body."""
+    return 4 if ends_in_crc32c(doc) else 0
 
 
 def _load_parts(root: Path) -> dict[str, list]:
